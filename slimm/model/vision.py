@@ -1,0 +1,171 @@
+"""The Qwen2-VL vision transformer (checkpoint prefix `visual.`), without its merger.
+
+Grid bookkeeping (2-D rotary positions, which frame a patch belongs to) is computed on the host
+from `grid_thw` by the NumPy helpers below and enters the tower as tensors, so the tower itself
+has no data-dependent Python control flow and exports with dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slimm.config import VisionConfig
+
+
+def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
+    return [tuple(int(v) for v in row) for row in np.asarray(grid_thw).reshape(-1, 3)]
+
+
+def vision_rotary_ids(grid_thw, merge: int) -> np.ndarray:
+    """(row, col) of every patch, listed in merge-window order like the pixel rows: (N, 2) int64."""
+    out = []
+    for t, h, w in _grid_list(grid_thw):
+        rows = np.broadcast_to(np.arange(h)[:, None], (h, w))
+        cols = np.broadcast_to(np.arange(w)[None, :], (h, w))
+        ids = []
+        for a in (rows, cols):
+            # (h, w) -> (h/m, w/m, m, m): windows of m x m patches, windows in raster order
+            ids.append(a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1))
+        out.append(np.tile(np.stack(ids, axis=1), (t, 1)))
+    return np.concatenate(out).astype(np.int64)
+
+
+def vision_frame_ids(grid_thw) -> np.ndarray:
+    """Which frame of which image each patch belongs to: attention stays within one frame. (N,) int64."""
+    out, frame = [], 0
+    for t, h, w in _grid_list(grid_thw):
+        for _ in range(t):
+            out.append(np.full(h * w, frame, dtype=np.int64))
+            frame += 1
+    return np.concatenate(out)
+
+
+def vision_chunks(grid_thw) -> list[int]:
+    """Patches per frame, in order (the `cu_seqlens` differences)."""
+    return [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "quick_gelu": quick_gelu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        x = x.view(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)  # (N, C, T, P, P)
+        return self.proj(x.to(self.proj.weight.dtype)).view(-1, c.embed_dim)  # (N, embed)
+
+
+def vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (N, H, D) in float32, cos/sin (N, D)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
+
+    def forward(self, x, cos, sin, mask: torch.Tensor | None, chunks: list[int] | None) -> torch.Tensor:
+        N, _ = x.shape
+        q, k, v = self.qkv(x).view(N, 3, self.n_heads, self.head_dim).unbind(1)  # each (N, H, D)
+        dtype = q.dtype
+        q = vision_rope(q.float(), cos, sin).to(dtype)
+        k = vision_rope(k.float(), cos, sin).to(dtype)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # (H, N, D)
+        if chunks is not None:
+            # eager: attention per frame, no N x N mask
+            outs = [
+                F.scaled_dot_product_attention(qc, kc, vc)
+                for qc, kc, vc in zip(q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), strict=True)
+            ]
+            out = torch.cat(outs, dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # block-diagonal mask (N, N)
+        return self.proj(out.transpose(0, 1).reshape(N, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"vision hidden_act {cfg.hidden_act!r} is not supported: {sorted(ACTIVATIONS)}")
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.attn = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin, mask, chunks):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, chunks)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.init_buffers()
+
+    def init_buffers(self, device=None) -> None:
+        """Rotary frequencies (not in checkpoints); called again after loading onto a meta model."""
+        quarter = self.cfg.head_dim // 2  # frequencies for one axis: head_dim/4 of them
+        ar = torch.arange(0, quarter, 2, dtype=torch.float32, device=device)
+        self.register_buffer("inv_freq", 1.0 / (10000.0 ** (ar / quarter)), persistent=False)
+
+    def rope(self, rotary_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rotary_ids (N, 2) -> cos, sin (N, head_dim): row angles, then column angles, twice."""
+        angles = (rotary_ids[..., None].float() * self.inv_freq).flatten(1)  # (N, head_dim/2)
+        emb = torch.cat([angles, angles], dim=-1)
+        return emb.cos(), emb.sin()
+
+    def forward(
+        self,
+        pixels: torch.Tensor,  # (N, C*T*P*P)
+        rotary_ids: torch.Tensor,  # (N, 2)
+        frame_ids: torch.Tensor,  # (N,)
+        chunks: list[int] | None = None,  # patches per frame; eager only
+        record: tuple[int, ...] = (),  # blocks whose INPUT hidden states are returned too
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        x = self.patch_embed(pixels)  # (N, embed)
+        cos, sin = self.rope(rotary_ids)
+        mask = None if chunks is not None else frame_ids[:, None] == frame_ids[None, :]  # (N, N)
+        recorded = []
+        for i, blk in enumerate(self.blocks):
+            if i in record:
+                recorded.append(x)
+            x = blk(x, cos, sin, mask, chunks)
+        return x, recorded
