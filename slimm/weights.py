@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError, safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from slimm.config import load_config, resolve_custom_visual_model
@@ -57,7 +57,7 @@ def read_tensors(ckpt_dir: Path) -> dict[str, tuple[Path, str]]:
                     if key.endswith(IGNORED_SUFFIXES):
                         continue
                     out[canonical_name(key)] = (f, key)
-        except (SafetensorsError, OSError) as e:
+        except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{f}: cannot read safetensors file ({e})") from None
     return out
 
@@ -110,7 +110,7 @@ def load_weights(model: nn.Module, ckpt_dir: str | Path, dtype: torch.dtype) -> 
             if got != tuple(shape):
                 raise CheckpointError(f"{f}: tensor {key} has shape {list(got)}, the model expects {list(shape)}")
             state[name] = sf.get_tensor(key).to(dtype)
-    except SafetensorsError as e:
+    except SafetensorError as e:
         raise CheckpointError(f"{ckpt_dir}: corrupt safetensors data ({e})") from None
     model.load_state_dict(state, assign=True, strict=True)
     for m in model.modules():

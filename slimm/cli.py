@@ -1,0 +1,194 @@
+"""The `slimm` command: every CLI command is a function here, wired into one argparse tree.
+
+Errors a user can cause print one line (`error: ...`) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from slimm.config import DEFAULT_MAX_SEQ_LEN
+from slimm.errors import InputError, SliMMError
+
+DEFAULT_STOP_TOKENS = (151643, 151645)  # <|endoftext|>, <|im_end|>: the specification's STOP_TOKEN
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SLIMM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slimm"
+    )
+    return Path(root)
+
+
+def demo_model_dir(variant: str = "plain", size: str = "tiny") -> Path:
+    """The built-in demo checkpoint, written once into the cache directory."""
+    from slimm.demo import write_demo_checkpoint
+
+    path = cache_dir() / f"demo-{size}-{variant}"
+    if not (path / "model.safetensors").exists():
+        print(f"building the {size} {variant} demo checkpoint (random weights) in {path} ...", file=sys.stderr)
+        write_demo_checkpoint(path, variant=variant, size=size)
+    return path
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size must look like HxW (e.g. 420x420), got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 28 or w % 28:
+        raise argparse.ArgumentTypeError(f"image size {h}x{w}: both sides must be positive multiples of 28")
+    return h, w
+
+
+def _vision_message(args) -> list[dict]:
+    """The CLI's images and videos as chat-message items for process_vision_info."""
+    opts = {}
+    if args.image_size:
+        opts.update(resized_height=args.image_size[0], resized_width=args.image_size[1])
+    if args.min_pixels:
+        opts["min_pixels"] = args.min_pixels
+    if args.max_pixels:
+        opts["max_pixels"] = args.max_pixels
+    items = [{"type": "image", "image": str(p), **opts} for p in args.image]
+    for v in args.video:
+        p = Path(v)
+        if p.is_dir():  # a directory of frames, in name order
+            frames = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+            if not frames:
+                raise InputError(f"{p}: directory holds no .png/.jpg frames")
+            items.append({"type": "video", "video": frames, **opts})
+        else:
+            items.append({"type": "video", "video": str(p), **opts})
+    return items
+
+
+def cmd_generate(args) -> int:
+    import slimm
+    from slimm.generate import stream_generate
+    from slimm.model.utils_vl import process_vision_info
+
+    model_dir = args.model or demo_model_dir()
+    kwargs = {"device": args.device}
+    if args.backend == "torch":
+        kwargs["dtype"] = args.dtype
+    model = slimm.load(model_dir, backend=args.backend, **kwargs)
+    if model.processor is None:
+        raise InputError(f"{model_dir}: no tokenizer files, so a text prompt cannot be encoded")
+    items = _vision_message(args)
+    messages = [{"role": "user", "content": items + [{"type": "text", "text": args.prompt}]}]
+    if args.system:
+        messages.insert(0, {"role": "system", "content": args.system})
+    images, videos = process_vision_info(messages)
+    text = model.processor.apply_chat_template(messages, add_generation_prompt=True)
+    from slimm.backends.base import normalize_inputs
+
+    inputs = normalize_inputs(model.processor(text=[text], images=images, videos=videos))
+    gen = model.generation_config(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        eos_token_id=list(args.stop_token),
+        max_seq_len=args.max_seq_len,
+        seed=args.seed,
+    )
+    t0, n = time.perf_counter(), 0
+    for piece in stream_generate(model, inputs, model.processor.tokenizer, gen):
+        n += 1
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    print(
+        f"[{args.backend}] prompt {inputs['input_ids'].shape[1]} tokens, {dt:.2f} s", file=sys.stderr
+    )
+    return 0
+
+
+def cmd_demo_checkpoint(args) -> int:
+    from slimm.demo import write_demo_checkpoint
+
+    path = write_demo_checkpoint(args.out, variant=args.variant, size=args.size, seed=args.seed, dtype=args.dtype)
+    print(f"wrote {path} ({args.size}, {args.variant}; random weights: its text is meaningless)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from slimm.backends import BACKENDS
+    from slimm.demo import SIZES, VARIANTS
+
+    p = argparse.ArgumentParser(
+        prog="slimm",
+        description="SliMM inference: run, export and convert the SliMM vision-language model.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser(
+        "generate",
+        help="answer a prompt about images / video, streaming the text",
+        description="Answer a prompt about images or video frames, streaming the answer to stdout. "
+        "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
+    )
+    g.add_argument("--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)")
+    g.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on (default torch)")
+    g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
+    g.add_argument("--video", action="append", default=[], help="video file or directory of frames (repeatable)")
+    g.add_argument("--prompt", default="Describe this image.", help="the user's question")
+    g.add_argument("--system", help="system prompt (default: the chat template's)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, help="random seed for sampling")
+    g.add_argument("--image-size", type=parse_size, metavar="HxW",
+                   help="resize every image to this size, multiples of 28 (the specification's INPUT_IMAGE_SIZE "
+                        "with HEIGHT_FACTOR/WIDTH_FACTOR: 15x28 = 420x420)")  # fmt: skip
+    g.add_argument("--min-pixels", type=int, help="lower bound on image area before patching")
+    g.add_argument("--max-pixels", type=int, help="upper bound on image area before patching")
+    g.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"prompt + answer tokens at most (MAX_SEQ_LENGTH, default {DEFAULT_MAX_SEQ_LEN})")  # fmt: skip
+    g.add_argument("--stop-token", type=int, nargs="+", default=list(DEFAULT_STOP_TOKENS),
+                   help="token ids that end the answer (STOP_TOKEN, default 151643 151645)")  # fmt: skip
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="torch backend weights dtype (default float32)")  # fmt: skip
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser(
+        "demo-checkpoint",
+        help="write a seeded random-weight checkpoint in the released format",
+        description="Write a checkpoint directory in exactly the released SliMM format, with seeded random "
+        "weights and the real Qwen tokenizer. 0.5b and 2b have the released architectures' sizes.",
+    )
+    d.add_argument("out", type=Path, help="directory to write")
+    d.add_argument("--variant", default="plain", choices=list(VARIANTS))
+    d.add_argument("--size", default="tiny", choices=list(SIZES))
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    d.set_defaults(func=cmd_demo_checkpoint)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except SliMMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

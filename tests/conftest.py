@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny demo checkpoints (seeded random weights in the released format)."""
+
+from __future__ import annotations
+
+import pytest
+
+VARIANTS = ("plain", "v1", "midlayers", "efficient")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """demo_dir(variant) -> path of a tiny checkpoint of that variant, written once per session."""
+    from slimm.demo import write_demo_checkpoint
+
+    made = {}
+
+    def get(variant: str = "plain"):
+        if variant not in made:
+            made[variant] = write_demo_checkpoint(tmp_path_factory.mktemp(f"demo-{variant}") / "ckpt", variant=variant)
+        return made[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def torch_model(demo_dir):
+    """torch_model(variant) -> SliMMForConditionalGeneration in float32, loaded once per session."""
+    from slimm.model.slimm import SliMMForConditionalGeneration
+
+    made = {}
+
+    def get(variant: str = "plain"):
+        if variant not in made:
+            made[variant] = SliMMForConditionalGeneration.from_pretrained(demo_dir(variant), torch_dtype="float32")
+        return made[variant]
+
+    return get
