@@ -1,0 +1,196 @@
+"""The PyTorch model on tiny demo checkpoints of every variant: KV cache vs full recompute,
+batches vs one prompt at a time, DeepStack placement, the Efficient re-patching, vision attention."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slimm.backends.torch import TorchBackend
+from slimm.errors import InputError
+from slimm.generate import GenerationConfig, generate
+
+VS, VE, IMG, VID, PAD = 151652, 151653, 151655, 151656, 151643
+VARIANTS = ("plain", "v1", "midlayers", "efficient")
+
+
+def prompt(parts) -> list[int]:
+    """A chat-shaped prompt from lists of token ids."""
+    ids = [151644, 872, 198]  # <|im_start|>user\n
+    for p in parts:
+        ids += list(p)
+    return ids + [151645, 198, 151644, 77091, 198]
+
+
+def pixels(model, grids, seed=0) -> np.ndarray:
+    v = model.config.vision
+    patch = 2 * v.patch_size if model.config.deepstack_type == "efficient" else v.patch_size
+    n = sum(t * h * w for t, h, w in grids)
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, v.in_channels * v.temporal_patch_size * patch * patch)).astype(np.float32)
+
+
+def one_image_inputs(model, g=(1, 4, 6), text=(1, 2, 3)):
+    grid_ = g  # for Efficient the grid counts 28-px patches; tokens are t*h*w/4 either way
+    ids = prompt([[VS] + [IMG] * (int(np.prod(grid_)) // 4) + [VE], text])
+    return {
+        "input_ids": np.array([ids], dtype=np.int64),
+        "pixel_values": pixels(model, [grid_]),
+        "image_grid_thw": np.array([grid_], dtype=np.int64),
+    }
+
+
+def rel_err(a, b) -> float:
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cache_decode_matches_full_recompute(torch_model, variant):
+    model = torch_model(variant)
+    inputs = one_image_inputs(model)
+    out = TorchBackend(model).generate(**inputs, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    seq = out.sequences
+    full = model(input_ids=seq[:, :-1], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    S = inputs["input_ids"].shape[1]
+    for i, step in enumerate(out.logits):
+        assert rel_err(step[0], full.logits[0, S - 1 + i].numpy()) < 1e-5, f"step {i}"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_batch_matches_prompts_one_by_one(torch_model, variant):
+    model = torch_model(variant)
+    tokens = 4
+    g1, g2 = (1, 4, 6), (1, 6, 4)
+    p1 = prompt([[VS] + [IMG] * (int(np.prod(g1)) // tokens) + [VE], [11, 12, 13, 14, 15]])
+    p2 = prompt([[5, 6], [VS] + [IMG] * (int(np.prod(g2)) // tokens) + [VE], [7]])
+    px1, px2 = pixels(model, [g1], seed=1), pixels(model, [g2], seed=2)
+    backend = TorchBackend(model)
+    cfg = GenerationConfig(max_new_tokens=8, stop_tokens=())
+    single = []
+    for ids, px, g in ((p1, px1, g1), (p2, px2, g2)):
+        inp = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+               "pixel_values": px, "image_grid_thw": np.array([g])}  # fmt: skip
+        single.append(generate(backend, inp, cfg))
+    S = max(len(p1), len(p2))
+    ids = np.full((2, S), PAD, np.int64)
+    mask = np.zeros((2, S), np.int64)
+    for b, p in enumerate((p1, p2)):  # left padding
+        ids[b, S - len(p) :] = p
+        mask[b, S - len(p) :] = 1
+    batch = generate(
+        backend,
+        {"input_ids": ids, "attention_mask": mask, "pixel_values": np.concatenate([px1, px2]),
+         "image_grid_thw": np.array([g1, g2])},
+        cfg,
+    )  # fmt: skip
+    for b in range(2):
+        np.testing.assert_array_equal(batch.sequences[b, S:], single[b].sequences[0, -8:])
+        for step in range(8):
+            assert rel_err(batch.logits[step][b], single[b].logits[step][0]) < 1e-4
+
+
+def test_deepstack_slices_land_on_layers_1_to_4(torch_model):
+    """Hooks on the decoder layers: the visual positions' input to layer j differs from layer j-1's
+    output by exactly slice j-1 for j = 1..4, and by nothing elsewhere."""
+    model = torch_model("v1")
+    inputs = one_image_inputs(model)
+    ids = torch.from_numpy(inputs["input_ids"])
+    _, slices, pos = model.embed(ids, torch.from_numpy(inputs["pixel_values"]), inputs["image_grid_thw"])
+    seen_in, seen_out = {}, {}
+    hooks = []
+    for j, layer in enumerate(model.model.layers):
+        hooks.append(layer.register_forward_pre_hook(lambda m, a, j=j: seen_in.__setitem__(j, a[0].clone())))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, j=j: seen_out.__setitem__(j, o.clone())))
+    model(**inputs)
+    for h in hooks:
+        h.remove()
+    d = model.config.text.hidden_size
+    for j in range(1, len(model.model.layers)):
+        diff = (seen_in[j] - seen_out[j - 1]).reshape(-1, d)
+        expect = torch.zeros_like(diff)
+        if 1 <= j <= 4:
+            expect[pos] = slices[j - 1]
+        torch.testing.assert_close(diff, expect, atol=1e-5, rtol=0)
+
+
+def test_image_and_video_slices_in_prompt_order(torch_model):
+    """A DeepStack prompt with a video before an image (the original crashes here): the slices of
+    the video land on the video tokens and those of the image on the image tokens."""
+    model = torch_model("midlayers")
+    gv, gi = (2, 4, 4), (1, 4, 6)
+    ids = prompt([[VS] + [VID] * 8 + [VE], [3], [VS] + [IMG] * 6 + [VE]])
+    pv, pi = pixels(model, [gv], 3), pixels(model, [gi], 4)
+    t_ids = torch.tensor([ids])
+    _, slices, pos = model.embed(t_ids, torch.from_numpy(pi), np.array([gi]), torch.from_numpy(pv), np.array([gv]))
+    _, s_img = model.visual.encode(torch.from_numpy(pi), np.array([gi]))
+    _, s_vid = model.visual.encode(torch.from_numpy(pv), np.array([gv]))
+    vid_pos = (t_ids[0] == VID).nonzero().squeeze(1)
+    assert pos[:8].tolist() == vid_pos.tolist()
+    torch.testing.assert_close(slices[:, :8], s_vid)
+    torch.testing.assert_close(slices[:, 8:], s_img)
+    # and the whole thing runs through generate with the cache
+    out = TorchBackend(model).generate(
+        input_ids=np.array([ids]), pixel_values=pi, image_grid_thw=np.array([gi]),
+        pixel_values_videos=pv, video_grid_thw=np.array([gv]), max_new_tokens=3, eos_token_id=[],
+    )  # fmt: skip
+    assert out.shape == (1, len(ids) + 3)
+
+
+def test_efficient_video_with_many_frames(torch_model):
+    """Efficient splits rows per video by t*h*w (the original used h*w and failed past 2 frames)."""
+    model = torch_model("efficient")
+    g = (3, 4, 4)  # three temporal patches = six frames
+    ids = prompt([[VS] + [VID] * (3 * 4 * 4 // 4) + [VE]])
+    out = model(input_ids=np.array([ids]), pixel_values_videos=pixels(model, [g]), video_grid_thw=np.array([g]))
+    assert out.logits.shape == (1, len(ids), model.config.text.vocab_size)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_efficient_repatching_equals_direct_14px_patches():
+    """Cutting the 28-px processor patches into 2x2 tower patches must give exactly the rows a
+    14-px processor makes of the same image, in merge-window order of the doubled grid."""
+    from slimm.config import PreprocessorConfig
+    from slimm.model.merger import efficient_pixel_index, efficient_split_patches
+    from slimm.processing import ImageProcessor
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (112, 168, 3), dtype=np.uint8)  # multiples of 56: no resize either way
+    coarse = ImageProcessor(PreprocessorConfig(patch_size=28))(images=[img])
+    fine = ImageProcessor(PreprocessorConfig(patch_size=14))(images=[img])
+    g = coarse["image_grid_thw"]
+    rows = torch.from_numpy(coarse["pixel_values"])[torch.from_numpy(efficient_pixel_index(g, 2))]
+    cut = efficient_split_patches(rows, 3, 2, 14).numpy()
+    np.testing.assert_array_equal(fine["image_grid_thw"], g * np.array([1, 2, 2]))
+    np.testing.assert_array_equal(cut, fine["pixel_values"])
+
+
+def test_vision_attention_per_frame_equals_block_mask(torch_model):
+    from slimm.model.vision import vision_chunks, vision_frame_ids, vision_rotary_ids
+
+    model = torch_model("plain")
+    grids = np.array([[1, 4, 6], [2, 4, 4]])
+    px = torch.from_numpy(pixels(model, [tuple(g) for g in grids]))
+    rot = torch.from_numpy(vision_rotary_ids(grids, 2))
+    frames = torch.from_numpy(vision_frame_ids(grids))
+    with torch.no_grad():
+        a, _ = model.visual(px, rot, frames, vision_chunks(grids))
+        b, _ = model.visual(px, rot, frames, None)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(torch_model):
+    model = torch_model("plain")
+    inputs = one_image_inputs(model)
+    inputs["input_ids"] = inputs["input_ids"][:, 2:]
+    inputs["input_ids"][0, 5] = 7  # one image token fewer
+    with pytest.raises(InputError, match="image tokens"):
+        model(**inputs)
+
+
+def test_pixel_rows_must_match_grid(torch_model):
+    model = torch_model("plain")
+    inputs = one_image_inputs(model)
+    inputs["pixel_values"] = inputs["pixel_values"][:-4]
+    with pytest.raises(InputError, match="grid_thw"):
+        model(**inputs)
