@@ -173,7 +173,7 @@ def load_config(ckpt_dir: str | Path) -> SliMMConfig:
     def slimm_field(name: str, default: Any) -> Any:
         # config.json is what the original model reads; generation_config.json carries the same fields
         if name in cfg:
-            if name in gen and gen[name] != cfg[name]:
+            if gen.get(name) is not None and gen[name] != cfg[name]:
                 warnings.warn(
                     f"{name}: config.json says {cfg[name]!r}, generation_config.json {gen[name]!r}; using config.json",
                     stacklevel=3,
