@@ -30,7 +30,9 @@ def demo_model_dir(variant: str = "plain", size: str = "tiny") -> Path:
 
     path = cache_dir() / f"demo-{size}-{variant}"
     if not (path / "model.safetensors").exists():
-        print(f"building the {size} {variant} demo checkpoint (random weights) in {path} ...", file=sys.stderr)
+        print(
+            f"building the {size} {variant} demo checkpoint (random weights) in {path} ...", file=sys.stderr
+        )
         write_demo_checkpoint(path, variant=variant, size=size)
     return path
 
@@ -39,7 +41,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"image size must look like HxW (e.g. 420x420), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"image size must look like HxW (e.g. 420x420), got {text!r}"
+        ) from None
     if h <= 0 or w <= 0 or h % 28 or w % 28:
         raise argparse.ArgumentTypeError(f"image size {h}x{w}: both sides must be positive multiples of 28")
     return h, w
@@ -58,7 +62,9 @@ def _vision_message(args) -> list[dict]:
     for v in args.video:
         p = Path(v)
         if p.is_dir():  # a directory of frames, in name order
-            frames = sorted(str(f) for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp"))
+            frames = sorted(
+                str(f) for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")
+            )
             if not frames:
                 raise InputError(f"{p}: directory holds no .png/.jpg frames")
             items.append({"type": "video", "video": frames, **opts})
@@ -106,16 +112,16 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
-    print(
-        f"[{args.backend}] prompt {inputs['input_ids'].shape[1]} tokens, {dt:.2f} s", file=sys.stderr
-    )
+    print(f"[{args.backend}] prompt {inputs['input_ids'].shape[1]} tokens, {dt:.2f} s", file=sys.stderr)
     return 0
 
 
 def cmd_demo_checkpoint(args) -> int:
     from slimm.demo import write_demo_checkpoint
 
-    path = write_demo_checkpoint(args.out, variant=args.variant, size=args.size, seed=args.seed, dtype=args.dtype)
+    path = write_demo_checkpoint(
+        args.out, variant=args.variant, size=args.size, seed=args.seed, dtype=args.dtype
+    )
     print(f"wrote {path} ({args.size}, {args.variant}; random weights: its text is meaningless)")
     return 0
 
@@ -136,10 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer a prompt about images or video frames, streaming the answer to stdout. "
         "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
     )
-    g.add_argument("--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)")
-    g.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on (default torch)")
+    g.add_argument(
+        "--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)"
+    )
+    g.add_argument(
+        "--backend", default="torch", choices=list(BACKENDS), help="framework to run on (default torch)"
+    )
     g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
-    g.add_argument("--video", action="append", default=[], help="video file or directory of frames (repeatable)")
+    g.add_argument(
+        "--video", action="append", default=[], help="video file or directory of frames (repeatable)"
+    )
     g.add_argument("--prompt", default="Describe this image.", help="the user's question")
     g.add_argument("--system", help="system prompt (default: the chat template's)")
     g.add_argument("--max-new-tokens", type=int, default=128)

@@ -211,7 +211,9 @@ def load_config(ckpt_dir: str | Path) -> SliMMConfig:
     tpatch = int(slimm_field("temporal_patch_size", vcfg.get("temporal_patch_size", 2)))
     vision = _pick(VisionConfig, vcfg, spatial_merge_size=merge, temporal_patch_size=tpatch)
     if vision.embed_dim % vision.num_heads:
-        raise CheckpointError(f"vision embed_dim {vision.embed_dim} is not divisible by num_heads {vision.num_heads}")
+        raise CheckpointError(
+            f"vision embed_dim {vision.embed_dim} is not divisible by num_heads {vision.num_heads}"
+        )
 
     use_deepstack = bool(slimm_field("use_deepstack", False))
     deepstack_type = slimm_field("deepstack_type", "v1") if use_deepstack else None
@@ -248,7 +250,9 @@ def load_config(ckpt_dir: str | Path) -> SliMMConfig:
         temporal_patch_size=tpatch,
         eos_token_id=eos,
         pad_token_id=int(pad),
-        torch_dtype=str(cfg.get("torch_dtype") or text_src.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        torch_dtype=str(
+            cfg.get("torch_dtype") or text_src.get("torch_dtype") or cfg.get("dtype") or "float32"
+        ),
         **tokens,
     )
 

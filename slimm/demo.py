@@ -119,7 +119,10 @@ def demo_configs(variant: str = "plain", size: str = "tiny") -> dict[str, dict]:
         "preprocessor_config.json": preprocessor,
     }
     if variant == "efficient":
-        files["processor_config.json"] = {"deepstack_type": "efficient", "processor_class": "SliMMQwen2VLProcessor"}
+        files["processor_config.json"] = {
+            "deepstack_type": "efficient",
+            "processor_class": "SliMMQwen2VLProcessor",
+        }
     return files
 
 
@@ -148,7 +151,9 @@ def copy_tokenizer(out: Path) -> None:
         shutil.copyfile(src / name, out / name)
     tcfg = json.loads((src / "tokenizer_config.json").read_text())
     tcfg.pop("chat_template", None)  # Qwen3's; the checkpoint's own is chat_template.json
-    tcfg.update(padding_side="left", model_max_length=32768, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    tcfg.update(
+        padding_side="left", model_max_length=32768, pad_token="<|endoftext|>", eos_token="<|im_end|>"
+    )
     (out / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
     added = {v["content"]: int(k) for k, v in tcfg.get("added_tokens_decoder", {}).items()}
     (out / "added_tokens.json").write_text(json.dumps(added, indent=2, ensure_ascii=False))

@@ -48,7 +48,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(-1, keepdims=True)
 
 
-def make_sampler(temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None) -> Sampler:
+def make_sampler(
+    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None
+) -> Sampler:
     """Temperature 0 means argmax; otherwise top-k, then top-p, then a draw (transformers' order)."""
     if temperature == 0:
         return lambda logits: logits.argmax(-1).astype(np.int64)
@@ -96,7 +98,9 @@ class GenerateOutput:
     logits: list[np.ndarray] = field(default_factory=list)  # n raw (B, V) per-step logits
 
 
-def generate_step(backend, inputs: dict[str, np.ndarray], cfg: GenerationConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def generate_step(
+    backend, inputs: dict[str, np.ndarray], cfg: GenerationConfig
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens (B,), raw logits (B, V)) per step until every sequence stopped or a limit is hit."""
     ids = inputs["input_ids"]
     B, S = ids.shape
@@ -155,7 +159,9 @@ class StreamDecoder:
         return piece
 
 
-def stream_generate(backend, inputs: dict[str, np.ndarray], tokenizer, cfg: GenerationConfig) -> Iterator[str]:
+def stream_generate(
+    backend, inputs: dict[str, np.ndarray], tokenizer, cfg: GenerationConfig
+) -> Iterator[str]:
     """Text pieces of the first (or only) sequence as they are produced; stop tokens are not shown."""
     if inputs["input_ids"].shape[0] != 1:
         raise InputError("stream_generate takes one prompt; use generate() for batches")

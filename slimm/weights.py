@@ -108,7 +108,9 @@ def load_weights(model: nn.Module, ckpt_dir: str | Path, dtype: torch.dtype) -> 
             sf = handles[f]
             got = tuple(sf.get_slice(key).get_shape())
             if got != tuple(shape):
-                raise CheckpointError(f"{f}: tensor {key} has shape {list(got)}, the model expects {list(shape)}")
+                raise CheckpointError(
+                    f"{f}: tensor {key} has shape {list(got)}, the model expects {list(shape)}"
+                )
             state[name] = sf.get_tensor(key).to(dtype)
     except SafetensorError as e:
         raise CheckpointError(f"{ckpt_dir}: corrupt safetensors data ({e})") from None

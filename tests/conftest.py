@@ -16,7 +16,9 @@ def demo_dir(tmp_path_factory):
 
     def get(variant: str = "plain"):
         if variant not in made:
-            made[variant] = write_demo_checkpoint(tmp_path_factory.mktemp(f"demo-{variant}") / "ckpt", variant=variant)
+            made[variant] = write_demo_checkpoint(
+                tmp_path_factory.mktemp(f"demo-{variant}") / "ckpt", variant=variant
+            )
         return made[variant]
 
     return get
@@ -31,7 +33,9 @@ def torch_model(demo_dir):
 
     def get(variant: str = "plain"):
         if variant not in made:
-            made[variant] = SliMMForConditionalGeneration.from_pretrained(demo_dir(variant), torch_dtype="float32")
+            made[variant] = SliMMForConditionalGeneration.from_pretrained(
+                demo_dir(variant), torch_dtype="float32"
+            )
         return made[variant]
 
     return get

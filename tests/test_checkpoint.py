@@ -53,7 +53,12 @@ def test_demo_checkpoint_has_the_released_files(demo_dir, variant):
 
 def test_released_sizes_have_the_released_shapes():
     c = demo_configs("plain", "0.5b")["config.json"]
-    assert (c["model_type"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]) == ("qwen2", 896, 24, 14)
+    assert (c["model_type"], c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"]) == (
+        "qwen2",
+        896,
+        24,
+        14,
+    )
     assert c["vision_config"]["embed_dim"] == 1280 and c["vision_config"]["depth"] == 32
     c = demo_configs("efficient", "2b")["config.json"]
     assert (c["model_type"], c["hidden_size"], c["num_hidden_layers"]) == ("qwen2_vl", 1536, 28)
@@ -123,7 +128,9 @@ def test_custom_visual_model_directory(demo_dir, tmp_path):
     save_file({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")},
               str(vdir / "model.safetensors"))  # fmt: skip
     model = SliMMForConditionalGeneration.from_pretrained(d, torch_dtype="float32")
-    torch.testing.assert_close(model.visual.blocks[0].attn.qkv.weight, state["visual.blocks.0.attn.qkv.weight"].float())
+    torch.testing.assert_close(
+        model.visual.blocks[0].attn.qkv.weight, state["visual.blocks.0.attn.qkv.weight"].float()
+    )
 
 
 def test_custom_visual_model_hub_id_says_download(demo_dir, tmp_path):

@@ -56,7 +56,9 @@ def one_line_error(capsys, argv, *words):
 
 
 def test_missing_model_dir(capsys, tmp_path):
-    one_line_error(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"], "nope", "not found")
+    one_line_error(
+        capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "hi"], "nope", "not found"
+    )
 
 
 def test_truncated_image(demo_dir, tmp_path, capsys):
@@ -95,5 +97,7 @@ def test_demo_checkpoint_command(tmp_path, capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "slimm", "--help"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "slimm", "--help"], capture_output=True, text=True, check=True
+    )
     assert "SliMM" in out.stdout

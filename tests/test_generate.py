@@ -68,7 +68,9 @@ def test_max_new_tokens_and_max_seq_len():
     be = ScriptedBackend([[7]])
     assert generate(be, ids(), GenerationConfig(max_new_tokens=4, stop_tokens=())).sequences.shape == (1, 7)
     # the sequence limit caps new tokens: 3 prompt + 2 = 5
-    assert generate(be, ids(), GenerationConfig(max_new_tokens=4, stop_tokens=(), max_seq_len=5)).sequences.shape == (1, 5)
+    assert generate(
+        be, ids(), GenerationConfig(max_new_tokens=4, stop_tokens=(), max_seq_len=5)
+    ).sequences.shape == (1, 5)
     with pytest.raises(InputError, match="maximum sequence length 3"):
         list(generate_step(be, ids(), GenerationConfig(max_seq_len=3)))
 
@@ -106,7 +108,9 @@ def test_repetition_penalty_matches_transformers():
     logits = rng.standard_normal((2, V)).astype(np.float32)
     seen = rng.integers(0, V, (2, 7))
     ours = make_logits_processors(1.3)[0](seen, logits)
-    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(torch.from_numpy(seen), torch.from_numpy(logits.copy()))
+    ref = transformers.RepetitionPenaltyLogitsProcessor(1.3)(
+        torch.from_numpy(seen), torch.from_numpy(logits.copy())
+    )
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-6)
 
 
@@ -134,5 +138,7 @@ def test_stream_generate_yields_text_and_hides_the_stop_token():
     text = "hi!"
     script = [[b] for b in text.encode()] + [[2]]
     be = ScriptedBackend(script)
-    got = list(stream_generate(be, ids(), CharTokenizer(), GenerationConfig(stop_tokens=(2,), max_new_tokens=9)))
+    got = list(
+        stream_generate(be, ids(), CharTokenizer(), GenerationConfig(stop_tokens=(2,), max_new_tokens=9))
+    )
     assert "".join(got) == text

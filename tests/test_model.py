@@ -49,9 +49,13 @@ def rel_err(a, b) -> float:
 def test_cache_decode_matches_full_recompute(torch_model, variant):
     model = torch_model(variant)
     inputs = one_image_inputs(model)
-    out = TorchBackend(model).generate(**inputs, max_new_tokens=6, output_logits=True, return_dict_in_generate=True)
+    out = TorchBackend(model).generate(
+        **inputs, max_new_tokens=6, output_logits=True, return_dict_in_generate=True
+    )
     seq = out.sequences
-    full = model(input_ids=seq[:, :-1], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    full = model(
+        input_ids=seq[:, :-1], pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]
+    )
     S = inputs["input_ids"].shape[1]
     for i, step in enumerate(out.logits):
         assert rel_err(step[0], full.logits[0, S - 1 + i].numpy()) < 1e-5, f"step {i}"
@@ -122,7 +126,9 @@ def test_image_and_video_slices_in_prompt_order(torch_model):
     ids = prompt([[VS] + [VID] * 8 + [VE], [3], [VS] + [IMG] * 6 + [VE]])
     pv, pi = pixels(model, [gv], 3), pixels(model, [gi], 4)
     t_ids = torch.tensor([ids])
-    _, slices, pos = model.embed(t_ids, torch.from_numpy(pi), np.array([gi]), torch.from_numpy(pv), np.array([gv]))
+    _, slices, pos = model.embed(
+        t_ids, torch.from_numpy(pi), np.array([gi]), torch.from_numpy(pv), np.array([gv])
+    )
     _, s_img = model.visual.encode(torch.from_numpy(pi), np.array([gi]))
     _, s_vid = model.visual.encode(torch.from_numpy(pv), np.array([gv]))
     vid_pos = (t_ids[0] == VID).nonzero().squeeze(1)
@@ -142,7 +148,9 @@ def test_efficient_video_with_many_frames(torch_model):
     model = torch_model("efficient")
     g = (3, 4, 4)  # three temporal patches = six frames
     ids = prompt([[VS] + [VID] * (3 * 4 * 4 // 4) + [VE]])
-    out = model(input_ids=np.array([ids]), pixel_values_videos=pixels(model, [g]), video_grid_thw=np.array([g]))
+    out = model(
+        input_ids=np.array([ids]), pixel_values_videos=pixels(model, [g]), video_grid_thw=np.array([g])
+    )
     assert out.logits.shape == (1, len(ids), model.config.text.vocab_size)
     assert torch.isfinite(out.logits).all()
 

@@ -14,7 +14,14 @@ from slimm.config import SliMMConfig
 from slimm.errors import InputError
 from slimm.generate import GenerateOutput, GenerationConfig, generate, stream_generate
 
-INPUT_NAMES = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+INPUT_NAMES = (
+    "input_ids",
+    "attention_mask",
+    "pixel_values",
+    "image_grid_thw",
+    "pixel_values_videos",
+    "video_grid_thw",
+)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -30,7 +37,9 @@ def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """Model inputs as NumPy arrays with checked ranks and dtypes."""
     unknown = set(inputs) - set(INPUT_NAMES)
     if unknown:
-        raise InputError(f"unknown model inputs: {', '.join(sorted(unknown))}; expected some of {', '.join(INPUT_NAMES)}")
+        raise InputError(
+            f"unknown model inputs: {', '.join(sorted(unknown))}; expected some of {', '.join(INPUT_NAMES)}"
+        )
     if inputs.get("input_ids") is None:
         raise InputError("input_ids is required")
     out = {k: to_numpy(v) for k, v in inputs.items() if v is not None}
@@ -38,7 +47,9 @@ def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise InputError(f"input_ids must be integer token ids of shape (batch, seq), got {ids.dtype} {ids.shape}")
+        raise InputError(
+            f"input_ids must be integer token ids of shape (batch, seq), got {ids.dtype} {ids.shape}"
+        )
     out["input_ids"] = ids.astype(np.int64)
     mask = out.get("attention_mask")
     if mask is None:
@@ -141,7 +152,9 @@ class Backend(abc.ABC):
         if as_torch:
             import torch
 
-            out = GenerateOutput(torch.from_numpy(out.sequences), tuple(torch.from_numpy(x) for x in out.logits))
+            out = GenerateOutput(
+                torch.from_numpy(out.sequences), tuple(torch.from_numpy(x) for x in out.logits)
+            )
         if return_dict_in_generate:
             return out if output_logits else GenerateOutput(out.sequences, [])
         return out.sequences
@@ -149,7 +162,9 @@ class Backend(abc.ABC):
     def prepare(self, prompt: str, images=(), videos=(), system: str | None = None) -> dict[str, np.ndarray]:
         """One chat turn -> model inputs, through the checkpoint's processor and chat template."""
         if self.processor is None:
-            raise InputError("this model directory has no tokenizer files: pass token ids to generate() instead")
+            raise InputError(
+                "this model directory has no tokenizer files: pass token ids to generate() instead"
+            )
         content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "system", "content": system}] if system else []
@@ -160,4 +175,6 @@ class Backend(abc.ABC):
     def stream(self, prompt: str, images=(), videos=(), **gen_kwargs) -> Iterator[str]:
         """Answer one prompt about images / video frames, yielding text as it is produced."""
         inputs = normalize_inputs(self.prepare(prompt, images, videos))
-        yield from stream_generate(self, inputs, self.processor.tokenizer, self.generation_config(**gen_kwargs))
+        yield from stream_generate(
+            self, inputs, self.processor.tokenizer, self.generation_config(**gen_kwargs)
+        )

@@ -157,7 +157,9 @@ class LanguageModel(nn.Module):
     def init_buffers(self, device=None) -> None:
         """Rotary frequencies (not in checkpoints); called again after loading onto a meta model."""
         hd = self.cfg.head_dim
-        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd))
+        inv_freq = 1.0 / (
+            self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=device) / hd)
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,7 +96,12 @@ class EfficientMerger(PatchMerger):
         return coarse, fine.view(coarse.shape[0], -1, fine.shape[1]).transpose(0, 1)  # (4, L, d)
 
 
-MERGERS = {None: PatchMerger, "v1": DeepStackV1Merger, "midlayers": MidLayerMerger, "efficient": EfficientMerger}
+MERGERS = {
+    None: PatchMerger,
+    "v1": DeepStackV1Merger,
+    "midlayers": MidLayerMerger,
+    "efficient": EfficientMerger,
+}
 
 
 def build_merger(cfg: SliMMConfig) -> PatchMerger:
@@ -117,7 +122,9 @@ def efficient_pixel_index(grid_thw, merge: int) -> np.ndarray:
     return np.concatenate(out).astype(np.int64)
 
 
-def efficient_split_patches(pixels: torch.Tensor, in_channels: int, temporal: int, patch: int) -> torch.Tensor:
+def efficient_split_patches(
+    pixels: torch.Tensor, in_channels: int, temporal: int, patch: int
+) -> torch.Tensor:
     """Cut each 2P x 2P patch row into its 2x2 sub-patches of P pixels (raster order within)."""
     ct = in_channels * temporal
     x = pixels.view(-1, ct, 2, patch, 2, patch)  # (R, CT, hs, P, ws, P)

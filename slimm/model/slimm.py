@@ -38,7 +38,9 @@ class Visual(VisionTower):
     def encode(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixel_values (N, C*T*P'*P'), grid_thw (n, 3) -> main tokens (L, d), slices (K, L, d) or None."""
         cfg, v = self.slimm_cfg, self.cfg
-        grid = np.asarray(grid_thw.cpu() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
+        grid = np.asarray(grid_thw.cpu() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(
+            -1, 3
+        )
         expected = int(grid.prod(1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
             raise InputError(
@@ -91,7 +93,11 @@ class SliMMForConditionalGeneration(nn.Module):
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, torch_dtype: str | torch.dtype = "auto", device_map: str | None = "cpu", **kwargs
+        cls,
+        path: str | Path,
+        torch_dtype: str | torch.dtype = "auto",
+        device_map: str | None = "cpu",
+        **kwargs,
     ) -> SliMMForConditionalGeneration:
         from slimm.weights import load_weights
 
@@ -196,12 +202,22 @@ class SliMMForConditionalGeneration(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt; returns (logits (B, V) of the last position or (B, S, V), rope_deltas (B, 1))."""
         cfg = self.config
-        h, slices, visual_pos = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+        h, slices, visual_pos = self.embed(
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+        )
         position_ids, deltas = self.rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
         cos, sin = self.model.rope(position_ids, h.dtype)
         bias = attention_bias(attention_mask, 0, input_ids.shape[1], h.dtype)
         hidden = self.model(
-            h, cos, sin, bias, cache, slices, visual_pos, cfg.local_features_start, cfg.local_features_interval
+            h,
+            cos,
+            sin,
+            bias,
+            cache,
+            slices,
+            visual_pos,
+            cfg.local_features_start,
+            cfg.local_features_interval,
         )
         return self.logits(hidden[:, -1] if last_only else hidden), deltas
 
