@@ -288,9 +288,8 @@ class ImageProcessor:
         T, C = x.shape[0], x.shape[1]
         gt, gh, gw = T // Tp, th // P, tw // P
         x = x.reshape(gt, Tp, C, gh // m, m, P, gw // m, m, P)
-        x = x.transpose(
-            0, 3, 6, 4, 7, 2, 1, 5, 8
-        )  # (gt, gh/m, gw/m, m, m, C, Tp, P, P): merge windows together
+        # -> (gt, gh/m, gw/m, m, m, C, Tp, P, P): the m x m patches of one merge window are adjacent rows
+        x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
         return np.ascontiguousarray(x.reshape(gt * gh * gw, C * Tp * P * P)), [gt, gh, gw]
 
 

@@ -509,6 +509,19 @@ def test_rope_index_padding_quirks():
     assert delta.tolist() == [[0], [0]]
 
 
+def test_rope_index_accepts_torch_and_lists():
+    torch = pytest.importorskip("torch")
+    rows, images, _ = CASES["two_images"]
+    ref_pos, ref_delta = get_rope_index(np.array(rows), np.array(images))
+    pos, delta = get_rope_index(
+        torch.tensor(rows), torch.tensor(images), attention_mask=torch.ones(1, len(rows[0]))
+    )
+    np.testing.assert_array_equal(pos, ref_pos)
+    np.testing.assert_array_equal(delta, ref_delta)
+    pos, _ = get_rope_index(rows[0], images)  # one sequence as a plain list: batch of one
+    np.testing.assert_array_equal(pos, ref_pos)
+
+
 def test_rope_index_mismatch_errors():
     ids = np.array([_text(2) + _block(IMG, (1, 4, 4)) + _block(IMG, (1, 4, 4))])
     with pytest.raises(InputError, match="more images than image_grid_thw has rows"):
