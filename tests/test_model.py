@@ -105,7 +105,7 @@ def test_deepstack_slices_land_on_layers_1_to_4(torch_model):
     hooks = []
     for j, layer in enumerate(model.model.layers):
         hooks.append(layer.register_forward_pre_hook(lambda m, a, j=j: seen_in.__setitem__(j, a[0].clone())))
-        hooks.append(layer.register_forward_hook(lambda m, a, o, j=j: seen_out.__setitem__(j, o.clone())))
+        hooks.append(layer.register_forward_hook(lambda m, a, o, j=j: seen_out.__setitem__(j, o[0].clone())))
     model(**inputs)
     for h in hooks:
         h.remove()

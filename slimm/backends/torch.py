@@ -44,11 +44,10 @@ class TorchBackend(Backend):
     def prefill(self, inputs, capacity):
         m = self.model
         ids = self._t(inputs["input_ids"])
-        self.mask = self._t(inputs["attention_mask"])
         self.cache = KVCache(m.config.text, ids.shape[0], capacity, m.dtype, m.device)
         logits, self.rope_deltas = m.prefill(
             ids,
-            self.mask,
+            self._t(inputs["attention_mask"]),
             self.cache,
             self._t(inputs.get("pixel_values")),
             inputs.get("image_grid_thw"),
@@ -63,7 +62,5 @@ class TorchBackend(Backend):
             raise InputError("decode() before prefill()")
         if self.cache.length >= self.cache.capacity:
             raise InputError(f"the KV cache is full ({self.cache.capacity} positions)")
-        ones = torch.ones_like(self.mask[:, :1])
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        logits = self.model.decode_step(self._t(tokens), self.mask, self.rope_deltas, self.cache)
+        logits = self.model.decode_step(self._t(tokens), self.rope_deltas, self.cache)
         return logits.cpu().numpy()

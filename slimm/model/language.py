@@ -55,45 +55,52 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def attention_bias(
-    attention_mask: torch.Tensor, past_len: int, q_len: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """Additive bias (B, 1, q_len, past_len + q_len): causal within the sequence plus key padding.
+def attention_bias(past_mask: torch.Tensor, cur_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive bias (B, 1, S, T + S) over [cached keys | current keys].
 
-    attention_mask (B, past_len + q_len) holds 1 for real tokens. Masked scores get the dtype's most
+    past_mask (B, T) marks cache slots holding a real token; cur_mask (B, S) the current tokens
+    (0 = left padding), which also see each other causally. Masked scores get the dtype's most
     negative value rather than -inf so that a fully padded query row stays finite.
     """
-    kv_len = attention_mask.shape[1]
-    q_pos = torch.arange(past_len, past_len + q_len, device=attention_mask.device)[:, None]
-    k_pos = torch.arange(kv_len, device=attention_mask.device)[None, :]
-    allowed = (k_pos <= q_pos)[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, q, kv)
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=attention_mask.device)
+    S = cur_mask.shape[1]
+    idx = torch.arange(S, device=cur_mask.device)
+    causal = idx[None, :] <= idx[:, None]  # (S, S): key <= query
+    allowed_cur = causal[None] & cur_mask[:, None, :].bool()  # (B, S, S)
+    allowed_past = past_mask[:, None, :].bool() & torch.ones_like(causal[:, :1])[None]  # (B, S, T)
+    allowed = torch.cat([allowed_past, allowed_cur], dim=-1)[:, None]  # (B, 1, S, T + S)
+    zero = torch.zeros((), dtype=dtype, device=cur_mask.device)
+    neg = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=cur_mask.device)
     return torch.where(allowed, zero, neg)
 
 
 class KVCache:
-    """Preallocated key/value buffers, one pair per layer: (B, kv_heads, capacity, head_dim)."""
+    """Preallocated key/value buffers, one pair per layer: (B, kv_heads, capacity, head_dim).
+
+    The decoder reads the whole buffers (fixed shapes at every step) and returns only the new
+    entries, which `append` writes in place: a step never copies the cache.
+    """
 
     def __init__(self, cfg: TextConfig, batch: int, capacity: int, dtype: torch.dtype, device) -> None:
         shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        self.mask = torch.zeros((batch, capacity), dtype=torch.int64, device=device)  # 1 = real token
         self.capacity = capacity
         self.length = 0  # positions filled so far
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, kv_heads, S, D) at the current offset; return the filled part of the buffers."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length : end] = k
-        self.values[layer][:, :, self.length : end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    def append(self, keys: list[torch.Tensor], values: list[torch.Tensor], cur_mask: torch.Tensor) -> None:
+        end = self.length + cur_mask.shape[1]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} positions > capacity {self.capacity}")
+        for buf, new in zip(self.keys + self.values, keys + values, strict=True):
+            buf[:, :, self.length : end] = new
+        self.mask[:, self.length : end] = cur_mask
+        self.length = end
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.layer = layer
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
@@ -102,19 +109,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, bias, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x, cos, sin, bias, k_past, v_past):
+        """x (B, S, d); k_past/v_past (B, KV, T, D) cache buffers -> (out, new k, new v)."""
         B, S, _ = x.shape
-        q = self.q_proj(x).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, S, D)
-        k = self.k_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)  # (B, KV, S, D)
-        v = self.v_proj(x).view(B, S, self.n_kv, self.head_dim).transpose(1, 2)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        rep = H // KV
+        q = self.q_proj(x).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
+        k = self.k_proj(x).view(B, S, KV, D).transpose(1, 2)  # (B, KV, S, D)
+        v = self.v_proj(x).view(B, S, KV, D).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, KV, past + S, D)
-        rep = self.n_heads // self.n_kv
-        k = k.repeat_interleave(rep, dim=1)  # (B, H, T, D)
-        v = v.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, S, D)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        # grouped-query attention without repeating K/V: the `rep` query heads of each KV head
+        # are folded into the query axis, so cached keys are read in place
+        qg = q.reshape(B, KV, rep * S, D) * D**-0.5
+        T = k_past.shape[2]
+        scores = torch.cat(
+            [qg @ k_past.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1
+        )  # (B, KV, rep*S, T+S)
+        scores = scores.view(B, KV, rep, S, T + S) + bias[:, :, None]
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(B, KV, rep * S, T + S)
+        out = probs[..., :T] @ v_past + probs[..., T:] @ v  # (B, KV, rep*S, D)
+        out = out.view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+        return self.o_proj(out), k, v
 
 
 class MLP(nn.Module):
@@ -131,16 +146,17 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer: int) -> None:
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, bias, cache):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, bias, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, h, cos, sin, bias, k_past, v_past):
+        a, k, v = self.self_attn(self.input_layernorm(h), cos, sin, bias, k_past, v_past)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
 
 class LanguageModel(nn.Module):
@@ -150,7 +166,7 @@ class LanguageModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.init_buffers()
 
@@ -170,20 +186,25 @@ class LanguageModel(nn.Module):
         h: torch.Tensor,  # (B, S, d) input embeddings
         cos: torch.Tensor,  # (B, S, head_dim)
         sin: torch.Tensor,
-        bias: torch.Tensor,  # (B, 1, S, past + S)
-        cache: KVCache | None = None,
+        past_keys: list[torch.Tensor],  # per layer (B, KV, T, D); T may be 0
+        past_values: list[torch.Tensor],
+        past_mask: torch.Tensor,  # (B, T) 1 = cache slot holds a real token
+        cur_mask: torch.Tensor,  # (B, S) 1 = real token, 0 = left padding
         deepstack: torch.Tensor | None = None,  # (K, L, d) slices, added before layers start..
         visual_pos: torch.Tensor | None = None,  # (L,) flat indices into B*S of the visual tokens
         deepstack_start: int = 1,
         deepstack_interval: int = 1,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """-> final-norm hidden states (B, S, d) and the new keys/values of every layer."""
         B, S, d = h.shape
+        bias = attention_bias(past_mask, cur_mask, h.dtype)
         n_slices = 0 if deepstack is None else deepstack.shape[0]
+        new_k, new_v = [], []
         for j, layer in enumerate(self.layers):
             k = (j - deepstack_start) // deepstack_interval
             if n_slices and j >= deepstack_start and k < n_slices:
                 h = h.reshape(B * S, d).index_add(0, visual_pos, deepstack[k].to(h.dtype)).view(B, S, d)
-            h = layer(h, cos, sin, bias, cache)
-        if cache is not None:
-            cache.length += S
-        return self.norm(h)
+            h, kj, vj = layer(h, cos, sin, bias, past_keys[j], past_values[j])
+            new_k.append(kj)
+            new_v.append(vj)
+        return self.norm(h), new_k, new_v

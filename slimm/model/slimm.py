@@ -15,7 +15,7 @@ from torch import nn
 
 from slimm.config import MIDLAYER_FEATURE_INDICES, SliMMConfig, load_config
 from slimm.errors import InputError
-from slimm.model.language import KVCache, LanguageModel, attention_bias
+from slimm.model.language import KVCache, LanguageModel
 from slimm.model.merger import (
     build_merger,
     efficient_coarse_index,
@@ -188,6 +188,12 @@ class SliMMForConditionalGeneration(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.output_weight().T).float()
 
+    def empty_cache(self, batch: int) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        t = self.config.text
+        shape = (batch, t.num_key_value_heads, 0, t.head_dim)
+        empty = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(t.num_hidden_layers)]
+        return empty, list(empty), torch.zeros((batch, 0), dtype=torch.int64, device=self.device)
+
     @torch.no_grad()
     def prefill(
         self,
@@ -200,38 +206,40 @@ class SliMMForConditionalGeneration(nn.Module):
         video_grid_thw=None,
         last_only: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the prompt; returns (logits (B, V) of the last position or (B, S, V), rope_deltas (B, 1))."""
+        """Run the prompt (filling `cache` if given); returns (logits (B, V) of the last position
+        or (B, S, V), rope_deltas (B, 1))."""
         cfg = self.config
         h, slices, visual_pos = self.embed(
             input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
         )
         position_ids, deltas = self.rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
         cos, sin = self.model.rope(position_ids, h.dtype)
-        bias = attention_bias(attention_mask, 0, input_ids.shape[1], h.dtype)
-        hidden = self.model(
+        past = (cache.keys, cache.values, cache.mask) if cache is not None else self.empty_cache(h.shape[0])
+        hidden, new_k, new_v = self.model(
             h,
             cos,
             sin,
-            bias,
-            cache,
+            *past,
+            attention_mask,
             slices,
             visual_pos,
             cfg.local_features_start,
             cfg.local_features_interval,
         )
+        if cache is not None:
+            cache.append(new_k, new_v, attention_mask)
         return self.logits(hidden[:, -1] if last_only else hidden), deltas
 
     @torch.no_grad()
-    def decode_step(
-        self, tokens: torch.Tensor, attention_mask: torch.Tensor, rope_deltas: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        """One token per sequence: tokens (B,), attention_mask (B, past + 1) -> logits (B, V)."""
-        past = cache.length
+    def decode_step(self, tokens: torch.Tensor, rope_deltas: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per sequence: tokens (B,) -> logits (B, V); the cache grows by one position."""
         h = self.model.embed_tokens(tokens[:, None])  # (B, 1, d)
-        position_ids = (rope_deltas + past).view(1, -1, 1).expand(3, -1, 1)  # (3, B, 1)
+        position_ids = (rope_deltas + cache.length).view(1, -1, 1).expand(3, -1, 1)  # (3, B, 1)
         cos, sin = self.model.rope(position_ids, h.dtype)
-        bias = attention_bias(attention_mask, past, 1, h.dtype)
-        return self.logits(self.model(h, cos, sin, bias, cache)[:, -1])
+        cur_mask = torch.ones_like(tokens[:, None])
+        hidden, new_k, new_v = self.model(h, cos, sin, cache.keys, cache.values, cache.mask, cur_mask)
+        cache.append(new_k, new_v, cur_mask)
+        return self.logits(hidden[:, -1])
 
     # ---- the original's API ---------------------------------------------------------------------
     @torch.no_grad()
