@@ -7,6 +7,7 @@ checkpoint and slimm loads that directory. Logits must agree to 1e-4 relative, g
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -34,15 +35,27 @@ TOL = 1e-4  # max|ours - ref| / max|ref|
 NEW_TOKENS = 16
 SEED = 0
 
-# name -> (tied embeddings?, prompts of the batch)
+
+@dataclass(frozen=True)
+class Case:
+    prompts: list  # the batch: one list of Text/Image/Video per row
+    tied: bool = True  # tied input/output embeddings
+    # transformers 5.24 places M-RoPE ids after a video whose t exceeds its merged h and w at
+    # s + max(h, w)/m, the original at s + max(t, h, w): give the reference the original's ids there
+    original_positions: bool = False
+
+
 CASES = {
-    "one_image": (True, [[Text(3), Image((1, 4, 6)), Text(6)]]),
-    "two_images": (True, [[Image((1, 4, 6)), Text(4), Image((1, 8, 4)), Text(5)]]),
-    "text_only": (True, [[Text(14)]]),
-    "padded_batch": (True, [[Image((1, 4, 4)), Text(3)], [Text(2), Image((1, 6, 8)), Text(9)]]),
-    "video": (True, [[Video((2, 4, 6)), Text(6)]]),
-    "image_and_video": (True, [[Image((1, 4, 4)), Text(2), Video((2, 4, 4)), Text(3)]]),
-    "one_image_untied": (False, [[Text(3), Image((1, 6, 4)), Text(6)]]),
+    "one_image": Case([[Text(3), Image((1, 4, 6)), Text(6)]]),
+    "two_images": Case([[Image((1, 4, 6)), Text(4), Image((1, 8, 4)), Text(5)]]),
+    "text_only": Case([[Text(14)]]),
+    "padded_batch": Case([[Image((1, 4, 4)), Text(3)], [Text(2), Image((1, 6, 8)), Text(9)]]),
+    "padded_text_only": Case([[Text(4)], [Text(11)]]),
+    "padded_mixed": Case([[Text(6)], [Image((1, 4, 4)), Text(2)]]),
+    "video": Case([[Video((2, 4, 6)), Text(6)]]),
+    "tall_video": Case([[Text(2), Video((4, 2, 2)), Text(5)]], original_positions=True),
+    "image_and_video": Case([[Image((1, 4, 4)), Text(2), Video((2, 4, 4)), Text(3)]]),
+    "one_image_untied": Case([[Text(3), Image((1, 6, 4)), Text(6)]], tied=False),
 }
 
 
@@ -69,7 +82,15 @@ def slimm_models(checkpoints):
 
 
 def case_inputs(name: str) -> dict[str, torch.Tensor]:
-    return build_inputs(CASES[name][1], seed=1)
+    return build_inputs(CASES[name].prompts, seed=1)
+
+
+def ref_inputs(name: str) -> dict[str, torch.Tensor]:
+    """The case's inputs as transformers' Qwen2-VL takes them."""
+    inputs = hf_inputs(case_inputs(name))
+    if CASES[name].original_positions:
+        inputs["position_ids"] = original_rope_index(inputs)
+    return inputs
 
 
 def generate_kwargs(**overrides):
@@ -90,9 +111,9 @@ _hf_generate_cache: dict[str, object] = {}
 
 def hf_generate(checkpoints, name: str):
     if name not in _hf_generate_cache:
-        model = checkpoints[CASES[name][0]][0]
+        model = checkpoints[CASES[name].tied][0]
         with torch.no_grad():
-            _hf_generate_cache[name] = model.generate(**hf_inputs(case_inputs(name)), **generate_kwargs())
+            _hf_generate_cache[name] = model.generate(**ref_inputs(name), **generate_kwargs())
     return _hf_generate_cache[name]
 
 
@@ -146,14 +167,18 @@ def test_checkpoint_is_released_format_and_reloads_exactly(checkpoints, tied):
 
 
 def test_reference_positions_match_the_original_rule(checkpoints):
-    """transformers 5 and the original SliMM place M-RoPE ids alike for every case used here (they differ
-    when a video's t exceeds its merged h and w: transformers then resumes text at s + max(h, w)/m)."""
-    for name, (tied, _) in CASES.items():
+    """transformers 5.24 places M-RoPE ids like the original SliMM, up to a per-row shift (RoPE cannot see
+    one; its forward numbers a left-padded text-only row from the first pad), except after a video whose t
+    exceeds its merged h and w: those cases give the reference the original's ids instead."""
+    for name, case in CASES.items():
         inputs = case_inputs(name)
-        pos = hf_trace(checkpoints[tied][0], inputs)["llm.position_ids"]
-        mask = inputs["attention_mask"].bool()
+        pos = hf_trace(checkpoints[case.tied][0], inputs)["llm.position_ids"]
         want = original_rope_index(inputs)
-        assert torch.equal(pos[:, mask], want[:, mask]), name
+        same = True
+        for b, row in enumerate(inputs["attention_mask"].bool()):
+            got, ref = pos[:, b, row], want[:, b, row]
+            same &= torch.equal(got - got[:, :1], ref - ref[:, :1])
+        assert same != case.original_positions, name
 
 
 def test_reference_is_sensitive_to_positions_and_padding(checkpoints):
@@ -180,10 +205,10 @@ def test_reference_is_sensitive_to_positions_and_padding(checkpoints):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_forward_logits_match(checkpoints, slimm_models, name):
-    tied = CASES[name][0]
+    tied = CASES[name].tied
     inputs = case_inputs(name)
     with torch.no_grad():
-        ref = checkpoints[tied][0](**hf_inputs(inputs)).logits
+        ref = checkpoints[tied][0](**ref_inputs(name)).logits
         ours = slimm_models[tied](**inputs).logits
     assert ours.dtype == torch.float32 and ours.shape == ref.shape, (ours.dtype, tuple(ours.shape))
     mask = inputs["attention_mask"]
@@ -194,7 +219,7 @@ def test_forward_logits_match(checkpoints, slimm_models, name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_greedy_generate_matches(checkpoints, slimm_models, name):
-    tied = CASES[name][0]
+    tied = CASES[name].tied
     inputs = case_inputs(name)
     ref = hf_generate(checkpoints, name)
     prompt_len = inputs["input_ids"].shape[1]
@@ -223,7 +248,7 @@ def test_greedy_generate_matches(checkpoints, slimm_models, name):
 @pytest.mark.parametrize("name", ["one_image", "padded_batch"])
 def test_generate_stops_on_eos_override(checkpoints, slimm_models, name):
     """eos_token_id=<a token row r first produces at step k>: row r ends there (then pads), others go on."""
-    tied = CASES[name][0]
+    tied = CASES[name].tied
     inputs = case_inputs(name)
     prompt_len = inputs["input_ids"].shape[1]
     new = hf_generate(checkpoints, name).sequences[:, prompt_len:]
@@ -239,7 +264,7 @@ def test_generate_stops_on_eos_override(checkpoints, slimm_models, name):
 
     kw = generate_kwargs(eos_token_id=eos)
     with torch.no_grad():
-        ref = checkpoints[tied][0].generate(**hf_inputs(inputs), **kw)
+        ref = checkpoints[tied][0].generate(**ref_inputs(name), **kw)
         ours = slimm_models[tied].generate(**inputs, **kw)
     assert ref.sequences[row, prompt_len + step] == eos
     assert (ref.sequences[row, prompt_len + step + 1 :] == PAD_ID).all()
