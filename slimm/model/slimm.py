@@ -35,38 +35,61 @@ class Visual(VisionTower):
         self.slimm_cfg = cfg
         self.merger = build_merger(cfg)
 
-    def encode(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """pixel_values (N, C*T*P'*P'), grid_thw (n, 3) -> main tokens (L, d), slices (K, L, d) or None."""
+    def host_inputs(self, grid_thw) -> dict[str, np.ndarray]:
+        """Index tensors the tower needs, computed from the grid on the host (NumPy)."""
+        cfg = self.slimm_cfg
+        grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
+        out = {}
+        if cfg.deepstack_type == "efficient":
+            out["pixel_index"] = efficient_pixel_index(grid, cfg.spatial_merge_size)
+            out["coarse_index"] = efficient_coarse_index(grid)
+            grid = grid * np.array([1, 2, 2])  # the tower sees 2x2 sub-patches of each processor patch
+        out["rotary_ids"] = vision_rotary_ids(grid, cfg.spatial_merge_size)
+        out["frame_ids"] = vision_frame_ids(grid)
+        return out
+
+    def run(
+        self,
+        pixel_values: torch.Tensor,  # (R, C*T*P'*P') processor patch rows
+        rotary_ids: torch.Tensor,  # (N, 2)
+        frame_ids: torch.Tensor,  # (N,)
+        pixel_index: torch.Tensor | None = None,  # efficient: (R,) rows back to raster order
+        coarse_index: torch.Tensor | None = None,  # efficient: (N/4,) windows grouped 2x2
+        chunks: list[int] | None = None,  # patches per frame (eager); None = block-diagonal mask
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tensor part of the vision encoder (what SliMM_B exports)."""
         cfg, v = self.slimm_cfg, self.cfg
-        grid = np.asarray(grid_thw.cpu() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(
-            -1, 3
-        )
+        extra = {}
+        if pixel_index is not None:
+            rows = pixel_values[pixel_index]
+            pixel_values = efficient_split_patches(rows, v.in_channels, v.temporal_patch_size, v.patch_size)
+            extra["coarse_index"] = coarse_index
+        record = MIDLAYER_FEATURE_INDICES if cfg.deepstack_type == "midlayers" else ()
+        x, recorded = self(pixel_values.to(self.patch_embed.proj.weight.dtype), rotary_ids, frame_ids, chunks, record)
+        return self.merger(x, recorded, **extra)
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """pixel_values (R, C*T*P'*P'), grid_thw (n, 3) -> main tokens (L, d), slices (K, L, d) or None."""
+        cfg, v = self.slimm_cfg, self.cfg
+        grid = np.asarray(grid_thw.cpu() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
         expected = int(grid.prod(1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
             raise InputError(
                 f"pixel_values has shape {tuple(pixel_values.shape)} but grid_thw {grid.tolist()} "
                 f"describes {expected} patch rows"
             )
-        extra = {}
-        if cfg.deepstack_type == "efficient":
-            # processor patches are 2P pixels: back to raster order, cut into 2x2 tower patches
-            rows = pixel_values[torch.from_numpy(efficient_pixel_index(grid, cfg.spatial_merge_size))]
-            pixel_values = efficient_split_patches(rows, v.in_channels, v.temporal_patch_size, v.patch_size)
-            extra["coarse_index"] = torch.from_numpy(efficient_coarse_index(grid)).to(pixel_values.device)
-            grid = grid * np.array([1, 2, 2])
-        row_width = v.in_channels * v.temporal_patch_size * v.patch_size**2
+        scale = 2 if cfg.deepstack_type == "efficient" else 1
+        row_width = v.in_channels * v.temporal_patch_size * (scale * v.patch_size) ** 2
         if pixel_values.shape[1] != row_width:
             raise InputError(
-                f"pixel_values rows have {pixel_values.shape[1]} values; this vision tower expects {row_width} "
-                f"(C={v.in_channels} x T={v.temporal_patch_size} x {v.patch_size}x{v.patch_size} patches)"
+                f"pixel_values rows have {pixel_values.shape[1]} values; this model expects {row_width} "
+                f"(C={v.in_channels} x T={v.temporal_patch_size} x {scale * v.patch_size}x{scale * v.patch_size} patches)"
             )
+        if cfg.deepstack_type == "efficient" and (grid[:, 1:] % 2).any():
+            raise InputError(f"efficient needs even grid heights and widths, got grid_thw {grid.tolist()}")
         dev = pixel_values.device
-        rotary = torch.from_numpy(vision_rotary_ids(grid, cfg.spatial_merge_size)).to(dev)
-        frames = torch.from_numpy(vision_frame_ids(grid)).to(dev)
-        record = MIDLAYER_FEATURE_INDICES if cfg.deepstack_type == "midlayers" else ()
-        dtype = self.patch_embed.proj.weight.dtype
-        x, recorded = self(pixel_values.to(dtype), rotary, frames, vision_chunks(grid), record)
-        return self.merger(x, recorded, **extra)
+        idx = {k: torch.from_numpy(a).to(dev) for k, a in self.host_inputs(grid).items()}
+        return self.run(pixel_values, **idx, chunks=vision_chunks(grid * (np.array([1, 2, 2]) if scale == 2 else 1)))
 
 
 @dataclass
