@@ -65,13 +65,17 @@ class Visual(VisionTower):
             pixel_values = efficient_split_patches(rows, v.in_channels, v.temporal_patch_size, v.patch_size)
             extra["coarse_index"] = coarse_index
         record = MIDLAYER_FEATURE_INDICES if cfg.deepstack_type == "midlayers" else ()
-        x, recorded = self(pixel_values.to(self.patch_embed.proj.weight.dtype), rotary_ids, frame_ids, chunks, record)
+        x, recorded = self(
+            pixel_values.to(self.patch_embed.proj.weight.dtype), rotary_ids, frame_ids, chunks, record
+        )
         return self.merger(x, recorded, **extra)
 
     def encode(self, pixel_values: torch.Tensor, grid_thw) -> tuple[torch.Tensor, torch.Tensor | None]:
         """pixel_values (R, C*T*P'*P'), grid_thw (n, 3) -> main tokens (L, d), slices (K, L, d) or None."""
         cfg, v = self.slimm_cfg, self.cfg
-        grid = np.asarray(grid_thw.cpu() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(-1, 3)
+        grid = np.asarray(grid_thw.cpu() if torch.is_tensor(grid_thw) else grid_thw, dtype=np.int64).reshape(
+            -1, 3
+        )
         expected = int(grid.prod(1).sum())
         if pixel_values.ndim != 2 or pixel_values.shape[0] != expected:
             raise InputError(
@@ -89,7 +93,9 @@ class Visual(VisionTower):
             raise InputError(f"efficient needs even grid heights and widths, got grid_thw {grid.tolist()}")
         dev = pixel_values.device
         idx = {k: torch.from_numpy(a).to(dev) for k, a in self.host_inputs(grid).items()}
-        return self.run(pixel_values, **idx, chunks=vision_chunks(grid * (np.array([1, 2, 2]) if scale == 2 else 1)))
+        return self.run(
+            pixel_values, **idx, chunks=vision_chunks(grid * (np.array([1, 2, 2]) if scale == 2 else 1))
+        )
 
 
 @dataclass
