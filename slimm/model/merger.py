@@ -1,12 +1,11 @@
 """Patch mergers: vision tokens -> LLM width, plus the DeepStack slices of each variant.
 
 Every merger returns (main tokens (L, d), DeepStack slices (K, L, d) or None). The
-`efficient` variant's row orderings are index arrays computed on the host (NumPy helpers below).
+`efficient` variant's row orderings are index arrays computed on the host (slimm/vision_index.py).
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -108,20 +107,6 @@ def build_merger(cfg: SliMMConfig) -> PatchMerger:
     return MERGERS[cfg.deepstack_type](cfg.vision.embed_dim, cfg.text.hidden_size, cfg.spatial_merge_size)
 
 
-def _grids(grid_thw) -> list[tuple[int, int, int]]:
-    return [tuple(int(v) for v in row) for row in np.asarray(grid_thw).reshape(-1, 3)]
-
-
-def efficient_pixel_index(grid_thw, merge: int) -> np.ndarray:
-    """Rows of the processor's 2P-pixel patches, from merge-window order back to raster order."""
-    out, offset = [], 0
-    for t, h, w in _grids(grid_thw):
-        idx = np.arange(t * h * w).reshape(t, h // merge, w // merge, merge, merge)
-        out.append(idx.transpose(0, 1, 3, 2, 4).reshape(-1) + offset)  # (t, h/m, m, w/m, m) = raster
-        offset += t * h * w
-    return np.concatenate(out).astype(np.int64)
-
-
 def efficient_split_patches(
     pixels: torch.Tensor, in_channels: int, temporal: int, patch: int
 ) -> torch.Tensor:
@@ -129,14 +114,3 @@ def efficient_split_patches(
     ct = in_channels * temporal
     x = pixels.view(-1, ct, 2, patch, 2, patch)  # (R, CT, hs, P, ws, P)
     return x.permute(0, 2, 4, 1, 3, 5).reshape(-1, ct * patch * patch)  # (4R, CT*P*P)
-
-
-def efficient_coarse_index(grid_thw) -> np.ndarray:
-    """For the processor grid (t, h, w): window indices, each 2x2 group of windows consecutive,
-    groups in raster order of (h/2, w/2). Split per image by t*h*w (the original used h*w)."""
-    out, offset = [], 0
-    for t, h, w in _grids(grid_thw):
-        idx = np.arange(t * h * w).reshape(t, h // 2, 2, w // 2, 2)
-        out.append(idx.transpose(0, 1, 3, 2, 4).reshape(-1) + offset)
-        offset += t * h * w
-    return np.concatenate(out).astype(np.int64)

@@ -16,13 +16,9 @@ from torch import nn
 from slimm.config import MIDLAYER_FEATURE_INDICES, SliMMConfig, load_config
 from slimm.errors import InputError
 from slimm.model.language import KVCache, LanguageModel
-from slimm.model.merger import (
-    build_merger,
-    efficient_coarse_index,
-    efficient_pixel_index,
-    efficient_split_patches,
-)
-from slimm.model.vision import VisionTower, vision_chunks, vision_frame_ids, vision_rotary_ids
+from slimm.model.merger import build_merger, efficient_split_patches
+from slimm.model.vision import VisionTower
+from slimm.vision_index import vision_chunks, vision_host_inputs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,16 +33,7 @@ class Visual(VisionTower):
 
     def host_inputs(self, grid_thw) -> dict[str, np.ndarray]:
         """Index tensors the tower needs, computed from the grid on the host (NumPy)."""
-        cfg = self.slimm_cfg
-        grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-        out = {}
-        if cfg.deepstack_type == "efficient":
-            out["pixel_index"] = efficient_pixel_index(grid, cfg.spatial_merge_size)
-            out["coarse_index"] = efficient_coarse_index(grid)
-            grid = grid * np.array([1, 2, 2])  # the tower sees 2x2 sub-patches of each processor patch
-        out["rotary_ids"] = vision_rotary_ids(grid, cfg.spatial_merge_size)
-        out["frame_ids"] = vision_frame_ids(grid)
-        return out
+        return vision_host_inputs(self.slimm_cfg.deepstack_type, self.slimm_cfg.spatial_merge_size, grid_thw)
 
     def run(
         self,

@@ -1,51 +1,17 @@
 """The Qwen2-VL vision transformer (checkpoint prefix `visual.`), without its merger.
 
 Grid bookkeeping (2-D rotary positions, which frame a patch belongs to) is computed on the host
-from `grid_thw` by the NumPy helpers below and enters the tower as tensors, so the tower itself
-has no data-dependent Python control flow and exports with dynamic shapes.
+from `grid_thw` (slimm/vision_index.py) and enters the tower as tensors, so the tower itself has
+no data-dependent Python control flow and exports with dynamic shapes.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from slimm.config import VisionConfig
-
-
-def _grid_list(grid_thw) -> list[tuple[int, int, int]]:
-    return [tuple(int(v) for v in row) for row in np.asarray(grid_thw).reshape(-1, 3)]
-
-
-def vision_rotary_ids(grid_thw, merge: int) -> np.ndarray:
-    """(row, col) of every patch, listed in merge-window order like the pixel rows: (N, 2) int64."""
-    out = []
-    for t, h, w in _grid_list(grid_thw):
-        rows = np.broadcast_to(np.arange(h)[:, None], (h, w))
-        cols = np.broadcast_to(np.arange(w)[None, :], (h, w))
-        ids = []
-        for a in (rows, cols):
-            # (h, w) -> (h/m, w/m, m, m): windows of m x m patches, windows in raster order
-            ids.append(a.reshape(h // merge, merge, w // merge, merge).transpose(0, 2, 1, 3).reshape(-1))
-        out.append(np.tile(np.stack(ids, axis=1), (t, 1)))
-    return np.concatenate(out).astype(np.int64)
-
-
-def vision_frame_ids(grid_thw) -> np.ndarray:
-    """Which frame of which image each patch belongs to: attention stays within one frame. (N,) int64."""
-    out, frame = [], 0
-    for t, h, w in _grid_list(grid_thw):
-        for _ in range(t):
-            out.append(np.full(h * w, frame, dtype=np.int64))
-            frame += 1
-    return np.concatenate(out)
-
-
-def vision_chunks(grid_thw) -> list[int]:
-    """Patches per frame, in order (the `cu_seqlens` differences)."""
-    return [h * w for t, h, w in _grid_list(grid_thw) for _ in range(t)]
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -101,8 +67,10 @@ class VisionAttention(nn.Module):
                 for qc, kc, vc in zip(q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), strict=True)
             ]
             out = torch.cat(outs, dim=1)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # block-diagonal mask (N, N)
+        else:  # block-diagonal mask (N, N), written out so that it exports as plain ONNX ops
+            scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (H, N, N)
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+            out = torch.softmax(scores.float(), dim=-1).to(dtype) @ v
         return self.proj(out.transpose(0, 1).reshape(N, -1))
 
 
