@@ -119,6 +119,13 @@ class SliMMConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SliMMConfig:
+        """Inverse of to_dict (the model settings an export manifest carries)."""
+        d = dict(d)
+        text, vision = _pick(TextConfig, d.pop("text")), _pick(VisionConfig, d.pop("vision"))
+        return _pick(cls, d, text=text, vision=vision)
+
 
 def _mrope_section(cfg: dict[str, Any], model_type: str, head_dim: int) -> list[int]:
     rope = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}

@@ -1,0 +1,314 @@
+"""PyTorch SliMM -> six ONNX parts plus a manifest; PARTS is the one list of part names.
+
+A token embedding, B vision encoder, C multimodal fusion, D M-RoPE cos/sin for prompts with images,
+E rotary cos/sin for text-only prompts and decode steps, F the decoder with KV cache, DeepStack and
+lm_head. Host-side bookkeeping (vision index tensors, position ids) stays in NumPy, shared by every
+backend; the parts hold only tensor math.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
+from slimm.errors import InputError
+from slimm.manifest import MANIFEST, MANIFEST_VERSION, PART_ROLES, PARTS, Tensor, io_spec, part_file
+from slimm.model.slimm import SliMMForConditionalGeneration
+from slimm.vision_index import vision_host_inputs
+
+DEFAULT_OPSET = 20
+PRECISIONS = ("fp32", "fp16")
+RUNTIME_FILES = (  # copied beside the parts: an export directory is self-contained
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+)
+
+
+# ---- the six parts as modules ---------------------------------------------------------------------
+class PartA(nn.Module):
+    def __init__(self, m: SliMMForConditionalGeneration) -> None:
+        super().__init__()
+        self.embed_tokens = m.model.embed_tokens
+
+    def forward(self, input_ids):  # (B, S) -> (B, S, d)
+        return self.embed_tokens(input_ids)
+
+
+class PartB(nn.Module):
+    def __init__(self, m: SliMMForConditionalGeneration) -> None:
+        super().__init__()
+        self.visual = m.visual
+        self.efficient = m.config.deepstack_type == "efficient"
+
+    def forward(self, pixel_values, rotary_ids, frame_ids, pixel_index=None, coarse_index=None):
+        tokens, slices = self.visual.run(pixel_values, rotary_ids, frame_ids, pixel_index, coarse_index)
+        return tokens if slices is None else (tokens, slices)
+
+
+class PartC(nn.Module):
+    def forward(self, inputs_embeds, visual_embeds, visual_pos):
+        B, S, d = inputs_embeds.shape
+        flat = inputs_embeds.reshape(B * S, d).index_copy(
+            0, visual_pos, visual_embeds.to(inputs_embeds.dtype)
+        )
+        return flat.view(B, S, d)
+
+
+class PartD(nn.Module):
+    def __init__(self, m: SliMMForConditionalGeneration) -> None:
+        super().__init__()
+        self.lm = m.model
+        self.dtype = m.dtype
+
+    def forward(self, position_ids):  # (3, B, S) -> cos, sin (B, S, head_dim)
+        return self.lm.rope(position_ids, self.dtype)
+
+
+class PartE(PartD):
+    def forward(self, position_ids):  # (B, S): every M-RoPE row equal
+        return self.lm.rope(position_ids[None].expand(3, -1, -1), self.dtype)
+
+
+class PartF(nn.Module):
+    def __init__(self, m: SliMMForConditionalGeneration) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, inputs_embeds, cos, sin, past_mask, cur_mask, past_keys, past_values, deepstack=None,
+                visual_pos=None):  # fmt: skip
+        cfg = self.m.config
+        hidden, new_k, new_v = self.m.model(
+            inputs_embeds,
+            cos,
+            sin,
+            past_keys,
+            past_values,
+            past_mask,
+            cur_mask,
+            deepstack,
+            visual_pos,
+            cfg.local_features_start,
+            cfg.local_features_interval,
+        )
+        logits = self.m.logits(hidden[:, -1])  # (B, V) float32, last position
+        return (logits, logits.argmax(-1), *new_k, *new_v)
+
+
+def example_inputs(cfg: SliMMConfig, part: str, dtype: torch.dtype) -> tuple:
+    """Small inputs to trace with; sizes chosen so no dynamic dim is 0, 1 or equal to another."""
+    t = cfg.text
+    B, S, T, L = 2, 7, 11, 6
+    g = torch.Generator().manual_seed(0)
+    if part == "A":
+        return (torch.randint(0, t.vocab_size, (B, S), generator=g),)
+    if part == "B":
+        grid = np.array([[1, 4, 6]])  # 24 patch rows, 6 tokens
+        dummy = vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, grid)
+        rows = int(grid.prod())
+        scale = 2 if cfg.deepstack_type == "efficient" else 1
+        v = cfg.vision
+        width = v.in_channels * v.temporal_patch_size * (scale * v.patch_size) ** 2
+        args = [torch.randn(rows, width, generator=g), torch.from_numpy(dummy["rotary_ids"]),
+                torch.from_numpy(dummy["frame_ids"])]  # fmt: skip
+        if cfg.deepstack_type == "efficient":
+            args += [torch.from_numpy(dummy["pixel_index"]), torch.from_numpy(dummy["coarse_index"])]
+        return tuple(args)
+    if part == "C":
+        return (torch.randn(B, S, t.hidden_size, dtype=dtype, generator=g).to(dtype),
+                torch.randn(3, t.hidden_size, generator=g).to(dtype), torch.tensor([1, 3, 9]))  # fmt: skip
+    if part == "D":
+        return (torch.randint(0, 50, (3, B, S), generator=g),)
+    if part == "E":
+        return (torch.randint(0, 50, (B, S), generator=g),)
+    if part == "F":
+        hd, kv, d = t.head_dim, t.num_key_value_heads, t.hidden_size
+        n = t.num_hidden_layers
+        args = [torch.randn(B, S, d, generator=g).to(dtype), torch.randn(B, S, hd, generator=g).to(dtype),
+                torch.randn(B, S, hd, generator=g).to(dtype), torch.ones(B, T, dtype=torch.int64),
+                torch.ones(B, S, dtype=torch.int64),
+                [torch.randn(B, kv, T, hd, generator=g).to(dtype) for _ in range(n)],
+                [torch.randn(B, kv, T, hd, generator=g).to(dtype) for _ in range(n)]]  # fmt: skip
+        if cfg.use_deepstack:
+            args += [torch.randn(cfg.num_deepstack, L, d, generator=g).to(dtype), torch.arange(L) * 2]
+        return tuple(args)
+    raise ValueError(part)
+
+
+def dynamic_shapes(part: str, ins: list[Tensor], n_layers: int) -> tuple:
+    """torch.export dynamic shapes, positional like the part's forward; one Dim object per name."""
+    dims: dict[str, torch.export.Dim] = {}
+
+    def spec(tensor: Tensor) -> dict:
+        out = {}
+        for i, dim in enumerate(tensor.dims):
+            if isinstance(dim, str):
+                out[i] = dims.setdefault(dim, torch.export.Dim(dim.replace(" ", "_")))
+        return out
+
+    specs = [spec(t) for t in ins]
+    if part == "F":
+        head, caches, tail = specs[:5], specs[5 : 5 + 2 * n_layers], specs[5 + 2 * n_layers :]
+        return (*head, caches[:n_layers], caches[n_layers:], *tail)
+    return tuple(specs)
+
+
+# ---- writing an export directory --------------------------------------------------------------------
+def _quiet_export(module: nn.Module, args: tuple, path: Path, ins, outs, dyn, opset: int) -> None:
+    import logging
+
+    # the exporter is chatty (warnings about torchvision ops, dynamic-shape renames): keep the
+    # user's terminal for our progress bar; real failures still raise
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            dynamo=True,
+            dynamic_shapes=dyn,
+            input_names=[t.name for t in ins],
+            output_names=[t.name for t in outs],
+            opset_version=opset,
+            external_data=True,
+            verbose=False,
+        )
+
+
+def _to_fp16_weights(path: Path, min_elements: int = 1024) -> None:
+    """Store float weights as float16 with a Cast back to float32 where they are used: half the
+    size on disk, computation stays float32 (ONNX Runtime's CPU kernels are float32)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    kept, casts = [], []
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and np.prod(init.dims) >= min_elements:
+            arr = numpy_helper.to_array(init).astype(np.float16)
+            half = numpy_helper.from_array(arr, init.name + ".fp16")
+            kept.append(half)
+            casts.append(onnx.helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT))
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(casts + nodes)
+    _save(model, path)
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    data = path.name + ".data"
+    (path.parent / data).unlink(missing_ok=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
+                    size_threshold=1024)  # fmt: skip
+
+
+def _stamp(path: Path, export_id: str, part: str) -> None:
+    """Record which export and which part a file is, so mixed-up files are caught at load time."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    del model.metadata_props[:]
+    for k, v in (("slimm.export_id", export_id), ("slimm.part", part)):
+        model.metadata_props.add(key=k, value=v)
+    onnx.save_model(model, str(path))  # external data references are kept as they are
+
+
+def export_model(
+    ckpt_dir: str | Path,
+    out_dir: str | Path,
+    precision: str = "fp32",
+    opset: int = DEFAULT_OPSET,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    parts: tuple[str, ...] = PARTS,
+    progress: bool = True,
+) -> Path:
+    """Export a checkpoint directory to `out_dir`: SliMM_A..F.onnx (+ .onnx.data), manifest.json,
+    and the tokenizer / chat template / preprocessor files."""
+    import uuid
+
+    from tqdm import tqdm
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if opset < 18:
+        raise InputError(f"opset {opset}: the exporter needs opset 18 or newer")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
+    model = SliMMForConditionalGeneration.from_pretrained(ckpt_dir, torch_dtype="float32")
+    cfg = model.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    export_id = uuid.uuid4().hex
+    modules = {"A": PartA(model), "B": PartB(model), "C": PartC(), "D": PartD(model), "E": PartE(model),
+               "F": PartF(model)}  # fmt: skip
+    manifest_parts = {}
+    bar = tqdm(parts, desc="export", unit="part", disable=not progress, file=sys.stderr)
+    for part in bar:
+        bar.set_postfix_str(f"{part}: {PART_ROLES[part]}")
+        ins, outs = io_spec(cfg, part, "float32")
+        path = out_dir / part_file(part)
+        for stale in (path, out_dir / (path.name + ".data")):
+            stale.unlink(missing_ok=True)
+        with torch.no_grad():
+            args = example_inputs(cfg, part, torch.float32)
+            _quiet_export(modules[part], args, path, ins, outs, dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
+                          opset)  # fmt: skip
+        if precision == "fp16":
+            _to_fp16_weights(path)
+        _stamp(path, export_id, part)
+        data = out_dir / (path.name + ".data")
+        if data.exists() and data.stat().st_size == 0:
+            data.unlink()
+        manifest_parts[part] = {
+            "file": path.name,
+            "data": data.name if data.exists() else None,
+            "role": PART_ROLES[part],
+            "inputs": [t.as_dict() for t in ins],
+            "outputs": [t.as_dict() for t in outs],
+        }
+    copied = []
+    for name in RUNTIME_FILES:
+        if (ckpt_dir / name).exists():
+            shutil.copyfile(ckpt_dir / name, out_dir / name)
+            copied.append(name)
+    manifest = {
+        "format": "slimm-onnx",
+        "version": MANIFEST_VERSION,
+        "export_id": export_id,
+        "precision": precision,
+        "weights_dtype": "float16" if precision == "fp16" else "float32",
+        "opset": opset,
+        "max_seq_len": max_seq_len,
+        "model": cfg.to_dict(),
+        "parts": manifest_parts,
+        "tokenizer": "tokenizer.json" in copied,
+        "files": copied,
+        "source": str(ckpt_dir.resolve()),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out_dir
