@@ -37,6 +37,17 @@ def demo_model_dir(variant: str = "plain", size: str = "tiny") -> Path:
     return path
 
 
+def demo_export_dir(variant: str = "plain", size: str = "tiny") -> Path:
+    """The demo checkpoint exported to ONNX, written once into the cache directory."""
+    from slimm.export import export_model
+
+    path = cache_dir() / f"demo-{size}-{variant}-onnx"
+    if not (path / "manifest.json").exists():
+        print(f"exporting the demo checkpoint to ONNX in {path} ...", file=sys.stderr)
+        export_model(demo_model_dir(variant, size), path)
+    return path
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -78,10 +89,13 @@ def cmd_generate(args) -> int:
     from slimm.generate import stream_generate
     from slimm.model.utils_vl import process_vision_info
 
-    model_dir = args.model or demo_model_dir()
+    onnx_like = args.backend == "onnx" or args.backend.endswith("-ort")
+    model_dir = args.model or (demo_export_dir() if onnx_like else demo_model_dir())
     kwargs = {"device": args.device}
     if args.backend == "torch":
         kwargs["dtype"] = args.dtype
+    if onnx_like:
+        kwargs.update(threads=args.threads, opt_level=args.opt_level)
     model = slimm.load(model_dir, backend=args.backend, **kwargs)
     if model.processor is None:
         raise InputError(f"{model_dir}: no tokenizer files, so a text prompt cannot be encoded")
@@ -113,6 +127,15 @@ def cmd_generate(args) -> int:
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
     print(f"[{args.backend}] prompt {inputs['input_ids'].shape[1]} tokens, {dt:.2f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from slimm.export import export_model
+
+    out = export_model(args.model or demo_model_dir(), args.out, precision=args.precision, opset=args.opset,
+                       max_seq_len=args.max_seq_len)  # fmt: skip
+    print(f"wrote {out}: {', '.join(f'SliMM_{p}.onnx' for p in 'ABCDEF')} + manifest.json")
     return 0
 
 
@@ -169,10 +192,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"prompt + answer tokens at most (MAX_SEQ_LENGTH, default {DEFAULT_MAX_SEQ_LEN})")  # fmt: skip
     g.add_argument("--stop-token", type=int, nargs="+", default=list(DEFAULT_STOP_TOKENS),
                    help="token ids that end the answer (STOP_TOKEN, default 151643 151645)")  # fmt: skip
-    g.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    g.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                   help="cpu (default), cuda, or auto: CUDA when the framework sees a GPU")  # fmt: skip
+    g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    g.add_argument("--opt-level", default="all", choices=["disable", "basic", "extended", "all"],
+                   help="ONNX Runtime graph optimisation level (default all)")  # fmt: skip
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="torch backend weights dtype (default float32)")  # fmt: skip
     g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser(
+        "export",
+        help="export a checkpoint to six ONNX parts (A-F) plus manifest.json",
+        description="Export a checkpoint to ONNX: SliMM_A token embedding, SliMM_B vision encoder, SliMM_C fusion, "
+        "SliMM_D M-RoPE, SliMM_E rotary, SliMM_F decoder with KV cache; plus manifest.json and the tokenizer, "
+        "chat template and preprocessor files, so the directory runs with onnxruntime alone.",
+    )
+    e.add_argument(
+        "--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)"
+    )
+    e.add_argument("--out", type=Path, required=True, help="export directory to write")
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16 stores weights in float16 (half the size), computing in float32")  # fmt: skip
+    e.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20; 18 or newer)")
+    e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
+                   help=f"KV cache capacity and longest prompt + answer (default {DEFAULT_MAX_SEQ_LEN})")  # fmt: skip
+    e.set_defaults(func=cmd_export)
 
     d = sub.add_parser(
         "demo-checkpoint",

@@ -20,6 +20,9 @@ from slimm.model.merger import build_merger, efficient_split_patches
 from slimm.model.vision import VisionTower
 from slimm.vision_index import vision_chunks, vision_host_inputs
 
+# transformers-style keywords callers pass along that this model does not need
+HF_ACCEPTED_KWARGS = {"mm_token_type_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
+                      "cache_position", "rope_deltas"}  # fmt: skip
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -267,8 +270,11 @@ class SliMMForConditionalGeneration(nn.Module):
         image_grid_thw=None,
         pixel_values_videos=None,
         video_grid_thw=None,
-        **unused,
+        **extra,
     ) -> CausalLMOutput:
+        unknown = set(extra) - HF_ACCEPTED_KWARGS
+        if unknown:
+            raise InputError(f"unknown model inputs: {', '.join(sorted(unknown))}")
         input_ids = torch.as_tensor(input_ids).to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

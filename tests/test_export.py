@@ -1,0 +1,266 @@
+"""ONNX export: each part against the PyTorch module it came from, the ONNX Runtime backend against
+the torch backend end to end, fixed decode shapes, and the errors for broken export directories."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from prompts import CASES, make_inputs, rel_err
+
+ort = pytest.importorskip("onnxruntime")
+
+from slimm.backends.onnx import OnnxBackend  # noqa: E402
+from slimm.backends.torch import TorchBackend  # noqa: E402
+from slimm.errors import CheckpointError, InputError  # noqa: E402
+from slimm.export import PartA, PartB, PartC, PartD, PartE, PartF, export_model  # noqa: E402
+from slimm.manifest import PARTS, part_file, read_manifest  # noqa: E402
+from slimm.vision_index import vision_host_inputs  # noqa: E402
+
+VARIANTS = ("plain", "v1", "midlayers", "efficient")
+
+
+@pytest.fixture(scope="session")
+def exported(demo_dir, tmp_path_factory):
+    """exported(variant, precision) -> export directory, written once per session."""
+    made = {}
+
+    def get(variant="plain", precision="fp32"):
+        key = (variant, precision)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"onnx-{variant}-{precision}")
+            made[key] = export_model(demo_dir(variant), out, precision=precision, max_seq_len=256, progress=False)
+        return made[key]
+
+    return get
+
+
+def session(export_dir, part):
+    return ort.InferenceSession(str(export_dir / part_file(part)), providers=["CPUExecutionProvider"])
+
+
+def test_export_directory_layout(exported):
+    d = exported("v1")
+    manifest = read_manifest(d)
+    datas = set()
+    for part in PARTS:
+        entry = manifest["parts"][part]
+        assert (d / entry["file"]).exists()
+        if entry["data"]:
+            assert entry["data"] == entry["file"] + ".data"  # each part its own data file
+            datas.add(entry["data"])
+        sess = session(d, part)
+        assert [i.name for i in sess.get_inputs()] == [t["name"] for t in entry["inputs"]]
+        assert [o.name for o in sess.get_outputs()] == [t["name"] for t in entry["outputs"]]
+    assert {"SliMM_A.onnx.data", "SliMM_F.onnx.data"} <= datas
+    for name in ("tokenizer.json", "chat_template.json", "preprocessor_config.json", "config.json"):
+        assert (d / name).exists()
+    assert manifest["tokenizer"] is True and manifest["max_seq_len"] == 256
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_part_b_matches_torch(exported, torch_model, variant):
+    """Vision encoder on several sizes, two images in one call (block-diagonal mask), a video."""
+    model = torch_model(variant)
+    cfg = model.config
+    sess = session(exported(variant), "B")
+    for grids in ([(1, 4, 6)], [(1, 8, 4)], [(1, 4, 6), (1, 6, 4)], [(2, 4, 4)]):
+        inputs = make_inputs(cfg, [[("image", g) for g in grids]], seed=len(grids))
+        pix, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+        host = vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, grid)
+        got = sess.run(None, {"pixel_values": pix, **host})
+        with torch.no_grad():
+            tokens, slices = model.visual.encode(torch.from_numpy(pix), grid)
+        assert rel_err(got[0], tokens.numpy()) < 1e-5, grids
+        if cfg.use_deepstack:
+            assert rel_err(got[1], slices.numpy()) < 1e-5, grids
+
+
+def test_parts_a_c_d_e_match_torch(exported, torch_model):
+    model = torch_model("plain")
+    d = exported("plain")
+    rng = np.random.default_rng(0)
+    hidden = model.config.text.hidden_size
+    for B, S in ((1, 5), (2, 13)):
+        ids = rng.integers(0, model.config.text.vocab_size, (B, S)).astype(np.int64)
+        with torch.no_grad():
+            ref = PartA(model)(torch.from_numpy(ids)).numpy()
+        assert rel_err(session(d, "A").run(None, {"input_ids": ids})[0], ref) < 1e-6
+        emb = rng.standard_normal((B, S, hidden)).astype(np.float32)
+        vis = rng.standard_normal((3, hidden)).astype(np.float32)
+        pos = np.array([0, 2, B * S - 1], np.int64)
+        ref = PartC()(*(torch.from_numpy(x) for x in (emb, vis, pos))).numpy()
+        got = session(d, "C").run(None, {"inputs_embeds": emb, "visual_embeds": vis, "visual_pos": pos})[0]
+        assert rel_err(got, ref) < 1e-6
+        pid = rng.integers(0, 300, (3, B, S)).astype(np.int64)
+        with torch.no_grad():
+            ref_d = PartD(model)(torch.from_numpy(pid))
+            ref_e = PartE(model)(torch.from_numpy(pid[0]))
+        for got, ref in zip(session(d, "D").run(None, {"position_ids": pid}), ref_d, strict=True):
+            assert rel_err(got, ref.numpy()) < 1e-5
+        for got, ref in zip(session(d, "E").run(None, {"position_ids": pid[0]}), ref_e, strict=True):
+            assert rel_err(got, ref.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("variant", ["plain", "v1"])
+def test_part_f_matches_torch(exported, torch_model, variant):
+    """Decoder with a half-filled cache, left padding, DeepStack slices, batch 2."""
+    model = torch_model(variant)
+    cfg = model.config
+    t = cfg.text
+    rng = np.random.default_rng(1)
+    B, S, T = 2, 6, 10
+    feeds = {
+        "inputs_embeds": rng.standard_normal((B, S, t.hidden_size)).astype(np.float32),
+        "cos": np.cos(rng.standard_normal((B, S, t.head_dim))).astype(np.float32),
+        "sin": np.sin(rng.standard_normal((B, S, t.head_dim))).astype(np.float32),
+        "past_mask": np.array([[1] * 4 + [0] * 6, [0, 1, 1, 1] + [0] * 6], np.int64),
+        "cur_mask": np.array([[1] * 6, [0, 0, 1, 1, 1, 1]], np.int64),
+    }
+    for kind in ("key", "value"):
+        for i in range(t.num_hidden_layers):
+            feeds[f"past_{kind}.{i}"] = rng.standard_normal((B, t.num_key_value_heads, T, t.head_dim)).astype(np.float32)
+    if cfg.use_deepstack:
+        feeds["deepstack"] = rng.standard_normal((4, 3, t.hidden_size)).astype(np.float32)
+        feeds["visual_pos"] = np.array([2, 3, 9], np.int64)
+    got = session(exported(variant), "F").run(None, feeds)
+    n = t.num_hidden_layers
+    args = [torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "cos", "sin", "past_mask", "cur_mask")]
+    args += [[torch.from_numpy(feeds[f"past_key.{i}"]) for i in range(n)],
+             [torch.from_numpy(feeds[f"past_value.{i}"]) for i in range(n)]]  # fmt: skip
+    if cfg.use_deepstack:
+        args += [torch.from_numpy(feeds["deepstack"]), torch.from_numpy(feeds["visual_pos"])]
+    with torch.no_grad():
+        ref = PartF(model)(*args)
+    assert rel_err(got[0], ref[0].numpy()) < 1e-5
+    np.testing.assert_array_equal(got[1], ref[1].numpy())
+    for g, r in zip(got[2:], ref[2:], strict=True):
+        assert rel_err(g, r.numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_onnx_backend_matches_torch_end_to_end(exported, torch_model, variant, case):
+    model = torch_model(variant)
+    inputs = make_inputs(model.config, CASES[case], seed=3)
+    kw = dict(max_new_tokens=32, output_logits=True, return_dict_in_generate=True, eos_token_id=[])
+    ref = TorchBackend(model).generate(**inputs, **kw)
+    got = OnnxBackend(exported(variant)).generate(**inputs, **kw)
+    np.testing.assert_array_equal(got.sequences, ref.sequences)
+    assert len(got.logits) == 32
+    assert max(rel_err(a, b) for a, b in zip(got.logits, ref.logits, strict=True)) < 1e-4
+
+
+def test_fp16_export_within_fp16_tolerance(exported, torch_model):
+    """fp16 stores weights in float16 (compute float32): logits within 1e-2 relative of torch fp32,
+    the error of rounding every weight to 11 significant bits."""
+    model = torch_model("v1")
+    d = exported("v1", "fp16")
+    assert (d / "SliMM_F.onnx.data").stat().st_size < 0.6 * (exported("v1") / "SliMM_F.onnx.data").stat().st_size
+    inputs = make_inputs(model.config, CASES["image"], seed=4)
+    kw = dict(max_new_tokens=8, output_logits=True, return_dict_in_generate=True, eos_token_id=[])
+    ref = TorchBackend(model).generate(**inputs, **kw)
+    got = OnnxBackend(d).generate(**inputs, **kw)
+    assert rel_err(got.logits[0], ref.logits[0]) < 1e-2
+
+
+def test_decode_step_shapes_never_change(exported, torch_model):
+    backend = OnnxBackend(exported("v1"))
+    shapes = []
+    real = backend.run_part
+
+    def spy(part, feeds):
+        if part == "F":
+            shapes.append({k: v.shape for k, v in feeds.items()})
+        return real(part, feeds)
+
+    backend.run_part = spy
+    inputs = make_inputs(torch_model("v1").config, CASES["batch2"], seed=5)
+    backend.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    assert len(shapes) == 6
+    assert all(s == shapes[1] for s in shapes[1:])  # every decode step: identical shapes
+    cap = shapes[0]["past_key.0"][2]
+    assert shapes[1]["past_key.0"][2] == cap and shapes[1]["inputs_embeds"][1] == 1
+
+
+def copy_export(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_part_file(exported, tmp_path):
+    d = copy_export(exported("plain"), tmp_path / "e")
+    (d / "SliMM_B.onnx").unlink()
+    with pytest.raises(CheckpointError, match="SliMM_B.onnx: part B"):
+        OnnxBackend(d)
+
+
+def test_missing_data_file(exported, tmp_path):
+    d = copy_export(exported("plain"), tmp_path / "e")
+    (d / "SliMM_F.onnx.data").unlink()
+    with pytest.raises(CheckpointError, match="SliMM_F.onnx.data"):
+        OnnxBackend(d)
+
+
+def test_part_from_another_export(exported, tmp_path):
+    d = copy_export(exported("plain"), tmp_path / "e")
+    other = exported("v1")
+    for name in ("SliMM_B.onnx", "SliMM_B.onnx.data"):
+        shutil.copy(other / name, d / name)
+    with pytest.raises(CheckpointError, match="another export"):
+        OnnxBackend(d)
+
+
+def test_manifest_that_does_not_match_parts(exported, tmp_path):
+    d = copy_export(exported("plain"), tmp_path / "e")
+    m = json.loads((d / "manifest.json").read_text())
+    m["parts"]["A"]["inputs"][0]["name"] = "token_ids"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="token_ids"):
+        OnnxBackend(d)
+    (d / "manifest.json").write_text("{")
+    with pytest.raises(CheckpointError, match="manifest.json: not valid JSON"):
+        OnnxBackend(d)
+
+
+def test_prompt_past_the_cache_length(exported, torch_model):
+    backend = OnnxBackend(exported("plain"))  # exported with max_seq_len 256
+    inputs = make_inputs(torch_model("plain").config, [[250]])
+    with pytest.raises(InputError, match="maximum sequence length 256"):
+        backend.generate(**inputs, max_new_tokens=8)
+
+
+def test_wrong_dtype_or_rank_names_part_and_input(exported):
+    backend = OnnxBackend(exported("plain"))
+    with pytest.raises(InputError, match="part A: input 'input_ids'"):
+        backend.run("A", {"input_ids": np.zeros((2, 3), np.float32)})
+    with pytest.raises(InputError, match="part E: input 'position_ids'"):
+        backend.run("E", {"position_ids": np.zeros((3,), np.int64)})
+    with pytest.raises(InputError, match="input_ids must be integer"):
+        backend.generate(input_ids=np.zeros((1, 4), np.float32))
+
+
+def test_checkpoint_without_tokenizer_exports_and_generates_from_ids(demo_dir, torch_model, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(demo_dir("plain"), ckpt)
+    for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json"):
+        (ckpt / name).unlink()
+    out = export_model(ckpt, tmp_path / "onnx", parts=PARTS, max_seq_len=64, progress=False)
+    assert read_manifest(out)["tokenizer"] is False
+    backend = OnnxBackend(out)
+    assert backend.processor is None
+    with pytest.raises(InputError, match="no tokenizer"):
+        backend.prepare("hi")
+    seq = backend.generate(input_ids=np.array([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
+    ref = TorchBackend(torch_model("plain")).generate(input_ids=np.array([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
+    np.testing.assert_array_equal(seq, ref)
+
+
+def test_generate_accepts_torch_tensors(exported, torch_model):
+    inputs = make_inputs(torch_model("plain").config, CASES["image"])
+    t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    out = OnnxBackend(exported("plain")).generate(**t_inputs, max_new_tokens=3, eos_token_id=[])
+    assert isinstance(out, torch.Tensor) and out.shape[1] == inputs["input_ids"].shape[1] + 3
