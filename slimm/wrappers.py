@@ -154,9 +154,11 @@ class InputSpec:
 def _castable(src: np.dtype, dst: np.dtype) -> bool:
     """Casts done silently: any width change within a kind, integers/bools to any number or bool.
     Float -> integer would truncate token ids or masks that went wrong upstream, so that is an error."""
-    if src.kind in "biu":
+    # ml_dtypes' bfloat16 (what np.asarray gives for a JAX bfloat16 array) is a float of kind "V".
+    kind = "f" if src.name == "bfloat16" else src.kind
+    if kind in "biu":
         return dst.kind in "biuf"
-    if src.kind == "f":
+    if kind == "f":
         return dst.kind == "f"
     return False
 

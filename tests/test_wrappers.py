@@ -97,17 +97,27 @@ class Framework:
     tensor: Callable[[np.ndarray], Any]  # NumPy -> this framework's tensor
     tensor_type: type
     to_np: Callable[[Any], np.ndarray]
+    bf16: Callable[[np.ndarray], Any]  # NumPy float32 -> a bfloat16 tensor
     int_out: np.dtype = np.dtype(np.int64)  # what an int64 model output becomes
 
 
 def _numpy() -> Framework:
-    return Framework("numpy", WRAPPERS["numpy"], np.array, np.ndarray, np.asarray)
+    def bf16(a):
+        ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes (NumPy's bfloat16) is not installed")
+        return a.astype(ml_dtypes.bfloat16)
+
+    return Framework("numpy", WRAPPERS["numpy"], np.array, np.ndarray, np.asarray, bf16)
 
 
 def _torch() -> Framework:
     torch = pytest.importorskip("torch", reason="PyTorch is not installed")
     return Framework(
-        "torch", WRAPPERS["torch"], lambda a: torch.from_numpy(a.copy()), torch.Tensor, lambda t: t.numpy()
+        "torch",
+        WRAPPERS["torch"],
+        lambda a: torch.from_numpy(a.copy()),
+        torch.Tensor,
+        lambda t: t.numpy(),
+        lambda a: torch.from_numpy(a).bfloat16(),
     )
 
 
@@ -116,7 +126,14 @@ def _mindspore() -> Framework:
     from slimm.wrappers import mindspore_startup
 
     ms = mindspore_startup()
-    return Framework("mindspore", WRAPPERS["mindspore"], ms.Tensor, ms.Tensor, lambda t: t.asnumpy())
+    return Framework(
+        "mindspore",
+        WRAPPERS["mindspore"],
+        ms.Tensor,
+        ms.Tensor,
+        lambda t: t.asnumpy(),
+        lambda a: ms.Tensor(a).astype(ms.bfloat16),
+    )
 
 
 def _paddle() -> Framework:
@@ -125,7 +142,14 @@ def _paddle() -> Framework:
     if importlib.util.find_spec("mindspore") is not None:
         importlib.import_module("mindspore")
     paddle = pytest.importorskip("paddle", reason="PaddlePaddle is not installed")
-    return Framework("paddle", WRAPPERS["paddle"], paddle.to_tensor, paddle.Tensor, lambda t: t.numpy())
+    return Framework(
+        "paddle",
+        WRAPPERS["paddle"],
+        paddle.to_tensor,
+        paddle.Tensor,
+        lambda t: t.numpy(),
+        lambda a: paddle.to_tensor(a).astype("bfloat16"),
+    )
 
 
 def _jax() -> Framework:
@@ -138,6 +162,7 @@ def _jax() -> Framework:
         jnp.asarray,
         jax.Array,
         np.asarray,
+        lambda a: jnp.asarray(a, jnp.bfloat16),
         int_out=np.dtype(jax.dtypes.canonicalize_dtype(np.int64)),  # int32 unless jax_enable_x64
     )
 
@@ -200,6 +225,9 @@ def test_dtypes_are_converted(fw, models):
     out = fw.to_np(out)
     assert out.dtype == np.float16
     np.testing.assert_array_equal(out, np.where(mask.astype(bool), a, 0).astype(np.float16))
+
+    # bfloat16 has no NumPy dtype of its own (Paddle's .numpy() even hands back the bits as uint16).
+    np.testing.assert_allclose(fw.to_np(w(fw.bf16(X), fw.tensor(IDS))), expected_mix(X, IDS), rtol=1e-6)
 
     # Float -> int would hide a bug upstream (token ids as floats): an error naming the input.
     with pytest.raises(InputError, match=r"mix\.onnx: input 'ids' expects int64.*got float32"):
