@@ -78,7 +78,7 @@ def mindspore_startup(launch_blocking: bool = False) -> ModuleType:
     the failure, but leaves the ImportError set, and that one op call raises
     `SystemError: ... returned a result with an exception set`. Later calls work, except that NumPy
     scalars and 0-d arrays are no longer accepted as op arguments (pass Python ints/floats or Tensors).
-    NumPy 2 rejects the 1.x ABI by design and jax needs NumPy 2, so the cause cannot be removed from
+    NumPy 2 rejects the 1.x ABI by design and jax/jaxlib 0.10 require NumPy>=2, so the cause cannot be removed from
     outside: we trigger the failure here, check it is exactly that one, and check that the retry works.
 
     `launch_blocking=True` also makes eager (PyNative) ops synchronous: on CPU a small op read back
@@ -126,6 +126,9 @@ def _take_numpy_init_failure(ms: ModuleType) -> None:
         if not (isinstance(cause, ImportError) and "numpy" in str(cause).lower()):
             sys.stderr.write(captured.getvalue())
             raise
+    except BaseException:
+        sys.stderr.write(captured.getvalue())
+        raise
     out = probe()  # must work now; if it does not, that error is real and propagates
     if tuple(out.shape) != (1, 1) or int(out.asnumpy()[0, 0]) != 7:
         raise BackendUnavailable(
@@ -220,8 +223,8 @@ class ORTWrapper:
         try:
             session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=providers)
         except Exception as e:
-            # ONNX Runtime's own errors (bad protobuf, unsupported op...) do not say which file; the
-            # rest (MemoryError, KeyboardInterrupt is no Exception) go up unchanged.
+            # ONNX Runtime's own errors (bad protobuf, unsupported op...) do not always say which file;
+            # anything else (MemoryError...) goes up unchanged.
             if type(e).__module__.startswith("onnxruntime"):
                 raise CheckpointError(f"ONNX Runtime could not load {self.model_path}: {e}") from e
             raise
@@ -368,9 +371,10 @@ class ORTWrapper:
         path = Path(path)
         if not path.is_file():
             raise CheckpointError(f"wrapper file {path} does not exist")
+        size = path.stat().st_size
+        if size > _PKL_MAX_BYTES:
+            raise CheckpointError(f"{path} is {size} bytes; a saved wrapper is a few hundred")
         data = path.read_bytes()
-        if len(data) > _PKL_MAX_BYTES:
-            raise CheckpointError(f"{path} is {len(data)} bytes; a saved wrapper is a few hundred")
         try:
             state = _PlainUnpickler(io.BytesIO(data)).load()
         except (pickle.UnpicklingError, EOFError, ValueError) as e:
