@@ -205,7 +205,7 @@ class ORTWrapper:
         self._import_framework()
         if not self.model_path.is_file():
             raise CheckpointError(f"ONNX model {self.model_path} does not exist")
-        ort = importlib.import_module("onnxruntime")
+        ort = _require("onnxruntime", "onnxruntime", type(self).__name__)  # onnxruntime-gpu for CUDA
         providers = _pick_providers(ort, options["providers"], options["device"])
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(

@@ -15,9 +15,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
 from slimm.wrappers import (
@@ -27,6 +25,11 @@ from slimm.wrappers import (
     TorchWrapper,
     _take_numpy_init_failure,
 )
+
+# The wrappers exist to run ONNX models: without onnx (to build them) and onnxruntime there is nothing to test.
+onnx = pytest.importorskip("onnx", reason="onnx is not installed")
+pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+helper, numpy_helper, TensorProto = onnx.helper, onnx.numpy_helper, onnx.TensorProto
 
 W = (np.arange(12, dtype=np.float32).reshape(4, 3) / 4).astype(np.float32)
 E = (np.arange(30, dtype=np.float32).reshape(10, 3) - 5).astype(np.float32)
@@ -298,6 +301,7 @@ def test_pkl_of_a_deleted_model(fw, models, tmp_path):
 @pytest.mark.parametrize(
     "name, module, package",
     [
+        ("numpy", "onnxruntime", "onnxruntime"),
         ("torch", "torch", "torch"),
         ("mindspore", "mindspore", "mindspore"),
         ("paddle", "paddle", "paddlepaddle"),
