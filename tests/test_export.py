@@ -264,3 +264,20 @@ def test_generate_accepts_torch_tensors(exported, torch_model):
     t_inputs = {k: torch.from_numpy(v) for k, v in inputs.items()}
     out = OnnxBackend(exported("plain")).generate(**t_inputs, max_new_tokens=3, eos_token_id=[])
     assert isinstance(out, torch.Tensor) and out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+@pytest.mark.parametrize("wrapper, module", [("torch", "torch"), ("jax", "jax"), ("paddle", "paddle"),
+                                             ("mindspore", "mindspore")])  # fmt: skip
+def test_wrapper_backends_match_onnx(exported, torch_model, wrapper, module):
+    """`X-ort`: the same parts in ONNX Runtime, with framework X's tensors crossing the boundary."""
+    pytest.importorskip(module)
+    from slimm import load
+
+    inputs = make_inputs(torch_model("v1").config, CASES["batch2"], seed=6)
+    kw = dict(max_new_tokens=6, output_logits=True, return_dict_in_generate=True, eos_token_id=[])
+    ref = OnnxBackend(exported("v1")).generate(**inputs, **kw)
+    backend = load(exported("v1"), backend=f"{wrapper}-ort")
+    assert backend.name == f"{wrapper}-ort"
+    got = backend.generate(**inputs, **kw)
+    np.testing.assert_array_equal(got.sequences, ref.sequences)
+    assert max(rel_err(a, b) for a, b in zip(got.logits, ref.logits, strict=True)) < 1e-6
