@@ -31,7 +31,11 @@ def make_inputs(cfg: SliMMConfig, prompts, seed: int = 0) -> dict[str, np.ndarra
                 ids += rng.integers(100, 5000, item).tolist()
             else:
                 kind, g = item
-                ids += [cfg.vision_start_token_id] + [token[kind]] * (int(np.prod(g)) // 4) + [cfg.vision_end_token_id]
+                ids += (
+                    [cfg.vision_start_token_id]
+                    + [token[kind]] * (int(np.prod(g)) // 4)
+                    + [cfg.vision_end_token_id]
+                )
                 grids[kind].append(g)
         rows.append(ids + [IM_END, NL, IM_START, 77091, NL])
     S = max(len(r) for r in rows)
@@ -44,7 +48,10 @@ def make_inputs(cfg: SliMMConfig, prompts, seed: int = 0) -> dict[str, np.ndarra
     v = cfg.vision
     patch = v.patch_size * (2 if cfg.deepstack_type == "efficient" else 1)
     width = v.in_channels * v.temporal_patch_size * patch * patch
-    for kind, pix, grid in (("image", "pixel_values", "image_grid_thw"), ("video", "pixel_values_videos", "video_grid_thw")):
+    for kind, pix, grid in (
+        ("image", "pixel_values", "image_grid_thw"),
+        ("video", "pixel_values_videos", "video_grid_thw"),
+    ):
         if grids[kind]:
             n = sum(int(np.prod(g)) for g in grids[kind])
             out[pix] = rng.standard_normal((n, width)).astype(np.float32)

@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 from slimm.backends.onnx import OnnxBackend  # noqa: E402
 from slimm.backends.torch import TorchBackend  # noqa: E402
 from slimm.errors import CheckpointError, InputError  # noqa: E402
-from slimm.export import PartA, PartB, PartC, PartD, PartE, PartF, export_model  # noqa: E402
+from slimm.export import PartA, PartC, PartD, PartE, PartF, export_model  # noqa: E402
 from slimm.manifest import PARTS, part_file, read_manifest  # noqa: E402
 from slimm.vision_index import vision_host_inputs  # noqa: E402
 
@@ -32,7 +32,9 @@ def exported(demo_dir, tmp_path_factory):
         key = (variant, precision)
         if key not in made:
             out = tmp_path_factory.mktemp(f"onnx-{variant}-{precision}")
-            made[key] = export_model(demo_dir(variant), out, precision=precision, max_seq_len=256, progress=False)
+            made[key] = export_model(
+                demo_dir(variant), out, precision=precision, max_seq_len=256, progress=False
+            )
         return made[key]
 
     return get
@@ -122,7 +124,9 @@ def test_part_f_matches_torch(exported, torch_model, variant):
     }
     for kind in ("key", "value"):
         for i in range(t.num_hidden_layers):
-            feeds[f"past_{kind}.{i}"] = rng.standard_normal((B, t.num_key_value_heads, T, t.head_dim)).astype(np.float32)
+            feeds[f"past_{kind}.{i}"] = rng.standard_normal((B, t.num_key_value_heads, T, t.head_dim)).astype(
+                np.float32
+            )
     if cfg.use_deepstack:
         feeds["deepstack"] = rng.standard_normal((4, 3, t.hidden_size)).astype(np.float32)
         feeds["visual_pos"] = np.array([2, 3, 9], np.int64)
@@ -159,7 +163,9 @@ def test_fp16_export_within_fp16_tolerance(exported, torch_model):
     the error of rounding every weight to 11 significant bits."""
     model = torch_model("v1")
     d = exported("v1", "fp16")
-    assert (d / "SliMM_F.onnx.data").stat().st_size < 0.6 * (exported("v1") / "SliMM_F.onnx.data").stat().st_size
+    assert (d / "SliMM_F.onnx.data").stat().st_size < 0.6 * (
+        exported("v1") / "SliMM_F.onnx.data"
+    ).stat().st_size
     inputs = make_inputs(model.config, CASES["image"], seed=4)
     kw = dict(max_new_tokens=8, output_logits=True, return_dict_in_generate=True, eos_token_id=[])
     ref = TorchBackend(model).generate(**inputs, **kw)
@@ -255,7 +261,9 @@ def test_checkpoint_without_tokenizer_exports_and_generates_from_ids(demo_dir, t
     with pytest.raises(InputError, match="no tokenizer"):
         backend.prepare("hi")
     seq = backend.generate(input_ids=np.array([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
-    ref = TorchBackend(torch_model("plain")).generate(input_ids=np.array([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[])
+    ref = TorchBackend(torch_model("plain")).generate(
+        input_ids=np.array([[1, 2, 3]]), max_new_tokens=4, eos_token_id=[]
+    )
     np.testing.assert_array_equal(seq, ref)
 
 

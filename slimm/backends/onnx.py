@@ -129,7 +129,9 @@ class OnnxBackend(PartsBackend):
         if self.wrapper is None:
             return self.sessions[part].run(self.out_names[part], feeds)
         w = self.wrapped[part]
-        outs = w.run_dict(**{k: w.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in feeds.items()})
+        outs = w.run_dict(
+            **{k: w.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in feeds.items()}
+        )
         return [outs[n] for n in self.out_names[part]]
 
     def to_numpy(self, x):

@@ -1,0 +1,134 @@
+"""From a folded Program to Python source in a target framework's idiom.
+
+A target (one per framework) says how to read a run-time size, how to write a constant and a
+weight, and how to wrap the body into a module; its registry's handlers turn each runtime node
+into lines of code through an `Emitter`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from slimm.convert.graph import DIM_CALL, ConversionError, Node, Program, Sym, Value
+from slimm.convert.registry import Registry
+
+_DIM_RE = re.compile(rf"{DIM_CALL}\((\w+), (\d+)\)")
+
+
+class Target:
+    """What a framework contributes to code generation. Subclasses fill these in."""
+
+    name: str = ""
+    registry: Registry
+
+    def dim(self, var: str, axis: int) -> str:
+        """Code for size `axis` of runtime tensor `var`."""
+        raise NotImplementedError
+
+    def weight(self, var: str) -> str:
+        """Code for a stored weight."""
+        raise NotImplementedError
+
+    def constant(self, arr: np.ndarray) -> str:
+        """Code for a small static array used as a tensor."""
+        raise NotImplementedError
+
+    def sizes_tensor(self, codes: list[str], shape: tuple) -> str:
+        """Code for an int64 tensor built from run-time sizes (rare: most sizes stay Python ints)."""
+        raise NotImplementedError
+
+    def module(self, prog: Program, body: list[str], dim_lines: list[str]) -> str:
+        """The whole generated source file."""
+        raise NotImplementedError
+
+    def runner(self, module, weights: dict[str, np.ndarray]):
+        """An eager callable over NumPy arrays for an imported generated module: (*inputs) -> [outputs].
+        Used by per-op tests and `--validate`; deployment goes through the saved artifacts."""
+        raise NotImplementedError
+
+
+def np_literal(arr: np.ndarray) -> str:
+    """A NumPy expression that rebuilds a small numeric array exactly."""
+    arr = np.asarray(arr)
+    if arr.dtype == np.bool_:
+        return f"np.array({arr.tolist()!r}, dtype=np.bool_)"
+    if arr.dtype.kind == "f":
+        # repr of a Python float round-trips exactly; go through float64 and back
+        return f"np.array({arr.astype(np.float64).tolist()!r}, dtype=np.{arr.dtype.name})"
+    return f"np.array({arr.tolist()!r}, dtype=np.{arr.dtype.name})"
+
+
+class Emitter:
+    """Handlers write code through this: inputs as code, static values, outputs as assignments."""
+
+    def __init__(self, target: Target, prog: Program) -> None:
+        self.target = target
+        self.prog = prog
+        self.lines: list[str] = []
+        self.node: Node | None = None
+
+    # ---- reading inputs ---------------------------------------------------------------------------
+    def sym(self, x) -> str:
+        """Code for an int or a run-time size."""
+        code = x.code if isinstance(x, Sym) else str(int(x))
+        return _DIM_RE.sub(lambda m: self.target.dim(m.group(1), int(m.group(2))), code)
+
+    def t(self, v: Value | None) -> str:
+        """Code for an input as a tensor (runtime variable, weight, or constant)."""
+        if v is None:
+            raise self.error("a required input is missing")
+        if v.weight:
+            return self.target.weight(v.var)
+        if v.var is not None and not v.is_static:
+            return v.var
+        arr = v.static
+        if arr.dtype == object:  # sizes known only at run time, used as a tensor
+            return self.target.sizes_tensor([self.sym(x) for x in arr.reshape(-1)], arr.shape)
+        return self.target.constant(arr)
+
+    def static(self, v: Value | None, what: str) -> np.ndarray:
+        if v is None or not v.is_static:
+            raise self.error(f"{what} must be known at conversion time (it is computed at run time here)")
+        return v.static
+
+    def ints(self, v: Value | None, what: str) -> list:
+        """A static int vector, entries ints or Syms."""
+        return [x if isinstance(x, Sym) else int(x) for x in self.static(v, what).reshape(-1)]
+
+    def shape_code(self, dims: list) -> str:
+        return "(" + "".join(self.sym(d) + ", " for d in dims) + ")"
+
+    def has(self, i: int) -> bool:
+        return len(self.node.inputs) > i and self.node.inputs[i] is not None
+
+    # ---- writing outputs --------------------------------------------------------------------------
+    def out(self, expr: str, i: int = 0) -> None:
+        self.lines.append(f"{self.node.outputs[i].var} = {expr}")
+
+    def outs(self, expr: str) -> None:
+        targets = ", ".join(o.var for o in self.node.outputs)
+        self.lines.append(f"{targets}, = {expr}" if len(self.node.outputs) == 1 else f"{targets} = {expr}")
+
+    def line(self, code: str) -> None:
+        self.lines.append(code)
+
+    def error(self, msg: str) -> ConversionError:
+        n = self.node
+        return ConversionError(f"{self.target.name}: {n.op} node {n.name!r} (opset {self.prog.opset}): {msg}")
+
+
+def generate(target: Target, prog: Program) -> str:
+    """Source code of the module for `prog` in `target`'s framework."""
+    em = Emitter(target, prog)
+    for node in prog.nodes:
+        handler = target.registry.lookup(node.op, prog.opset, node.name)
+        em.node = node
+        em.lines.append(f"# {node.op} {node.name}")
+        handler(em, node)
+    for v in prog.outputs:  # outputs that folded to constants
+        if v.is_static:
+            em.lines.append(f"{v.var} = {em.t(Value(v.name, static=v.static))}")
+    dim_lines = [f"{d} = {target.dim(var, axis)}" for d, (var, axis) in prog.dims.items()]
+    return target.module(prog, em.lines, dim_lines)

@@ -1,0 +1,272 @@
+"""The converter's front end: an ONNX part -> a straight-line program over runtime tensors.
+
+Shape arithmetic (Shape, Gather on shapes, Concat of dims, Reshape/Expand targets, Slice and Range
+bounds ...) is folded here, at conversion time, into Python ints and symbolic dims (`Sym`: code
+that reads a dimension of a runtime tensor). What remains are runtime nodes, each dispatched to a
+framework's handler through the registry. Framework arrays never carry shape arithmetic, which is
+what breaks `jax.jit` / `jax.export` and static-graph Paddle / MindSpore.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slimm.errors import CheckpointError
+
+
+class ConversionError(CheckpointError):
+    """An ONNX graph that this converter cannot translate (op, opset, node named)."""
+
+
+class Sym:
+    """An integer known only at run time, as a code expression (e.g. `d0_1` or `(d0_1 * 4)`)."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: str) -> None:
+        self.code = code
+
+    def __repr__(self) -> str:
+        return f"Sym({self.code})"
+
+    @staticmethod
+    def _code(x) -> str:
+        return x.code if isinstance(x, Sym) else str(int(x))
+
+    def _bin(self, other, op: str, rev: bool = False) -> Sym:
+        a, b = (self._code(other), self.code) if rev else (self.code, self._code(other))
+        return Sym(f"({a} {op} {b})")
+
+    def __add__(self, o):
+        return self if (not isinstance(o, Sym) and int(o) == 0) else self._bin(o, "+")
+
+    def __radd__(self, o):
+        return self if int(o) == 0 else self._bin(o, "+", True)
+
+    def __sub__(self, o):
+        return self if (not isinstance(o, Sym) and int(o) == 0) else self._bin(o, "-")
+
+    def __rsub__(self, o):
+        return self._bin(o, "-", True)
+
+    def __mul__(self, o):
+        return self if (not isinstance(o, Sym) and int(o) == 1) else self._bin(o, "*")
+
+    def __rmul__(self, o):
+        return self if int(o) == 1 else self._bin(o, "*", True)
+
+    def __floordiv__(self, o):
+        return self if (not isinstance(o, Sym) and int(o) == 1) else self._bin(o, "//")
+
+    def __rfloordiv__(self, o):
+        return self._bin(o, "//", True)
+
+    def __neg__(self):
+        return Sym(f"(-{self.code})")
+
+    def __eq__(self, o):  # identity of expressions only; anything else is undecidable here
+        if isinstance(o, Sym) and o.code == self.code:
+            return True
+        raise FoldError(f"cannot compare run-time size {self.code} with {o!r} at conversion time")
+
+    def __hash__(self) -> int:
+        return hash(self.code)
+
+    def __int__(self):
+        raise FoldError(f"run-time size {self.code} used where a constant is needed")
+
+    __index__ = __int__
+
+
+class FoldError(Exception):
+    """A node cannot be evaluated at conversion time: it stays a runtime node."""
+
+
+@dataclass
+class Value:
+    """An ONNX value: static (np array, maybe of Syms) or a runtime tensor held in a variable."""
+
+    name: str
+    var: str | None = None  # code variable of a runtime tensor
+    static: np.ndarray | None = None
+    dtype: str | None = None  # numpy dtype name of a runtime tensor
+    shape: tuple | None = None  # ints and Syms
+    weight: bool = False  # a runtime tensor that is a stored weight
+
+    @property
+    def is_static(self) -> bool:
+        return self.static is not None
+
+
+@dataclass
+class Node:
+    op: str
+    name: str
+    inputs: list[Value | None]
+    outputs: list[Value]
+    attrs: dict[str, Any]
+
+
+@dataclass
+class Program:
+    """What a target emits code for: inputs, weights, runtime nodes in order, outputs."""
+
+    name: str
+    opset: int
+    inputs: list[Value]
+    outputs: list[Value]
+    weights: dict[str, np.ndarray]  # var -> array
+    nodes: list[Node]
+    dims: dict[str, tuple[str, int]] = field(default_factory=dict)  # dim variable -> (input var, axis)
+
+
+ONNX_TO_NP = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+              11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}  # fmt: skip
+WEIGHT_MIN_ELEMENTS = 64  # float constants at least this large are stored weights, smaller ones inlined
+
+
+def attributes(node) -> dict[str, Any]:
+    from onnx import helper, numpy_helper
+
+    out = {}
+    for a in node.attribute:
+        v = helper.get_attribute_value(a)
+        if a.type == a.TENSOR:
+            v = numpy_helper.to_array(v)
+        elif isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, list) and v and isinstance(v[0], bytes):
+            v = [x.decode() for x in v]
+        out[a.name] = v
+    return out
+
+
+def safe_var(name: str, taken: set[str]) -> str:
+    base = "v_" + "".join(c if c.isalnum() else "_" for c in name)
+    var, i = base, 1
+    while var in taken:
+        i += 1
+        var = f"{base}_{i}"
+    taken.add(var)
+    return var
+
+
+def load_program(path: str | Path, name: str | None = None) -> Program:
+    """Read an ONNX file (with its external data) and fold everything static."""
+    import onnx
+    from onnx import numpy_helper
+
+    from slimm.convert.fold import fold_node
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf and file errors of several kinds
+        raise ConversionError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"{path}: ONNX shape inference failed ({e})") from None
+    g = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None:
+        raise ConversionError(f"{path}: no default-domain opset import")
+    for o in model.opset_import:
+        if o.domain not in ("", "ai.onnx"):
+            raise ConversionError(f"{path}: ops of domain {o.domain!r} are not supported")
+
+    taken: set[str] = set()
+    values: dict[str, Value] = {}
+    shapes = {}
+    for vi in list(g.value_info) + list(g.input) + list(g.output):
+        t = vi.type.tensor_type
+        if t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+    prog = Program(name or path.stem, opset, [], [], {}, [])
+    init_names = {i.name for i in g.initializer}
+    for inp in g.input:
+        if inp.name in init_names:
+            continue
+        var = safe_var(inp.name, taken)
+        t = inp.type.tensor_type
+        dims = []
+        for axis, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            else:
+                dvar = f"d_{var[2:]}_{axis}"
+                prog.dims[dvar] = (var, axis)
+                dims.append(Sym(dvar))
+        v = Value(inp.name, var=var, dtype=ONNX_TO_NP[t.elem_type], shape=tuple(dims))
+        values[inp.name] = v
+        prog.inputs.append(v)
+    for init in g.initializer:
+        arr = numpy_helper.to_array(init)
+        values[init.name] = _constant(init.name, arr, prog, taken)
+
+    for node in g.node:
+        ins = [values.get(n) if n else None for n in node.input]
+        for n, v in zip(node.input, ins, strict=True):
+            if n and v is None:
+                raise ConversionError(
+                    f"{path}: node {node.name or node.op_type} reads {n!r}, which nothing produces"
+                )
+        attrs = attributes(node)
+        if node.op_type == "Constant":
+            arr = next(iter(attrs.values()))
+            values[node.output[0]] = _constant(node.output[0], np.asarray(arr), prog, taken)
+            continue
+        outs = None
+        if all(v is None or v.is_static for v in ins):
+            try:
+                outs = fold_node(node.op_type, ins, attrs, [shapes.get(o) for o in node.output])
+            except FoldError:
+                outs = None
+        elif node.op_type == "Shape":
+            outs = [fold_shape(ins[0], attrs)]
+        if outs is not None:
+            for o, arr in zip(node.output, outs, strict=True):
+                values[o] = Value(o, static=np.asarray(arr) if not isinstance(arr, np.ndarray) else arr)
+            continue
+        out_vals = []
+        for o in node.output:
+            v = Value(o, var=safe_var(o, taken))
+            if o in shapes and shapes[o] is not None:
+                v.shape = tuple(shapes[o])
+            values[o] = v
+            out_vals.append(v)
+        prog.nodes.append(
+            Node(node.op_type, node.name or f"{node.op_type}_{len(prog.nodes)}", ins, out_vals, attrs)
+        )
+    for out in g.output:
+        v = values[out.name]
+        if v.is_static:  # an output that folded away still has to come out as a tensor
+            v = Value(out.name, var=safe_var(out.name, taken), static=v.static)
+        prog.outputs.append(v)
+    return prog
+
+
+def _constant(name: str, arr: np.ndarray, prog: Program, taken: set[str]) -> Value:
+    if arr.dtype.kind == "f" and arr.size >= WEIGHT_MIN_ELEMENTS:
+        var = safe_var(name, taken)
+        prog.weights[var] = arr
+        return Value(name, var=var, dtype=str(arr.dtype), shape=arr.shape, weight=True)
+    return Value(name, static=arr)
+
+
+DIM_CALL = "__dim__"  # __dim__(var, axis): a target replaces it with its own way to read a size
+
+
+def fold_shape(x: Value, attrs: dict) -> np.ndarray:
+    if x.shape is None:
+        raise ConversionError(f"Shape of {x.name!r}: its rank is unknown at conversion time")
+    dims = np.empty(len(x.shape), dtype=object)
+    for axis, d in enumerate(x.shape):
+        dims[axis] = Sym(f"{DIM_CALL}({x.var}, {axis})") if d is None else d
+    start, end = attrs.get("start", 0), attrs.get("end", None)
+    return dims[start:end]
