@@ -96,10 +96,8 @@ def _split(e, node):
         sizes = e.ints(node.inputs[1], "Split sizes")
     else:
         total = _dims(e, x)[axis]
-        if isinstance(total, Sym):
-            raise e.error("Split into equal parts of a run-time size is not supported")
-        chunk = -(-total // n)
-        sizes = [min(chunk, total - i * chunk) for i in range(n)]
+        chunk = -(-total // n)  # ceil: every part but the last has this size
+        sizes = [chunk] * (n - 1) + [total - (n - 1) * chunk]
     start = 0
     for i, size in enumerate(sizes):
         idx = [":"] * rank
