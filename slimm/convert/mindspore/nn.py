@@ -1,0 +1,74 @@
+"""Linear algebra and neural-network ops for MindSpore."""
+
+from __future__ import annotations
+
+from slimm.convert.mindspore import REGISTRY as R
+
+
+@R.register("MatMul", since=13)
+def _matmul(e, node):
+    e.out(f"ops.matmul({e.t(node.inputs[0])}, {e.t(node.inputs[1])})")
+
+
+@R.register("Gemm", since=13)
+def _gemm(e, node):
+    a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
+    if node.attrs.get("transA", 0):
+        a = f"ops.transpose({a}, (1, 0))"
+    if node.attrs.get("transB", 0):
+        b = f"ops.transpose({b}, (1, 0))"
+    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
+    expr = f"ops.matmul({a}, {b})"
+    if alpha != 1.0:
+        expr = f"({expr} * {alpha!r})"
+    if e.has(2):
+        c = e.t(node.inputs[2])
+        expr = f"({expr} + {c})" if beta == 1.0 else f"({expr} + {beta!r} * {c})"
+    e.out(expr)
+
+
+@R.register("Softmax", since=13)
+def _softmax(e, node):
+    e.out(f"ops.softmax({e.t(node.inputs[0])}, {node.attrs.get('axis', -1)})")
+
+
+@R.register("LayerNormalization", since=17)
+def _layer_norm(e, node):
+    # ops.LayerNorm (the primitive): the functional ops.layer_norm has no CPU kernel. Statistics and the
+    # affine part in float32, then back to the input's type.
+    x = e.t(node.inputs[0])
+    axis = node.attrs.get("axis", -1)
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    if node.inputs[0].shape is None:
+        raise e.error("the rank of the input is unknown at conversion time")
+    rank = len(node.inputs[0].shape)
+    axis = axis + rank if axis < 0 else axis
+    g = f"ops.cast({e.t(node.inputs[1])}, mindspore.float32)"
+    b = f"ops.cast({e.t(node.inputs[2])}, mindspore.float32)" if e.has(2) else f"ops.zeros_like({g})"
+    e.line(f"_y, _m, _v = ops.LayerNorm({axis}, {axis}, {eps!r})(ops.cast({x}, mindspore.float32), {g}, {b})")
+    e.out(f"ops.cast(_y, {x}.dtype)", 0)
+    if len(node.outputs) > 1:
+        e.out("_m", 1)
+    if len(node.outputs) > 2:
+        e.out(f"ops.rsqrt(_v + {eps!r})", 2)
+
+
+@R.register("Conv", since=11)
+def _conv(e, node):
+    x, w = node.inputs[0], node.inputs[1]
+    n_sp = len(w.shape) - 2
+    if n_sp not in (2, 3):
+        raise e.error(f"{n_sp}-D convolution is not supported (2-D and 3-D are)")
+    strides = tuple(node.attrs.get("strides", [1] * n_sp))
+    dil = tuple(node.attrs.get("dilations", [1] * n_sp))
+    pads = node.attrs.get("pads", [0] * (2 * n_sp))
+    if node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise e.error(f"auto_pad {node.attrs['auto_pad']!r} is not supported")
+    xc = e.t(x)
+    if any(pads):
+        # ONNX pads are (begin..., end...) per spatial axis; ops.pad wants (last begin, last end, ...)
+        pad = tuple(p for i in reversed(range(n_sp)) for p in (pads[i], pads[i + n_sp]))
+        xc = f"ops.pad({xc}, {pad!r})"
+    fn = "ops.conv2d" if n_sp == 2 else "ops.conv3d"
+    bias = e.t(node.inputs[2]) if e.has(2) else "None"
+    e.out(f"{fn}({xc}, {e.t(w)}, {bias}, {strides!r}, 'valid', 0, {dil!r}, {node.attrs.get('group', 1)})")
