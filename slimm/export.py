@@ -152,15 +152,17 @@ def example_inputs(cfg: SliMMConfig, part: str, dtype: torch.dtype) -> tuple:
 
 
 def dynamic_shapes(part: str, ins: list[Tensor], n_layers: int) -> tuple:
-    """torch.export dynamic shapes, positional like the part's forward; one Dim object per name."""
+    """torch.export dynamic shapes, positional like the part's forward; one Dim object per name,
+    and `k*name` dims as derived dims (so the ONNX graph records the relation too)."""
     dims: dict[str, torch.export.Dim] = {}
 
+    def dim(text: str):
+        k, _, name = text.rpartition("*")
+        base = dims.setdefault(name, torch.export.Dim(name))
+        return int(k) * base if k else base
+
     def spec(tensor: Tensor) -> dict:
-        out = {}
-        for i, dim in enumerate(tensor.dims):
-            if isinstance(dim, str):
-                out[i] = dims.setdefault(dim, torch.export.Dim(dim.replace(" ", "_")))
-        return out
+        return {i: dim(d) for i, d in enumerate(tensor.dims) if isinstance(d, str)}
 
     specs = [spec(t) for t in ins]
     if part == "F":

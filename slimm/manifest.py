@@ -51,27 +51,26 @@ def io_spec(cfg: SliMMConfig, part: str, float_type: str) -> tuple[list[Tensor],
             Tensor("inputs_embeds", f, ["batch", "seq", d], "token embeddings")
         ]
     if part == "B":
+        # sizes are multiples of the merged-token count, so compilers that check shapes
+        # symbolically (jax.export) can prove every reshape: rows = 4 L, tower patches = 4 L or 16 L
         scale = 2 if cfg.deepstack_type == "efficient" else 1
+        patches = "16*tokens" if scale == 2 else "4*tokens"
         row = v.in_channels * v.temporal_patch_size * (scale * v.patch_size) ** 2
         ins = [
-            Tensor("pixel_values", "float32", ["rows", row], "patch rows from the image processor"),
-            Tensor(
-                "rotary_ids", "int64", ["patches", 2], "(row, col) of each tower patch, merge-window order"
-            ),
-            Tensor(
-                "frame_ids", "int64", ["patches"], "frame of each tower patch: attention stays within one"
-            ),
+            Tensor("pixel_values", "float32", ["4*tokens", row], "patch rows from the image processor"),
+            Tensor("rotary_ids", "int64", [patches, 2], "(row, col) of each tower patch, merge-window order"),
+            Tensor("frame_ids", "int64", [patches], "frame of each tower patch: attention stays within one"),
         ]
         if cfg.deepstack_type == "efficient":
             ins += [
-                Tensor("pixel_index", "int64", ["rows"], "processor rows back to raster order"),
+                Tensor("pixel_index", "int64", ["4*tokens"], "processor rows back to raster order"),
                 Tensor(
-                    "coarse_index", "int64", ["windows"], "merge windows grouped 2x2 for the coarse tokens"
+                    "coarse_index", "int64", ["4*tokens"], "merge windows grouped 2x2 for the coarse tokens"
                 ),
             ]
-        outs = [Tensor("visual_embeds", f, ["visual_tokens", d], "visual tokens for the LLM sequence")]
+        outs = [Tensor("visual_embeds", f, ["tokens", d], "visual tokens for the LLM sequence")]
         if cfg.use_deepstack:
-            outs.append(Tensor("deepstack", f, [cfg.num_deepstack, "visual_tokens", d], "DeepStack slices"))
+            outs.append(Tensor("deepstack", f, [cfg.num_deepstack, "tokens", d], "DeepStack slices"))
         return ins, outs
     if part == "C":
         return [
