@@ -48,6 +48,17 @@ def demo_export_dir(variant: str = "plain", size: str = "tiny") -> Path:
     return path
 
 
+def demo_converted_dir(target: str, variant: str = "plain", size: str = "tiny") -> Path:
+    """The demo export converted to `target`, written once into the cache directory."""
+    from slimm.convert.convert import convert_export
+
+    path = cache_dir() / f"demo-{size}-{variant}-{target}"
+    if not (path / "manifest.json").exists():
+        print(f"converting the demo export to {target} in {path} ...", file=sys.stderr)
+        convert_export(demo_export_dir(variant, size), target, path)
+    return path
+
+
 def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
@@ -90,7 +101,12 @@ def cmd_generate(args) -> int:
     from slimm.model.utils_vl import process_vision_info
 
     onnx_like = args.backend == "onnx" or args.backend.endswith("-ort")
-    model_dir = args.model or (demo_export_dir() if onnx_like else demo_model_dir())
+    if args.model:
+        model_dir = args.model
+    elif args.backend == "torch":
+        model_dir = demo_model_dir()
+    else:
+        model_dir = demo_export_dir() if onnx_like else demo_converted_dir(args.backend)
     kwargs = {"device": args.device}
     if args.backend == "torch":
         kwargs["dtype"] = args.dtype
@@ -136,6 +152,25 @@ def cmd_export(args) -> int:
     out = export_model(args.model or demo_model_dir(), args.out, precision=args.precision, opset=args.opset,
                        max_seq_len=args.max_seq_len)  # fmt: skip
     print(f"wrote {out}: {', '.join(f'SliMM_{p}.onnx' for p in 'ABCDEF')} + manifest.json")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from slimm.convert import TARGETS
+    from slimm.convert.convert import convert_export
+
+    targets = list(TARGETS) if args.to == "all" else [args.to]
+    for target in targets:
+        out = args.out / target if args.to == "all" else args.out
+        convert_export(args.export_dir, target, out, validate=args.validate)
+        print(f"wrote {out} ({target})")
+    return 0
+
+
+def cmd_operators(args) -> int:
+    from slimm.convert.optable import operators_markdown
+
+    sys.stdout.write(operators_markdown())
     return 0
 
 
@@ -218,6 +253,30 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help=f"KV cache capacity and longest prompt + answer (default {DEFAULT_MAX_SEQ_LEN})")  # fmt: skip
     e.set_defaults(func=cmd_export)
+
+    c = sub.add_parser(
+        "convert",
+        help="convert an export directory to native JAX / PaddlePaddle / MindSpore models",
+        description="Convert the six ONNX parts of an export directory into each framework's own code and "
+        "deployable format (JAX: jax.export StableHLO; Paddle: paddle.jit.save inference model; MindSpore: "
+        "MINDIR). The result runs with that framework alone: `slimm generate --backend jax --model OUT`.",
+    )
+    c.add_argument("export_dir", type=Path, help="directory written by `slimm export`")
+    c.add_argument("--to", required=True, choices=["jax", "paddle", "mindspore", "all"])
+    c.add_argument(
+        "--out", type=Path, required=True, help="directory to write (with --to all: one subdirectory each)"
+    )
+    c.add_argument("--validate", action="store_true",
+                   help="check every intermediate tensor against ONNX Runtime and name the first that diverges")  # fmt: skip
+    c.set_defaults(func=cmd_convert)
+
+    o = sub.add_parser(
+        "operators",
+        help="print the table of ONNX operators each conversion target supports (docs/operators.md)",
+        description="Print, as Markdown, the ONNX operators and opset versions each conversion target handles, "
+        "generated from the converter registries.",
+    )
+    o.set_defaults(func=cmd_operators)
 
     d = sub.add_parser(
         "demo-checkpoint",

@@ -14,6 +14,9 @@ from slimm.errors import BackendUnavailable, InputError
 BACKENDS: dict[str, tuple[str, str, str, dict]] = {
     "torch": ("slimm.backends.torch", "TorchBackend", "torch", {}),
     "onnx": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {}),
+    "jax": ("slimm.backends.native", "JaxBackend", "jax", {}),
+    "paddle": ("slimm.backends.native", "PaddleBackend", "paddlepaddle", {}),
+    "mindspore": ("slimm.backends.native", "MindSporeBackend", "mindspore", {}),
     "torch-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "torch"}),
     "jax-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "jax"}),
     "paddle-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "paddle"}),

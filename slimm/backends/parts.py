@@ -122,9 +122,11 @@ class PartsBackend(Backend):
     def empty_deepstack(self) -> dict[str, np.ndarray]:
         if not self.config.use_deepstack:
             return {}
+        # no visual tokens: one zero slice added at position 0 is an exact no-op, and keeps every
+        # size >= 1 (jax.export's symbolic sizes and some static-graph kernels reject empty tensors)
         d = self.config.text.hidden_size
-        return {"deepstack": np.zeros((self.config.num_deepstack, 0, d), self.float),
-                "visual_pos": np.zeros((0,), np.int64)}  # fmt: skip
+        return {"deepstack": np.zeros((self.config.num_deepstack, 1, d), self.float),
+                "visual_pos": np.zeros((1,), np.int64)}  # fmt: skip
 
     def prefill(self, inputs, capacity):
         cfg = self.config

@@ -28,12 +28,14 @@ def get_target(name: str):
     return importlib.import_module(TARGETS[name]).TARGET
 
 
-def generate_source(onnx_path: str | Path, target: str, name: str | None = None) -> tuple[str, Program]:
+def generate_source(
+    onnx_path: str | Path, target: str, name: str | None = None, trace: bool = False
+) -> tuple[str, Program]:
     """(module source, folded program) for one ONNX file."""
     from slimm.convert.codegen import generate
 
     prog = load_program(onnx_path, name)
-    return generate(get_target(target), prog), prog
+    return generate(get_target(target), prog, trace), prog
 
 
 def import_generated(path: str | Path, name: str | None = None) -> ModuleType:

@@ -43,6 +43,21 @@ class Target:
         """The whole generated source file."""
         raise NotImplementedError
 
+    symbolic_dims = False  # save() wants dim names ("batch", "4*tokens") rather than None
+
+    def save(self, module, weights: dict[str, np.ndarray], inputs: list, out_dir, name: str) -> list[str]:
+        """Write the deployable artifact of one part; returns the file names written.
+        `inputs`: (name, dtype name, dims) per input, dims ints and dynamic dims (None, or
+        names when `symbolic_dims`)."""
+        raise NotImplementedError
+
+    def load(self, out_dir, name: str, **options):
+        """Load a saved artifact: a callable (*inputs) -> list of outputs (framework arrays)."""
+        raise NotImplementedError
+
+    def to_numpy(self, x) -> np.ndarray:
+        return np.asarray(x)
+
     def runner(self, module, weights: dict[str, np.ndarray]):
         """An eager callable over NumPy arrays for an imported generated module: (*inputs) -> [outputs].
         Used by per-op tests and `--validate`; deployment goes through the saved artifacts."""
@@ -119,8 +134,9 @@ class Emitter:
         return ConversionError(f"{self.target.name}: {n.op} node {n.name!r} (opset {self.prog.opset}): {msg}")
 
 
-def generate(target: Target, prog: Program) -> str:
-    """Source code of the module for `prog` in `target`'s framework."""
+def generate(target: Target, prog: Program, trace: bool = False) -> str:
+    """Source code of the module for `prog` in `target`'s framework. With `trace`, the module also
+    returns every runtime node's outputs after the real outputs (for `--validate`)."""
     em = Emitter(target, prog)
     for node in prog.nodes:
         handler = target.registry.lookup(node.op, prog.opset, node.name)
@@ -131,4 +147,7 @@ def generate(target: Target, prog: Program) -> str:
         if v.is_static:
             em.lines.append(f"{v.var} = {em.t(Value(v.name, static=v.static))}")
     dim_lines = [f"{d} = {target.dim(var, axis)}" for d, (var, axis) in prog.dims.items()]
+    if trace:
+        extra = [o for n in prog.nodes for o in n.outputs if o.var not in {v.var for v in prog.outputs}]
+        prog = Program(prog.name, prog.opset, prog.inputs, prog.outputs + extra, prog.weights, prog.nodes, prog.dims)
     return target.module(prog, em.lines, dim_lines)

@@ -1,19 +1,67 @@
-"""ONNX -> JAX: generated `forward(params, *inputs)` functions, exported with jax.export."""
+"""ONNX -> JAX: generated `forward(params, *inputs)` functions, saved with jax.export as
+serialized StableHLO with symbolic shapes; weights beside it as safetensors (passed in, not baked)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from slimm.convert.codegen import Target, np_literal
 from slimm.convert.graph import Program
 from slimm.convert.registry import Registry
+from slimm.errors import CheckpointError
 
 REGISTRY = Registry("jax")
+
+
+def enable_x64() -> None:
+    """int64 indices and sizes stay int64 (without x64, JAX narrows them to int32 and INT64_MAX
+    slice ends wrap to -1). Float constants are typed explicitly, so float32 stays float32."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+
+
+class JaxPart:
+    """A deserialized part: jit-compiled once per distinct input shape (counted in `compilations`)."""
+
+    def __init__(self, out_dir: Path, name: str) -> None:
+        import jax
+        from jax import export
+        from safetensors.numpy import load_file
+
+        enable_x64()
+        blob, weights = out_dir / f"{name}.jaxexport", out_dir / f"{name}.safetensors"
+        for f in (blob, weights):
+            if not f.exists():
+                raise CheckpointError(f"{f}: file of converted part {name} is missing")
+        try:
+            self.exported = export.deserialize(bytearray(blob.read_bytes()))
+        except Exception as e:  # noqa: BLE001 - flatbuffer / version errors of several kinds
+            raise CheckpointError(
+                f"{blob}: not a readable jax.export artifact ({type(e).__name__}: {e})"
+            ) from None
+        try:
+            self.params = {k: jax.device_put(v) for k, v in load_file(str(weights)).items()}
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{weights}: unreadable weights ({type(e).__name__}: {e})") from None
+        self.fn = jax.jit(self.exported.call)
+        self.signatures: set = set()
+
+    @property
+    def compilations(self) -> int:
+        return len(self.signatures)
+
+    def __call__(self, *inputs):
+        self.signatures.add(tuple((tuple(x.shape), str(x.dtype)) for x in inputs))
+        return list(self.fn(self.params, *inputs))
 
 
 class JaxTarget(Target):
     name = "jax"
     registry = REGISTRY
+    symbolic_dims = True
 
     def dim(self, var: str, axis: int) -> str:
         return f"{var}.shape[{axis}]"
@@ -57,13 +105,31 @@ class JaxTarget(Target):
 
         return run
 
+    def save(self, module, weights, inputs, out_dir, name):
+        import jax
+        from jax import export
+        from safetensors.numpy import save_file
 
-def enable_x64() -> None:
-    """int64 indices and sizes stay int64 (without x64, JAX narrows them to int32 and INT64_MAX
-    slice ends wrap to -1). Float constants are typed explicitly, so float32 stays float32."""
-    import jax
+        enable_x64()
+        scope = export.SymbolicScope()  # one scope: a name means the same size in every input
+        specs = []
+        for _, dtype, dims in inputs:
+            shape = export.symbolic_shape(", ".join(str(d) for d in dims), scope=scope) if dims else ()
+            specs.append(jax.ShapeDtypeStruct(shape, np.dtype(dtype)))
+        pspec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in weights.items()}
+        exported = export.export(jax.jit(module.forward))(pspec, *specs)
+        out_dir = Path(out_dir)
+        (out_dir / f"{name}.jaxexport").write_bytes(exported.serialize())
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in weights.items()}, str(out_dir / f"{name}.safetensors")
+        )
+        return [f"{name}.jaxexport", f"{name}.safetensors"]
 
-    jax.config.update("jax_enable_x64", True)
+    def load(self, out_dir, name, **options) -> JaxPart:
+        return JaxPart(Path(out_dir), name)
+
+
+TARGET = JaxTarget()
 
 
 def _load_op_modules() -> None:
@@ -71,5 +137,3 @@ def _load_op_modules() -> None:
 
 
 _load_op_modules()
-
-TARGET = JaxTarget()
