@@ -57,7 +57,10 @@ class MindSporeTarget(Target):
         args = ", ".join(["self"] + [v.var for v in prog.inputs])
         outs = ", ".join(v.var for v in prog.outputs)
         used = sorted(set(_CONST_RE.findall("\n".join(body))))
-        init = [f"self.{w} = Parameter(Tensor(weights[{w!r}]), name={w!r}, requires_grad=False)" for w in prog.weights]
+        init = [
+            f"self.{w} = Parameter(Tensor(weights[{w!r}]), name={w!r}, requires_grad=False)"
+            for w in prog.weights
+        ]
         init += [f"self.{c} = Tensor({np_literal(self._consts[c])})" for c in used]
         self._consts.clear()
         lines = [
@@ -89,7 +92,9 @@ class MindSporeTarget(Target):
 
         return run
 
-    def save(self, module, weights: dict[str, np.ndarray], inputs: list[tuple], out_dir, name: str) -> list[str]:
+    def save(
+        self, module, weights: dict[str, np.ndarray], inputs: list[tuple], out_dir, name: str
+    ) -> list[str]:
         """Export the generated cell to `<out_dir>/<name>.mindir`; `inputs` are (name, dtype, dims) with
         None for dynamic dims. Returns the written file names, relative to out_dir."""
         ms = startup()
@@ -105,6 +110,7 @@ class MindSporeTarget(Target):
         written = _artifact_files(out_dir, name)
         if not written:
             raise CheckpointError(f"{out_dir / name}.mindir: MindSpore export wrote no file")
+        _usual_permissions(out_dir, written)
         return written
 
     def load(self, out_dir, name: str):
@@ -124,6 +130,15 @@ def _artifact_files(out_dir: Path, name: str) -> list[str]:
     if var_dir.is_dir():
         out += sorted(f"{var_dir.name}/{p.name}" for p in var_dir.iterdir())
     return out
+
+
+def _usual_permissions(out_dir: Path, files: list[str]) -> None:
+    """MindSpore writes its files owner-read-only (0400, and 0700 for the variables folder); a model
+    directory is read by other users and copied around like any other, so make them 0644 / 0755."""
+    for f in files:
+        (out_dir / f).chmod(0o644)
+        if "/" in f:
+            (out_dir / f).parent.chmod(0o755)
 
 
 def _remove(path: Path) -> None:

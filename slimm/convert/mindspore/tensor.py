@@ -139,7 +139,9 @@ def _expand(e, node):
     # let element-wise broadcasting decide at run time; `* 1` / `and True` keep every value bit-exact
     x_code = e.t(x)
     e.line(f"_one = ops.ones({e.shape_code(shape)}, {x_code}.dtype)")
-    e.out(f"(ops.logical_and({x_code}, _one) if {x_code}.dtype == mindspore.bool_ else ops.mul({x_code}, _one))")
+    e.out(
+        f"(ops.logical_and({x_code}, _one) if {x_code}.dtype == mindspore.bool_ else ops.mul({x_code}, _one))"
+    )
 
 
 def _fix_negative(e, idx: str, shape_of: str, k_code: str) -> str:
