@@ -113,9 +113,13 @@ class MindSporeTarget(Target):
         _usual_permissions(out_dir, written)
         return written
 
-    def load(self, out_dir, name: str):
-        """(*numpy inputs) -> [numpy outputs] over `<out_dir>/<name>.mindir`. Imports MindSpore only."""
+    def load(self, out_dir, name: str, **options):
+        """(*inputs) -> [numpy outputs] over `<out_dir>/<name>.mindir` (inputs NumPy arrays or MindSpore
+        tensors). Imports MindSpore and NumPy only. No options yet; any given are ignored, as in jax."""
         return load_mindir(Path(out_dir), name)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
 
 
 def _ms_name(np_name: str) -> str:
@@ -173,7 +177,7 @@ def load_mindir(out_dir: Path, name: str):
     cell.set_train(False)
 
     def run(*inputs):
-        out = cell(*(ms.Tensor(np.asarray(x, order="C")) for x in inputs))
+        out = cell(*(x if isinstance(x, ms.Tensor) else ms.Tensor(np.asarray(x, order="C")) for x in inputs))
         if not isinstance(out, (tuple, list)):
             out = (out,)
         return [o.asnumpy() for o in out]
