@@ -78,9 +78,12 @@ def validate_part(onnx_path: Path, target: str, manifest: dict, part: str, work:
     got = run(*[feeds[v.name] for v in prog.inputs])
 
     model = onnx.load(str(onnx_path))
-    names = [v.name for v in prog.outputs] + [
-        o.name for n in prog.nodes for o in n.outputs if o.name not in {v.name for v in prog.outputs}
+    out_names = {v.name for v in prog.outputs}
+    returned = [v.name for v in prog.outputs] + [
+        o.name for n in prog.nodes for o in n.outputs if o.name not in out_names
     ]
+    got = dict(zip(returned, got, strict=True))
+    names = [o.name for n in prog.nodes for o in n.outputs]  # compared in the order they are computed
     existing = {o.name for o in model.graph.output}
     for n in names:
         if n not in existing:
@@ -89,8 +92,8 @@ def validate_part(onnx_path: Path, target: str, manifest: dict, part: str, work:
     ref = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
     producer = {o.name: n for n in prog.nodes for o in n.outputs}
     worst = 0.0
-    for name, g in zip(names, got, strict=True):
-        r, g = ref[name], np.asarray(g)
+    for name in names:
+        r, g = ref[name], np.asarray(got[name])
         if g.shape != r.shape:
             node = producer.get(name)
             raise ConversionError(
