@@ -215,3 +215,159 @@ def test_generated_cell_holds_weights_as_parameters(converted):
     params = {p.name for p in cell.get_parameters()}
     assert params == set(prog.weights) and params
     assert "lambda" not in Path(out / "gen_F.py").read_text()  # graph mode parses the source
+
+
+# ---- every op through MINDIR: the per-op cases exported with every dim dynamic -----------------------
+def mindir_run(model, feeds: dict, tmp_path, shapes: list[dict] | None = None) -> list[list[np.ndarray]]:
+    """Convert an ONNX model, save it as MINDIR with all input dims dynamic, reload, run each feed set."""
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    src, prog = generate_source(path, "mindspore")
+    gen = tmp_path / "gen_m.py"
+    gen.write_text(src)
+    first = feeds if shapes is None else shapes[0]
+    inputs = [(v.name, first[v.name].dtype.name, [None] * first[v.name].ndim) for v in prog.inputs]
+    TARGET.save(import_generated(gen), prog.weights, inputs, tmp_path, "m")
+    run = TARGET.load(tmp_path, "m")
+    return [run(*(f[v.name] for v in prog.inputs)) for f in (shapes or [feeds])]
+
+
+def ort_run(model, feeds: dict) -> list[np.ndarray]:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+
+
+def _op_cases():
+    from test_convert_ops import CASES
+
+    return CASES
+
+
+@pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c.name)
+def test_op_case_through_mindir_with_dynamic_dims(case, tmp_path):
+    from test_convert_ops import compare
+
+    model = case.model()
+    (got,) = mindir_run(model, case.feeds(), tmp_path)
+    compare(got, ort_run(model, case.feeds()), f"mindir {case.name}")
+
+
+# ---- handler paths the one-node cases do not reach, at two shapes through MINDIR --------------------
+def graph(nodes, inputs, outputs, inits=()):
+    """A small opset-20 model; inputs/outputs as (name, numpy dtype, rank) with every dim dynamic."""
+    from onnx import helper, numpy_helper
+    from test_convert_ops import NP_TO_ONNX, OPSET
+
+    def vi(name, dtype, rank):
+        return helper.make_tensor_value_info(
+            name, NP_TO_ONNX[np.dtype(dtype).type], [f"{name}_{i}" for i in range(rank)]
+        )
+
+    g = helper.make_graph(
+        [helper.make_node(op, ins, outs, **attrs) for op, ins, outs, attrs in nodes],
+        "g",
+        [vi(*i) for i in inputs],
+        [vi(*o) for o in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+    m.ir_version = 9
+    return m
+
+
+def _r(*shape):
+    return np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def _ints(*shape, lo=-9, hi=9):
+    return np.random.default_rng(sum(shape)).integers(lo, hi, shape).astype(np.int64)
+
+
+PATH_CASES = {
+    # Div of intermediates: the dtype is known only to the graph compiler (int truncates, float divides)
+    "div-intermediate-int": (
+        graph([("Add", ["a", "b"], ["t"], {}), ("Div", ["t", "b"], ["y"], {})],
+              [("a", np.int64, 1), ("b", np.int64, 1)], [("y", np.int64, 1)]),
+        [{"a": _ints(5), "b": np.array([2, -3, 4, -5, 7], np.int64)},
+         {"a": _ints(8), "b": np.array([2, -3, 4, -5, 7, 3, -2, 9], np.int64)}],
+    ),
+    "div-intermediate-float": (
+        graph([("Add", ["a", "b"], ["t"], {}), ("Div", ["t", "b"], ["y"], {})],
+              [("a", np.float32, 2), ("b", np.float32, 2)], [("y", np.float32, 2)]),
+        [{"a": _r(2, 3), "b": _r(2, 3) + 3}, {"a": _r(4, 5), "b": _r(4, 5) + 3}],
+    ),
+    # a static negative index into an axis whose size is known only at run time
+    "gather-negative-static-index": (
+        graph([("Gather", ["x", "i"], ["y"], {"axis": 1})], [("x", np.float32, 3)], [("y", np.float32, 3)],
+              [("i", np.array([-1, 0, -2], np.int64))]),
+        [{"x": _r(2, 3, 4)}, {"x": _r(3, 7, 2)}],
+    ),
+    # run-time sizes used as a tensor (Shape -> Add): sizes_tensor
+    "sizes-as-tensor": (
+        graph([("Shape", ["x"], ["s"], {}), ("Add", ["s", "k"], ["y"], {})],
+              [("x", np.float32, 3), ("k", np.int64, 1)], [("y", np.int64, 1)]),
+        [{"x": _r(2, 3, 4), "k": _ints(3)}, {"x": _r(5, 1, 2), "k": _ints(3)}],
+    ),
+    # Expand with sizes known after Reshape (broadcast_to), and of a bool tensor with run-time sizes
+    "expand-known-dims": (
+        graph([("Reshape", ["x", "s"], ["r"], {}), ("Expand", ["r", "t"], ["y"], {})],
+              [("x", np.float32, 2)], [("y", np.float32, 3)],
+              [("s", np.array([3, 1], np.int64)), ("t", np.array([2, 1, 4], np.int64))]),
+        [{"x": _r(1, 3)}, {"x": _r(3, 1)}],
+    ),
+    "expand-bool-run-time-dims": (
+        graph([("Expand", ["x", "t"], ["y"], {})], [("x", np.bool_, 2)], [("y", np.bool_, 3)],
+              [("t", np.array([2, 1, 4], np.int64))]),
+        [{"x": _r(3, 1) > 0}, {"x": _r(5, 4) > 0}],
+    ),
+    # Range too long to fold into a constant: a run-time node with static float bounds
+    "range-float-unfolded": (
+        graph([("Range", ["a", "b", "c"], ["r"], {}), ("Add", ["r", "x"], ["y"], {})],
+              [("x", np.float32, 1)], [("y", np.float32, 1)],
+              [("a", np.array(0.5, np.float32)), ("b", np.array(2500.0, np.float32)),
+               ("c", np.array(0.5, np.float32))]),
+        [{"x": _r(1)}, {"x": _r(4999)}],
+    ),
+    "gathernd-scatternd-negative-indices": (
+        graph([("GatherND", ["x", "i"], ["g"], {}), ("ScatterND", ["x", "i", "g"], ["s"], {"reduction": "add"})],
+              [("x", np.float32, 3), ("i", np.int64, 2)], [("g", np.float32, 2), ("s", np.float32, 3)]),
+        [{"x": _r(4, 5, 3), "i": np.array([[0, -1], [-4, 2]], np.int64)},
+         {"x": _r(6, 2, 5), "i": np.array([[-1, 1], [2, -2], [0, 0]], np.int64)}],
+    ),
+    "layernorm-mean-and-inv-std": (
+        graph([("LayerNormalization", ["x", "g", "b"], ["y", "m", "r"], {"axis": -1, "epsilon": 1e-5})],
+              [("x", np.float32, 3)], [("y", np.float32, 3), ("m", np.float32, 3), ("r", np.float32, 3)],
+              [("g", _r(8)), ("b", _r(8))]),
+        [{"x": _r(2, 5, 8)}, {"x": _r(1, 3, 8)}],
+    ),
+    "argmax-last-index-ties": (
+        graph([("ArgMax", ["x"], ["y"], {"axis": 0, "keepdims": 0, "select_last_index": 1})],
+              [("x", np.float32, 2)], [("y", np.int64, 1)]),
+        [{"x": np.round(_r(6, 3))}, {"x": np.round(_r(9, 2))}],
+    ),
+    "max-three-inputs-and-pow-3": (
+        graph([("Max", ["a", "b", "c"], ["m"], {}), ("Pow", ["m", "p"], ["y"], {})],
+              [("a", np.float32, 2), ("b", np.float32, 2), ("c", np.float32, 2)], [("y", np.float32, 2)],
+              [("p", np.array(3.0, np.float32))]),
+        [{"a": _r(2, 3), "b": _r(2, 3) * 2, "c": _r(1, 3)}, {"a": _r(4, 1), "b": _r(4, 2), "c": _r(1, 2)}],
+    ),
+    "split-uneven-transpose-default-cumsum-both": (
+        graph([("Split", ["x"], ["p", "q", "r"], {"axis": 1, "num_outputs": 3}), ("Transpose", ["p"], ["t"], {}),
+               ("CumSum", ["r", "ax"], ["c"], {"exclusive": 1, "reverse": 1})],
+              [("x", np.float32, 2)], [("t", np.float32, 2), ("q", np.float32, 2), ("c", np.float32, 2)],
+              [("ax", np.array(1, np.int64))]),
+        [{"x": _r(2, 7)}, {"x": _r(3, 11)}],
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PATH_CASES))
+def test_handler_path_through_mindir_at_two_shapes(name, tmp_path):
+    from test_convert_ops import compare
+
+    model, feed_sets = PATH_CASES[name]
+    for k, got in enumerate(mindir_run(model, feed_sets[0], tmp_path, feed_sets)):
+        compare(got, ort_run(model, feed_sets[k]), f"mindir {name} shape {k}")

@@ -69,6 +69,12 @@ def _conv(e, node):
         # ONNX pads are (begin..., end...) per spatial axis; ops.pad wants (last begin, last end, ...)
         pad = tuple(p for i in reversed(range(n_sp)) for p in (pads[i], pads[i + n_sp]))
         xc = f"ops.pad({xc}, {pad!r})"
-    fn = "ops.conv2d" if n_sp == 2 else "ops.conv3d"
-    bias = e.t(node.inputs[2]) if e.has(2) else "None"
-    e.out(f"{fn}({xc}, {e.t(w)}, {bias}, {strides!r}, 'valid', 0, {dil!r}, {node.attrs.get('group', 1)})")
+    # the primitive, not ops.conv2d/conv3d: those check `in_channel % groups` in Python, which with a
+    # dynamic channel dim becomes a `raise` node that a reloaded MINDIR cannot infer
+    if not all(isinstance(d, int) for d in w.shape):
+        raise e.error("the weight's shape must be known at conversion time")
+    prim = "ops.Conv2D" if n_sp == 2 else "ops.Conv3D"
+    fmt = "NCHW" if n_sp == 2 else "NCDHW"
+    conv = (f"{prim}({w.shape[0]}, {tuple(w.shape[2:])!r}, 1, 'valid', 0, {strides!r}, {dil!r}, "
+            f"{node.attrs.get('group', 1)}, {fmt!r})({xc}, {e.t(w)})")  # fmt: skip
+    e.out(f"ops.bias_add({conv}, {e.t(node.inputs[2])})" if e.has(2) else conv)

@@ -201,15 +201,16 @@ def _scatter_nd(e, node):
 
 @R.register("Range", since=11)
 def _range(e, node):
-    args = []
-    for v in node.inputs:
-        if not v.is_static:
-            raise e.error("Range bounds must be known at conversion time (run-time sizes are fine)")
-        args.append(e.sym(v.static.reshape(-1)[0]))
-    start = node.inputs[0].static
-    dtype = "int64" if start.dtype == object else start.dtype.name
-    if dtype.startswith("float"):
-        args = [a if "." in a or "e" in a else f"{a}.0" for a in args]
+    if not all(v.is_static for v in node.inputs):
+        raise e.error("Range bounds must be known at conversion time (run-time sizes are fine)")
+    start, limit, delta = (v.static.reshape(-1)[0] for v in node.inputs)
+    dtype = "int64" if node.inputs[0].static.dtype == object else node.inputs[0].static.dtype.name
+    if not isinstance(delta, Sym) and delta == 0:
+        raise e.error("Range with step 0")  # MindSpore's kernel aborts the process on it
+    if dtype.startswith("float"):  # float bounds never hold run-time sizes (those are ints)
+        args = [repr(float(x)) for x in (start, limit, delta)]
+    else:
+        args = [e.sym(x) for x in (start, limit, delta)]
     e.out(f"ops.arange({', '.join(args)}, dtype={ms_dtype(dtype)})")
 
 
