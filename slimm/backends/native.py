@@ -50,6 +50,13 @@ class NativeBackend(PartsBackend):
         options.pop("device", None)  # CPU here; the frameworks pick their device themselves
         return cls(path, **options)
 
+    def cache_feeds(self):
+        # frameworks may read a NumPy input after the call returns (asynchronous dispatch, zero-copy
+        # on CPU): hand them a snapshot of the mask, which the host updates in place afterwards
+        feeds = super().cache_feeds()
+        feeds["past_mask"] = feeds["past_mask"].copy()
+        return feeds
+
     def run_part(self, part, feeds):
         return self.parts[part](*[feeds[n] for n in self.order[part]])
 
@@ -76,7 +83,43 @@ class NativeBackend(PartsBackend):
 
 
 class JaxBackend(NativeBackend):
+    """Keeps the KV cache as JAX arrays: new entries are written in place (donated buffers), so a
+    decode step moves neither the cache to the host nor a copy of it."""
+
     target = "jax"
+
+    def new_cache(self, batch, capacity):
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax import lax
+
+        t = self.config.text
+        shape = (batch, t.num_key_value_heads, capacity, t.head_dim)
+        self.keys = [jnp.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
+        self.values = [jnp.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
+        self.past_mask = np.zeros((batch, capacity), np.int64)
+        self.capacity = capacity
+        self.length = 0
+        if not hasattr(self, "_update"):
+
+            def update(buf, new, offset):
+                return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, offset, 0))
+
+            self._update = jax.jit(update, donate_argnums=0)
+
+    def write_cache(self, presents, cur_mask):
+        import numpy as np
+
+        n = self.config.text.num_hidden_layers
+        offset = np.int64(self.length)
+        self.keys = [self._update(b, p, offset) for b, p in zip(self.keys, presents[:n], strict=True)]
+        self.values = [
+            self._update(b, p, offset) for b, p in zip(self.values, presents[n : 2 * n], strict=True)
+        ]
+        end = self.length + cur_mask.shape[1]
+        self.past_mask[:, self.length : end] = cur_mask
+        self.length = end
 
 
 class PaddleBackend(NativeBackend):
