@@ -5,6 +5,8 @@ predictor. Loading an artifact needs numpy and paddle only.
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,20 @@ def _sizes(sizes, shape):
     parts = [paddle.full([1], s, dtype="int64") if isinstance(s, int) else s.astype("int64").reshape([1])
              for s in sizes]
     return paddle.concat(parts).reshape(shape)
+''',
+    "_where": '''
+def _where(c, a, b):
+    """ONNX Where, all three broadcast. Traced, paddle.where broadcasts only the sizes it can see
+    (two dynamic sizes look equal), and broadcast_tensors wants one dtype: the condition goes as 0/1."""
+    c, a, b = paddle.broadcast_tensors([paddle.cast(c, a.dtype), a, b])
+    return paddle.where(paddle.cast(c, "bool"), a, b)
+''',
+    "_index_tuple": '''
+def _index_tuple(index):
+    """ScatterND's index (..., k) as k index tensors; tracing needs k fixed."""
+    if not isinstance(index.shape[-1], int):
+        raise ValueError("ScatterND: the index's last size must be fixed to trace (give it in the InputSpec)")
+    return tuple(paddle.unbind(index, axis=-1))
 ''',
     "_broadcast": '''
 def _broadcast(x, shape):
@@ -139,8 +155,13 @@ class PaddleTarget(Target):
             InputSpec([None if d is None else int(d) for d in dims], dtype, name=n)
             for n, dtype, dims in inputs
         ]
-        static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
-        paddle.jit.save(static, str(out_dir / name))
+        with warnings.catch_warnings():  # tracing notes about `place` and weight-less programs
+            warnings.filterwarnings("ignore", category=UserWarning, module="paddle")
+            static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
+            paddle.jit.save(static, str(out_dir / name))
+        params = out_dir / f"{name}{PARAMS_SUFFIX}"
+        if not params.exists():  # no weights, and Paddle writes no file: an empty one keeps the pair
+            params.touch()
         return [str(p) for p in artifact_files(out_dir, name)]
 
     def load(self, out_dir: str | Path, name: str, threads: int | None = None, onednn: bool = False):
@@ -197,7 +218,9 @@ class Predictor:
         import paddle.inference as pi
 
         program, params = _artifact_paths(out_dir, name)
-        config = pi.Config(str(program), str(params))
+        check_params_size(program, params)
+        # an empty weights file stands for a program without weights (Paddle then wants "")
+        config = pi.Config(str(program), str(params) if params.stat().st_size else "")
         config.disable_glog_info()
         if onednn:
             config.enable_onednn()
@@ -210,7 +233,7 @@ class Predictor:
             self.predictor = pi.create_predictor(config)
         except Exception as e:  # noqa: BLE001 - Paddle raises several types for a bad file
             raise CheckpointError(
-                f"{program} / {params.name}: not a loadable Paddle program ({type(e).__name__}: {_first_line(e)})"
+                f"{program} with {params}: not a loadable Paddle program ({type(e).__name__}: {_first_line(e)})"
             ) from None
         self.input_names = self.predictor.get_input_names()
         self.output_names = self.predictor.get_output_names()
@@ -228,6 +251,44 @@ class Predictor:
             h.copy_from_cpu(a)
         self.predictor.run()
         return [h.copy_to_cpu() for h in self._outs]
+
+
+# PIR's JSON names a tensor's element type "<n>.t_<type>"
+ITEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "ui8": 1,
+              "bool": 1}  # fmt: skip
+HEADER_BYTES = 1024  # per tensor in .pdiparams: versions, LoD, the tensor description (about 30 bytes seen)
+
+
+def check_params_size(program: Path, params: Path) -> None:
+    """Paddle reads a truncated weights file without complaint: compare the file's size with the
+    weights the program declares (PIR JSON programs only)."""
+    if program.suffix != ".json":
+        return
+    try:
+        doc = json.loads(program.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{program}: not a Paddle program (not valid JSON: {e})") from None
+    need, count = 0, 0
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("#") == "p":  # a parameter: its type is in the op's output
+                try:
+                    dtype, dims = node["O"]["TT"]["D"][0]["#"].split(".t_")[1], node["O"]["TT"]["D"][1]
+                    need += ITEM_BYTES[dtype] * int(np.prod(dims, dtype=np.int64))
+                except (KeyError, IndexError, TypeError, ValueError):
+                    return  # a layout this check does not know: leave it to Paddle
+                count += 1
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    size = params.stat().st_size
+    if not need <= size <= need + HEADER_BYTES * count:
+        raise CheckpointError(
+            f"{params}: {size} bytes, but the {count} weights {program.name} declares take {need} bytes "
+            "(plus headers): truncated, or written for another program"
+        )
 
 
 def _first_line(e: Exception) -> str:

@@ -13,7 +13,7 @@ BINARY = {"Add": "paddle.add", "Sub": "paddle.subtract", "Mul": "paddle.multiply
 UNARY = {"Neg": "paddle.neg", "Sqrt": "paddle.sqrt", "Reciprocal": "paddle.reciprocal", "Sin": "paddle.sin",
          "Cos": "paddle.cos", "Sigmoid": "F.sigmoid", "Not": "paddle.logical_not", "Exp": "paddle.exp",
          "Log": "paddle.log", "Tanh": "paddle.tanh", "Abs": "paddle.abs", "Erf": "paddle.erf", "Relu": "F.relu",
-         "Floor": "paddle.floor", "Ceil": "paddle.ceil", "Identity": ""}  # fmt: skip
+         "Floor": "paddle.floor", "Ceil": "paddle.ceil", "Identity": "paddle.assign"}  # fmt: skip
 # dtypes Paddle tensors can hold (it has no uint16/32/64; a NumPy uint16 array becomes bfloat16)
 PADDLE_DTYPES = {
     "float32",
@@ -60,7 +60,11 @@ def _div(e, node):
 @R.register("Where", since=9)
 def _where(e, node):
     c, a, b = (e.t(v) for v in node.inputs)
-    e.out(f"paddle.where({c}, {a}, {b})")
+    shapes = [v.static.shape if v.is_static else v.shape for v in node.inputs]
+    if all(s is not None and all(isinstance(d, int) for d in s) for s in shapes) and len(set(shapes)) == 1:
+        e.out(f"paddle.where({c}, {a}, {b})")
+    else:
+        e.out(f"_where({c}, {a}, {b})")
 
 
 @R.register("Cast", since=6)

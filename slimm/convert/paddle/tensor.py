@@ -224,10 +224,11 @@ def _scatter_nd(e, node):
     if red not in ("none", "add"):
         raise e.error(f"reduction {red!r} is not supported")
     # x[idx[..., 0], ..., idx[..., k-1]] = / += updates. index_put also takes zero updates, which
-    # scatter_nd_add rejects (a decode step has no visual tokens). Unbinding needs k, the last index
-    # size, when traced: exports know it (visual_pos unsqueezed); eagerly any k works.
-    e.out(f"paddle.index_put({e.t(x)}, tuple(paddle.unbind({e.t(idx)}, axis=-1)), {e.t(upd)}, "
-          f"accumulate={red == 'add'})")  # fmt: skip
+    # scatter_nd_add rejects (a decode step has no visual tokens). Unbinding needs k, the index's last
+    # size, when traced (Paddle aborts otherwise): exports fix it (visual_pos unsqueezed)
+    k = _dims(e, idx)[-1]
+    ind = f"tuple(paddle.unbind({e.t(idx)}, axis=-1))" if isinstance(k, int) else f"_index_tuple({e.t(idx)})"
+    e.out(f"paddle.index_put({e.t(x)}, {ind}, {e.t(upd)}, accumulate={red == 'add'})")
 
 
 @R.register("Range", since=11)
