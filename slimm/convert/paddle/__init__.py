@@ -141,7 +141,8 @@ class PaddleTarget(Target):
         name: str,
     ) -> list[str]:
         """Trace the generated Layer with dynamic input sizes (None dims) and write
-        `<name>.json` (the PIR program) + `<name>.pdiparams` (weights) into out_dir."""
+        `<name>.json` (the PIR program) + `<name>.pdiparams` (weights) into out_dir; returns the
+        names of the files written."""
         import paddle
         from paddle.static import InputSpec
 
@@ -162,7 +163,7 @@ class PaddleTarget(Target):
         params = out_dir / f"{name}{PARAMS_SUFFIX}"
         if not params.exists():  # no weights, and Paddle writes no file: an empty one keeps the pair
             params.touch()
-        return [str(p) for p in artifact_files(out_dir, name)]
+        return [p.name for p in artifact_files(out_dir, name)]
 
     def load(self, out_dir: str | Path, name: str, threads: int | None = None, onednn: bool = False):
         """A callable (*numpy inputs) -> [numpy outputs] over Paddle Inference's predictor."""
