@@ -46,3 +46,50 @@ def torch_model(demo_dir):
         return made[variant]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def exported(demo_dir, tmp_path_factory):
+    """exported(variant, precision) -> ONNX export directory (max_seq_len 256), written once."""
+    pytest.importorskip("onnxruntime")
+    from slimm.export import export_model
+
+    made = {}
+
+    def get(variant="plain", precision="fp32"):
+        key = (variant, precision)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"onnx-{variant}-{precision}")
+            made[key] = export_model(
+                demo_dir(variant), out, precision=precision, max_seq_len=256, progress=False
+            )
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def converted(exported, tmp_path_factory):
+    """converted(target, variant) -> directory converted by `slimm convert`, written once; skips
+    when the framework (or its target package) is not available."""
+    made = {}
+
+    def get(target, variant="plain"):
+        from prompts import FRAMEWORK
+
+        from slimm.convert import get_target
+
+        pytest.importorskip(FRAMEWORK[target])
+        from slimm.convert.convert import convert_export
+
+        try:
+            get_target(target)
+        except ImportError as e:
+            pytest.skip(f"target {target} unavailable: {e}")
+        key = (target, variant)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{target}-{variant}")
+            made[key] = convert_export(exported(variant), target, out, progress=False)
+        return made[key]
+
+    return get

@@ -23,23 +23,6 @@ from slimm.vision_index import vision_host_inputs  # noqa: E402
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 
 
-@pytest.fixture(scope="session")
-def exported(demo_dir, tmp_path_factory):
-    """exported(variant, precision) -> export directory, written once per session."""
-    made = {}
-
-    def get(variant="plain", precision="fp32"):
-        key = (variant, precision)
-        if key not in made:
-            out = tmp_path_factory.mktemp(f"onnx-{variant}-{precision}")
-            made[key] = export_model(
-                demo_dir(variant), out, precision=precision, max_seq_len=256, progress=False
-            )
-        return made[key]
-
-    return get
-
-
 def session(export_dir, part):
     return ort.InferenceSession(str(export_dir / part_file(part)), providers=["CPUExecutionProvider"])
 

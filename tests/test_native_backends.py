@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from prompts import CASES, make_inputs, rel_err
+from prompts import CASES, FRAMEWORK, make_inputs, rel_err
 
 pytest.importorskip("onnxruntime")
 
@@ -18,46 +18,6 @@ from slimm.backends.torch import TorchBackend  # noqa: E402
 from slimm.errors import CheckpointError  # noqa: E402
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
-FRAMEWORK = {"jax": "jax", "paddle": "paddle", "mindspore": "mindspore"}
-
-
-@pytest.fixture(scope="session")
-def onnx_export(demo_dir, tmp_path_factory):
-    from slimm.export import export_model
-
-    made = {}
-
-    def get(variant):
-        if variant not in made:
-            out = tmp_path_factory.mktemp(f"native-onnx-{variant}")
-            made[variant] = export_model(demo_dir(variant), out, max_seq_len=256, progress=False)
-        return made[variant]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def converted(onnx_export, tmp_path_factory):
-    """converted(target, variant) -> converted directory, written once per session."""
-    from slimm.convert.convert import convert_export
-
-    made = {}
-
-    def get(target, variant="plain"):
-        pytest.importorskip(FRAMEWORK[target])
-        try:
-            from slimm.convert import get_target
-
-            get_target(target)
-        except ImportError as e:
-            pytest.skip(f"target {target} unavailable: {e}")
-        key = (target, variant)
-        if key not in made:
-            out = tmp_path_factory.mktemp(f"{target}-{variant}")
-            made[key] = convert_export(onnx_export(variant), target, out, progress=False)
-        return made[key]
-
-    return get
 
 
 def load(target, path):
@@ -139,7 +99,7 @@ def test_converted_dir_runs_without_onnx_or_torch(converted):
     assert "(1, 6)" in res.stdout
 
 
-def test_validate_names_the_first_diverging_node(onnx_export, tmp_path, monkeypatch):
+def test_validate_names_the_first_diverging_node(exported, tmp_path, monkeypatch):
     """Break one JAX handler on purpose: --validate must point at the node it produced."""
     pytest.importorskip("jax")
     from slimm.convert.convert import convert_export
@@ -155,7 +115,7 @@ def test_validate_names_the_first_diverging_node(onnx_export, tmp_path, monkeypa
 
     monkeypatch.setitem(REGISTRY.handlers, "Sigmoid", [(versions[0][0], broken)])
     with pytest.raises(ConversionError, match=r"first divergence at node .*\(Sigmoid\).*tolerance"):
-        convert_export(onnx_export("plain"), "jax", tmp_path / "bad", validate=True, progress=False)
+        convert_export(exported("plain"), "jax", tmp_path / "bad", validate=True, progress=False)
 
 
 def test_operators_doc_is_generated_from_the_registries():
