@@ -44,30 +44,20 @@ def io_names(manifest: dict, part: str) -> list[tuple[str, str, list]]:
 
 
 @pytest.fixture(scope="session")
-def converted(demo_dir, tmp_path_factory):
-    """converted(variant) -> (ONNX export dir, Paddle artifact dir, manifest); each part converted once."""
-    pytest.importorskip("torch")
-    from slimm.export import export_model
+def paddle_dir(exported, converted):
+    """paddle_dir(variant) -> (ONNX export dir, `slimm convert` Paddle dir, ONNX manifest); the export
+    and the conversion are the session's shared ones (each part converted once)."""
 
-    made = {}
+    pytest.importorskip("torch")  # the exporter
 
     def get(variant: str):
-        if variant not in made:
-            onnx_dir = export_model(
-                demo_dir(variant), tmp_path_factory.mktemp(f"onnx-{variant}"), max_seq_len=64, progress=False
-            )
-            manifest = json.loads((onnx_dir / "manifest.json").read_text())
-            out = tmp_path_factory.mktemp(f"paddle-{variant}")
-            for part in PARTS:
-                src, prog = generate_source(onnx_dir / part_file(part), "paddle")
-                gen = out / f"gen_{part}.py"
-                gen.write_text(src)
-                inputs = io_names(manifest, part)
-                assert [v.name for v in prog.inputs] == [name for name, _, _ in inputs]
-                files = TARGET.save(import_generated(gen), prog.weights, inputs, out, f"SliMM_{part}")
-                assert files == [f"SliMM_{part}.json", f"SliMM_{part}.pdiparams"]
-            made[variant] = (onnx_dir, out, manifest)
-        return made[variant]
+        onnx_dir, out = exported(variant), converted("paddle", variant)
+        manifest = json.loads((onnx_dir / "manifest.json").read_text())
+        parts = json.loads((out / "manifest.json").read_text())["parts"]
+        for part in PARTS:
+            assert parts[part]["files"] == [f"SliMM_{part}.json", f"SliMM_{part}.pdiparams"]
+            assert parts[part]["input_order"] == [name for name, _, _ in io_names(manifest, part)]
+        return onnx_dir, out, manifest
 
     return get
 
@@ -124,8 +114,8 @@ def check(got: list, ref: list, names: list[str], what: str) -> None:
 
 @pytest.mark.parametrize("part", PARTS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_part_matches_onnxruntime_at_two_shapes(converted, variant, part):
-    onnx_dir, out, manifest = converted(variant)
+def test_part_matches_onnxruntime_at_two_shapes(paddle_dir, variant, part):
+    onnx_dir, out, manifest = paddle_dir(variant)
     run = TARGET.load(out, f"SliMM_{part}")
     sess = ort.InferenceSession(str(onnx_dir / part_file(part)), providers=["CPUExecutionProvider"])
     names = [name for name, _, _ in io_names(manifest, part)]
@@ -137,8 +127,8 @@ def test_part_matches_onnxruntime_at_two_shapes(converted, variant, part):
         check(got, sess.run(None, feeds), out_names, f"{variant} {part} shape {k}")
 
 
-def test_onednn_and_jit_load_give_the_same_results(converted):
-    onnx_dir, out, manifest = converted("v1")
+def test_onednn_and_jit_load_give_the_same_results(paddle_dir):
+    onnx_dir, out, manifest = paddle_dir("v1")
     names = [name for name, _, _ in io_names(manifest, "F")]
     feeds = make_feeds(manifest, "F", SHAPES[1], np.random.default_rng(3))
     ref = ort.InferenceSession(str(onnx_dir / part_file("F")), providers=["CPUExecutionProvider"]).run(
@@ -152,30 +142,214 @@ def test_onednn_and_jit_load_give_the_same_results(converted):
         check(run(*(feeds[n] for n in names)), ref, out_names, what)
 
 
-def test_every_op_case_through_the_saved_program(tmp_path):
-    """The per-op cases with every input size dynamic, traced and run by the predictor: run-time
-    sizes are 0-d tensors there, not the ints the eager per-op test sees."""
+def extra_cases() -> list:
+    """Handler paths the shared one-node cases miss: other index forms, dtypes, attributes."""
+    from test_convert_ops import Case, f32, i64
+
+    x = f32(2, 3, 4)
+    pos = np.abs(f32(2, 3, 4)) + 0.5
+    return [
+        Case(
+            "Gather",
+            [x, np.array([[0, -1], [2, 1]], np.int64)],
+            {"axis": 1},
+            static=[1],
+            name="Gather-static-2d",
+        ),
+        Case("Gather", [f32(6, 4), i64(-1, 3, 0)], {"axis": 0}, name="Gather-runtime-1d-negative"),
+        Case("Gather", [f32(5, 3), np.array(-2, np.int64)], {"axis": 1}, name="Gather-runtime-scalar"),
+        Case("GatherND", [f32(4, 5, 3), np.array([[0, -1], [-4, 4]], np.int64)], name="GatherND-negative"),
+        Case(
+            "ScatterND", [f32(4, 5, 3), np.array([[0, 1], [3, -1]], np.int64), f32(2, 3)], name="ScatterND-k2"
+        ),
+        Case("Max", [x, f32(3, 4), f32(4)], name="Max-three"),
+        Case("Min", [x, f32(3, 4), f32(4)], name="Min-three"),
+        Case("Div", [np.array([7, -7, 6], np.int32), np.array([2], np.int32)], name="Div-int32-broadcast"),
+        Case("Pow", [pos, np.array(3, np.int64)], static=[1], name="Pow-int-exponent"),
+        Case(
+            "Where",
+            [np.array([[True, False, True]]), np.array(1.5, np.float32), f32(2, 1)],
+            static=[1],
+            name="Where-scalar",
+        ),  # fmt: skip
+        Case("Cast", [x], {"to": onnx.TensorProto.INT32}, name="Cast-float-int32"),
+        Case("Cast", [x], {"to": onnx.TensorProto.FLOAT16}, name="Cast-float-half"),
+        Case("Cast", [x.astype(np.float16)], {"to": onnx.TensorProto.FLOAT}, name="Cast-half-float"),
+        Case("Cast", [x], {"to": onnx.TensorProto.BOOL}, name="Cast-float-bool"),
+        Case("Cast", [np.array([True, False])], {"to": onnx.TensorProto.FLOAT}, name="Cast-bool-float"),
+        Case("ReduceSum", [x], {"keepdims": 0}, name="ReduceSum-all"),
+        Case(
+            "ReduceSum",
+            [np.array([[1, 2], [3, 4]], np.int32), i64(1)],
+            {"keepdims": 0},
+            static=[1],
+            name="ReduceSum-int32",
+        ),  # fmt: skip
+        Case(
+            "ReduceMax",
+            [x, np.zeros(0, np.int64)],
+            {"noop_with_empty_axes": 1},
+            static=[1],
+            name="Reduce-noop",
+        ),
+        Case(
+            "ArgMin",
+            [np.array([[2.0, 1.0, 1.0, 3.0]], np.float32)],
+            {"axis": -1, "keepdims": 0, "select_last_index": 1},
+            name="ArgMin-last-index",
+        ),  # fmt: skip
+        Case("Transpose", [x], name="Transpose-reverse"),
+        Case(
+            "LayerNormalization",
+            [f32(2, 5, 8), f32(5, 8), f32(5, 8)],
+            {"axis": -2},
+            static=[1, 2],
+            name="LayerNorm-two-axes",
+        ),  # fmt: skip
+        Case(
+            "LayerNormalization",
+            [f32(2, 5, 8), f32(8), f32(8)],
+            {"epsilon": 1e-3},
+            static=[1, 2],
+            n_out=3,
+            name="LayerNorm-mean-invstd",
+        ),  # fmt: skip
+        Case(
+            "Conv",
+            [f32(1, 4, 9), f32(6, 2, 3)],
+            {"pads": [1, 2], "dilations": [2], "group": 2, "strides": [2]},
+            static=[1],
+            name="Conv1d-groups-dilation",
+        ),  # fmt: skip
+        Case(
+            "Conv",
+            [f32(1, 3, 6, 6), f32(4, 3, 3, 3), f32(4)],
+            {"pads": [0, 1, 2, 1], "strides": [2, 1]},
+            static=[1, 2],
+            name="Conv2d-asymmetric-pads",
+        ),  # fmt: skip
+        Case(
+            "CumSum",
+            [f32(3, 4), np.array(-1, np.int64)],
+            {"exclusive": 1, "reverse": 1},
+            static=[1],
+            name="CumSum-exclusive-reverse",
+        ),  # fmt: skip
+        Case(
+            "CumSum",
+            [np.array([[1, 2, 3]], np.int32), np.array(1, np.int64)],
+            static=[1],
+            name="CumSum-int32",
+        ),
+        Case("Trilu", [f32(4, 5)], {"upper": 1}, name="Trilu-upper"),
+        Case(
+            "Range",
+            [np.array(0.5, np.float32), np.array(3.0, np.float32), np.array(0.75, np.float32)],
+            static=[0, 1, 2],
+            name="Range-float",
+        ),  # fmt: skip
+        Case("Split", [f32(7, 2)], {"axis": 0, "num_outputs": 3}, n_out=3, name="Split-uneven"),
+        Case("Identity", [np.array([1, 2], np.int64)], name="Identity-int"),
+    ]
+
+
+def sized_model(nodes: list, inputs: dict, outputs: list[tuple[str, int]]):
+    """A graph of a few nodes whose sizes flow from inputs (Shape -> ...): every input size dynamic."""
+    from onnx import helper
+    from test_convert_ops import NP_TO_ONNX, OPSET
+
+    ins = [helper.make_tensor_value_info(n, NP_TO_ONNX[a.dtype.type], [f"{n}_{i}" for i in range(a.ndim)])
+           for n, a in inputs.items()]  # fmt: skip
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
+    m = helper.make_model(
+        helper.make_graph(nodes, "sized", ins, outs), opset_imports=[helper.make_opsetid("", OPSET)]
+    )
+    m.ir_version = 9
+    return m
+
+
+def sized_cases() -> list:
+    """(name, model, feeds): run-time sizes used as Expand / Slice / ConstantOfShape / Tile
+    arguments and as a tensor."""
+    from onnx import TensorProto, helper, numpy_helper
+    from test_convert_ops import f32, shape_fold_model
+
+    def node(op, ins, outs, **attrs):
+        return helper.make_node(op, ins, outs, **attrs)
+
+    def const(name, *vals):
+        return node("Constant", [], [name], value=numpy_helper.from_array(np.array(vals, np.int64)))
+
+    x, y, z = f32(3, 1), f32(1, 4), f32(2, 7)
+    shape_y = node("Shape", ["y"], ["s"])
+    graphs = {
+        "Expand-both-ways-to-run-time-sizes": (
+            [shape_y, node("Expand", ["x", "s"], ["o"])],
+            TensorProto.FLOAT,
+        ),
+        "sizes-as-a-tensor": (
+            [shape_y, node("Cast", ["s"], ["c"], to=TensorProto.FLOAT), node("Mul", ["c", "c"], ["o"])],
+            TensorProto.FLOAT,
+        ),
+        "Slice-to-a-run-time-size": (
+            [
+                shape_y,
+                const("zero", 0),
+                const("one", 1),
+                const("two", 2),
+                node("Slice", ["s", "one", "two"], ["n"]),
+                node("Slice", ["z", "zero", "n", "one"], ["o"]),
+            ],
+            TensorProto.FLOAT,
+        ),  # fmt: skip
+        "ConstantOfShape-of-run-time-sizes": (
+            [
+                shape_y,
+                node("ConstantOfShape", ["s"], ["o"], value=numpy_helper.from_array(np.array([7], np.int64))),
+            ],
+            TensorProto.INT64,
+        ),
+        "Tile-by-run-time-sizes": ([shape_y, node("Tile", ["z", "s"], ["o"])], TensorProto.FLOAT),
+    }
+    cases = [("shape-fold", shape_fold_model(), {"x": f32(3, 2, 6)})]
+    for name, (nodes, out_type) in graphs.items():
+        used = {i for n in nodes for i in n.input}
+        feeds = {k: v for k, v in {"x": x, "y": y, "z": z}.items() if k in used}
+        cases.append((name, sized_model(nodes, feeds, [("o", out_type)]), feeds))
+    return cases
+
+
+def op_models() -> list:
     from test_convert_ops import CASES
 
-    for i, case in enumerate(CASES):
-        if case.op not in TARGET.registry.handlers:
-            continue
-        model = case.model()
+    cases = [
+        (c.name, c.model(), c.feeds()) for c in CASES + extra_cases() if c.op in TARGET.registry.handlers
+    ]
+    return cases + sized_cases()
+
+
+def test_op_cases_eagerly_and_through_the_saved_program(tmp_path):
+    """The shared per-op cases, the paths they miss, and run-time sizes used as arguments: the eager
+    Layer, then traced with every input size dynamic and run by the predictor (where run-time sizes
+    are 0-d tensors, not the ints seen eagerly)."""
+    for i, (name, model, feeds) in enumerate(op_models()):
         path = tmp_path / f"{i}.onnx"
         onnx.save(model, str(path))
         src, prog = generate_source(path, "paddle")
         gen = tmp_path / f"gen_{i}.py"
         gen.write_text(src)
-        feeds = case.feeds()
-        inputs = [(v.name, v.dtype, [None] * len(v.shape)) for v in prog.inputs]
-        if case.op == "ScatterND":  # the index tuple's length is fixed, as in the exports
-            inputs[1][2][-1] = feeds["x1"].shape[-1]
-        TARGET.save(import_generated(gen), prog.weights, inputs, tmp_path, f"case{i}")
-        got = TARGET.load(tmp_path, f"case{i}")(*(feeds[v.name] for v in prog.inputs))
+        module = import_generated(gen)
         ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
             None, feeds
         )
-        check(got, ref, [f"y{k}" for k in range(len(ref))], case.name)
+        outs = [f"y{k}" for k in range(len(ref))]
+        args = [feeds[v.name] for v in prog.inputs]
+        check(TARGET.runner(module, prog.weights)(*args), ref, outs, f"{name} eager")
+        inputs = [(v.name, v.dtype, [None] * len(v.shape)) for v in prog.inputs]
+        if name.startswith("ScatterND"):  # the index tuple's length is fixed, as in the exports
+            inputs[1][2][-1] = feeds["x1"].shape[-1]
+        TARGET.save(module, prog.weights, inputs, tmp_path, f"case{i}")
+        check(TARGET.load(tmp_path, f"case{i}")(*args), ref, outs, f"{name} saved")
 
 
 def test_scatter_nd_with_a_dynamic_index_length_is_a_clear_error_when_traced(tmp_path):
@@ -206,8 +380,8 @@ np.savez(sys.argv[3], *got)
 """
 
 
-def test_artifact_loads_without_onnx_onnxruntime_torch(converted, tmp_path):
-    onnx_dir, out, manifest = converted("v1")
+def test_artifact_loads_without_onnx_onnxruntime_torch(paddle_dir, tmp_path):
+    onnx_dir, out, manifest = paddle_dir("v1")
     names = [name for name, _, _ in io_names(manifest, "F")]
     feeds = make_feeds(manifest, "F", SHAPES[1], np.random.default_rng(5))
     np.savez(tmp_path / "in.npz", **{f"in{i}": feeds[n] for i, n in enumerate(names)})
@@ -236,8 +410,8 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("case", list(BROKEN))
-def test_broken_artifact_is_a_checkpoint_error_naming_the_file(converted, tmp_path, case):
-    _, out, _ = converted("plain")
+def test_broken_artifact_is_a_checkpoint_error_naming_the_file(paddle_dir, tmp_path, case):
+    _, out, _ = paddle_dir("plain")
     for f in ("SliMM_B.json", "SliMM_B.pdiparams"):
         shutil.copyfile(out / f, tmp_path / f)
     name, content = BROKEN[case]
@@ -261,8 +435,8 @@ def test_missing_directory_is_a_checkpoint_error(tmp_path):
         TARGET.load(tmp_path / "nowhere", "SliMM_F")
 
 
-def test_wrong_number_of_inputs_names_the_program_inputs(converted):
-    _, out, _ = converted("plain")
+def test_wrong_number_of_inputs_names_the_program_inputs(paddle_dir):
+    _, out, _ = paddle_dir("plain")
     run = TARGET.load(out, "SliMM_E")
     with pytest.raises(ValueError, match="position_ids"):
         run()

@@ -13,7 +13,7 @@ BINARY = {"Add": "paddle.add", "Sub": "paddle.subtract", "Mul": "paddle.multiply
 UNARY = {"Neg": "paddle.neg", "Sqrt": "paddle.sqrt", "Reciprocal": "paddle.reciprocal", "Sin": "paddle.sin",
          "Cos": "paddle.cos", "Sigmoid": "F.sigmoid", "Not": "paddle.logical_not", "Exp": "paddle.exp",
          "Log": "paddle.log", "Tanh": "paddle.tanh", "Abs": "paddle.abs", "Erf": "paddle.erf", "Relu": "F.relu",
-         "Floor": "paddle.floor", "Ceil": "paddle.ceil", "Identity": "paddle.assign"}  # fmt: skip
+         "Floor": "paddle.floor", "Ceil": "paddle.ceil", "Identity": ""}  # fmt: skip
 # dtypes Paddle tensors can hold (it has no uint16/32/64; a NumPy uint16 array becomes bfloat16)
 PADDLE_DTYPES = {
     "float32",
