@@ -354,6 +354,13 @@ PATH_CASES = {
               [("p", np.array(3.0, np.float32))]),
         [{"a": _r(2, 3), "b": _r(2, 3) * 2, "c": _r(1, 3)}, {"a": _r(4, 1), "b": _r(4, 2), "c": _r(1, 2)}],
     ),
+    # a Linear layer (stored 2-D weight): the MatMul primitive over rows, for 3-D and 2-D inputs
+    "matmul-stored-weight": (
+        graph([("MatMul", ["x", "w"], ["y"], {}), ("MatMul", ["z", "w"], ["y2"], {})],
+              [("x", np.float32, 3), ("z", np.float32, 2)], [("y", np.float32, 3), ("y2", np.float32, 2)],
+              [("w", _r(8, 16))]),
+        [{"x": _r(2, 5, 8), "z": _r(3, 8)}, {"x": _r(1, 1, 8), "z": _r(7, 8)}],
+    ),
     "split-uneven-transpose-default-cumsum-both": (
         graph([("Split", ["x"], ["p", "q", "r"], {"axis": 1, "num_outputs": 3}), ("Transpose", ["p"], ["t"], {}),
                ("CumSum", ["r", "ax"], ["c"], {"exclusive": 1, "reverse": 1})],

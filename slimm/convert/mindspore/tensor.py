@@ -16,7 +16,7 @@ def _rank(e, v) -> int:
     return len(v.shape)
 
 
-def _dims(e, v) -> list:
+def dims_of(v) -> list:
     """Sizes of a tensor as ints / Syms (unknown ones read at run time)."""
     if v.is_static:
         return list(v.static.shape)
@@ -39,7 +39,7 @@ def _reshape(e, node):
     x = node.inputs[0]
     target = e.ints(node.inputs[1], "Reshape's target shape")
     if not node.attrs.get("allowzero", 0) and any(_is(t, 0) for t in target):
-        dims = _dims(e, x)
+        dims = dims_of(x)
         target = [dims[i] if _is(t, 0) else t for i, t in enumerate(target)]
     e.out(f"ops.reshape({e.t(x)}, {e.shape_code(target)})")
 
@@ -105,7 +105,7 @@ def _split(e, node):
     if e.has(1):
         sizes = e.ints(node.inputs[1], "Split sizes")
     else:
-        total = _dims(e, x)[axis]
+        total = dims_of(x)[axis]
         chunk = -(-total // n)  # ceil: every part but the last has this size
         sizes = [chunk] * (n - 1) + [total - (n - 1) * chunk]
     start = 0
@@ -120,7 +120,7 @@ def _split(e, node):
 def _expand(e, node):
     x = node.inputs[0]
     shape = e.ints(node.inputs[1], "Expand's target shape")
-    dims = _dims(e, x)
+    dims = dims_of(x)
     if len(dims) > len(shape):
         shape = [1] * (len(dims) - len(shape)) + shape
     dims = [1] * (len(shape) - len(dims)) + dims
@@ -156,7 +156,7 @@ def _gather(e, node):
     axis = node.attrs.get("axis", 0)
     rank = _rank(e, x)
     axis = axis + rank if axis < 0 else axis
-    n = _dims(e, x)[axis]
+    n = dims_of(x)[axis]
     if idx.is_static and idx.static.dtype != object:
         ind = idx.static.astype(np.int64)
         if (ind < 0).any() and not isinstance(n, Sym):
@@ -175,7 +175,7 @@ def _nd_indices(e, node) -> str:
     k = idx.shape[-1] if idx.shape else None
     code = e.t(idx)
     if isinstance(k, int):
-        dims = _dims(e, x)[:k]
+        dims = dims_of(x)[:k]
         n = e.target.sizes_tensor([e.sym(d) for d in dims], (k,)) if any(isinstance(d, Sym) for d in dims) else (
             e.target.constant(np.array(dims, np.int64)))  # fmt: skip
         return f"ops.where({code} < 0, {code} + {n}, {code})"
