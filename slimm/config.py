@@ -162,6 +162,22 @@ def resolve_custom_visual_model(ckpt_dir: Path, name: str) -> Path:
     )
 
 
+def _has_lm_head(ckpt_dir: Path) -> bool:
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.exists():
+        return "lm_head.weight" in read_json(index).get("weight_map", {})
+    single = ckpt_dir / "model.safetensors"
+    if not single.exists():
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(single, framework="np") as f:
+            return "lm_head.weight" in f.keys()
+    except Exception:  # noqa: BLE001 - a corrupt file is reported by the weight loader, by name
+        return False
+
+
 def load_config(ckpt_dir: str | Path) -> SliMMConfig:
     """Build the model settings from a checkpoint directory."""
     ckpt_dir = Path(ckpt_dir)
@@ -200,6 +216,10 @@ def load_config(ckpt_dir: str | Path) -> SliMMConfig:
     )
     if "tie_word_embeddings" in cfg:
         text.tie_word_embeddings = bool(cfg["tie_word_embeddings"])
+    elif "tie_word_embeddings" not in text_src:
+        # not stated: transformers' Qwen2 classes would default to untied and use the checkpoint's
+        # lm_head; follow the weights, so a missing lm_head never means a random output layer
+        text.tie_word_embeddings = not _has_lm_head(ckpt_dir)
 
     # vision tower: `custom_visual_model` directory, else `vision_config`
     custom = slimm_field("custom_visual_model", None)

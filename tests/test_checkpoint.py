@@ -193,3 +193,13 @@ def test_special_token_ids_come_from_the_config(demo_dir, tmp_path):
     assert (cfg.image_token_id, cfg.vision_start_token_id, cfg.video_token_id) == (151650, 151649, 151656)
     assert cfg.eos_token_id == [7, 8] and cfg.pad_token_id == 5
     assert np.isfinite(logits_of(d).numpy()).all()
+
+
+def test_unstated_tying_follows_the_weights(demo_dir, tmp_path):
+    d = clone(demo_dir("plain"), tmp_path / "ckpt")
+    edit_json(d / "config.json", tie_word_embeddings=None)
+    assert load_config(d).text.tie_word_embeddings is True  # no lm_head.weight: tied
+    state = load_file(d / "model.safetensors")
+    state["lm_head.weight"] = torch.zeros_like(state["model.embed_tokens.weight"])
+    save_file(state, str(d / "model.safetensors"))
+    assert load_config(d).text.tie_word_embeddings is False
