@@ -32,7 +32,11 @@ PADDLE_DTYPES = {
 def _binary(e, node):
     a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
     if node.op == "Pow":  # ONNX: the result has the base's type
-        e.out(f"paddle.pow({a}, {b}).astype({a}.dtype)")
+        y = node.inputs[1]
+        if y.is_static and y.static.size == 1 and y.static.dtype.kind == "f":
+            e.out(f"paddle.pow({a}, {float(y.static.reshape(-1)[0])!r})")  # a scalar exponent keeps x's type
+        else:
+            e.out(f"paddle.pow({a}, {b}).astype({a}.dtype)")
     elif node.op in ("Max", "Min") and len(node.inputs) > 2:
         fn = BINARY[node.op]
         expr = a
