@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of every backend on random-weight checkpoints (`benchmarks.bench`)."""

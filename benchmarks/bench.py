@@ -1,0 +1,412 @@
+"""`slimm bench`: build (or reuse) a random-weight checkpoint, its ONNX export, quantized copies and
+framework conversions, then time every backend on the same inputs, one subprocess per backend.
+
+Writes table.md, results.json and chart.png to --out; see benchmarks/README.md for what each
+column measures and how.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import multiprocessing
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.measure import FRAMEWORKS
+
+SIZES = ("tiny", "0.5b", "2b")
+VARIANTS = ("plain", "v1", "midlayers", "efficient")
+BACKENDS = tuple(FRAMEWORKS)  # torch, onnx, jax, paddle, mindspore, transformers
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+CONVERTED = ("jax", "paddle", "mindspore")
+
+
+def default_work_dir() -> Path:
+    root = os.environ.get("SLIMM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slimm"
+    )
+    return Path(root) / "bench"
+
+
+def _choices(kind: str, allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        bad = [x for x in items if x not in allowed]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(bad) or repr(text)}; choose from {', '.join(allowed)} (comma-separated)"
+            )
+        return list(dict.fromkeys(items))
+
+    return parse
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"image size {text!r} is not HEIGHTxWIDTH, e.g. 448x448") from None
+    if h < 28 or w < 28:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: each side must be at least 28 pixels")
+    return h, w
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return n
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark's options, for `slimm bench` and `python -m benchmarks.bench`."""
+    p.add_argument("--size", default="tiny", choices=SIZES, help="checkpoint size (random weights)")
+    p.add_argument("--variant", default="plain", choices=VARIANTS)
+    p.add_argument("--backends", type=_choices("backend", BACKENDS), default=list(BACKENDS),
+                   help=f"comma-separated, from {','.join(BACKENDS)} (default: all)")  # fmt: skip
+    p.add_argument("--precision", type=_choices("precision", PRECISIONS), default=["fp32"],
+                   help="comma-separated, from fp32,fp16,int8,int4 (int8/int4: ONNX Runtime only)")  # fmt: skip
+    p.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="HxW")
+    p.add_argument("--prompt-tokens", type=_positive, default=256, help="text prompt length for prefill")
+    p.add_argument("--decode-steps", type=_positive, default=32, help="greedy decode steps (eos disabled)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed calls per phase after a warm-up")
+    p.add_argument("--threads", type=_positive, default=2, help="intra-op threads for every framework")
+    p.add_argument("--work", type=Path, default=None,
+                   help="cache of checkpoints / exports / conversions, reused across runs "
+                        "(default: $SLIMM_CACHE/bench or ~/.cache/slimm/bench)")  # fmt: skip
+    p.add_argument(
+        "--out", type=Path, default=Path("bench-results"), help="table.md, results.json, chart.png"
+    )
+    p.add_argument("--convert-timeout", type=_positive, default=900,
+                   help="seconds one framework conversion may take before its backend is skipped")  # fmt: skip
+    p.add_argument(
+        "--timeout", type=_positive, default=1800, help="seconds one backend's measurement may take"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimm bench", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return p
+
+
+# ---- subprocesses ---------------------------------------------------------------------------------------
+def run_isolated(target, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict:
+    """Run `target(spec, result_path)` in a fresh (spawned) process; its JSON result, or a failure
+    naming the exit status / the timeout. A fresh process per job keeps peak memory its own."""
+    ctx = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="slimm-bench-") as tmp:
+        result = Path(tmp) / "result.json"
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        os.environ.update(env or {})  # a spawned child starts from the parent's environment
+        try:
+            proc = ctx.Process(target=target, args=(spec, str(result)), daemon=True)
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return {"status": "timeout", "reason": f"took more than {timeout:.0f} s"}
+        if result.exists():
+            return json.loads(result.read_text())
+        return {"status": "failed", "reason": f"process exited with status {proc.exitcode} (out of memory?)"}
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    n = str(threads)
+    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
+            "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}",
+            "TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "2"}  # fmt: skip
+
+
+# ---- artefacts (built in subprocesses, cached in --work) ------------------------------------------------
+def build_worker(spec: dict[str, Any], result_path: str) -> None:
+    """Subprocess body: write one artefact (`spec['kind']`) into `spec['tmp']`, which the parent
+    renames into place once this succeeds."""
+    import traceback
+
+    kind = spec["kind"]
+    try:
+        if kind == "checkpoint":
+            from slimm.demo import write_demo_checkpoint
+
+            write_demo_checkpoint(spec["tmp"], variant=spec["variant"], size=spec["size"])
+        elif kind == "export":
+            from slimm.export import export_model
+
+            export_model(spec["src"], spec["tmp"], precision=spec["precision"], progress=False)
+        elif kind == "quantize":
+            from slimm.quantize import quantize_export
+
+            quantize_export(spec["src"], spec["tmp"], spec["precision"], progress=False)
+        elif kind == "convert":
+            from slimm.convert.convert import convert_export
+
+            convert_export(spec["src"], spec["target"], spec["tmp"], progress=False)
+        elif kind == "workload":
+            from benchmarks.measure import build_workload
+
+            build_workload(
+                Path(spec["src"]), Path(spec["tmp"]), tuple(spec["image_size"]), spec["prompt_tokens"]
+            )
+        else:
+            raise ValueError(f"unknown artefact kind {kind!r}")
+        out = {"status": "ok"}
+    except Exception as e:  # noqa: BLE001 - reported as the reason a backend is skipped
+        out = {"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+               "traceback": traceback.format_exc()}  # fmt: skip
+    Path(result_path).write_text(json.dumps(out))
+
+
+class Artefacts:
+    """Paths in the --work cache; each is built once, into a temporary name renamed at the end, so
+    an interrupted build is never mistaken for a finished one."""
+
+    def __init__(self, work: Path, variant: str, size: str, args) -> None:
+        self.work, self.variant, self.size, self.args = work, variant, size, args
+        self.failed: dict[str, str] = {}
+
+    def path(self, what: str, precision: str | None = None) -> Path:
+        tag = f"{self.variant}-{self.size}" + (f"-{precision}" if precision else "")
+        return self.work / f"{what}-{tag}"
+
+    def workload_path(self) -> Path:
+        h, w = self.args.image_size
+        return self.work / f"inputs-{self.variant}-{self.size}-{h}x{w}-{self.args.prompt_tokens}.npz"
+
+    def ensure(self, kind: str, dest: Path, spec: dict[str, Any], timeout: float) -> Path | None:
+        key = str(dest)
+        if key in self.failed:
+            return None
+        if dest.exists():
+            return dest
+        tmp = dest.with_name(dest.stem + ".tmp" + dest.suffix)  # inputs.npz -> inputs.tmp.npz
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        tmp.unlink(missing_ok=True)
+        t = time.perf_counter()
+        job = {**spec, "kind": kind, "tmp": str(tmp)}
+        res = run_isolated(build_worker, job, timeout, thread_env(self.args.threads))
+        if res.get("status") != "ok":
+            self.failed[key] = f"{kind} failed: {res.get('reason')}"
+            if res.get("traceback"):
+                print(res["traceback"], file=sys.stderr)
+            return None
+        tmp.rename(dest)
+        print(f"  built {dest.name} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        return dest
+
+
+# ---- planning -------------------------------------------------------------------------------------------
+def skip_reason(backend: str, precision: str, variant: str) -> str | None:
+    """Why a (backend, precision) row cannot run here, or None."""
+    if importlib.util.find_spec(FRAMEWORKS[backend]) is None:
+        return f"{FRAMEWORKS[backend]} is not installed"
+    if backend == "transformers" and variant != "plain":
+        return f"transformers' Qwen2-VL has no DeepStack ({variant}): the peer runs the plain variant only"
+    if precision in ("int8", "int4") and backend != "onnx":
+        return f"{precision} is ONNX Runtime weight-only quantization (MatMulNBits); none for {backend}"
+    return None
+
+
+def model_path(
+    art: Artefacts, backend: str, precision: str, timeout: float
+) -> tuple[Path | None, str | None]:
+    """Build what `backend` at `precision` loads; (path, None) or (None, why not)."""
+    args = art.args
+    ckpt = art.ensure("checkpoint", art.path("ckpt"), {"variant": art.variant, "size": art.size}, 3600)
+    if ckpt is None:
+        return None, art.failed[str(art.path("ckpt"))]
+    if backend in ("torch", "transformers"):
+        return ckpt, None
+    export_precision = "fp32" if precision in ("int8", "int4") else precision
+    export = art.ensure("export", art.path("onnx", export_precision), {"src": str(ckpt), "precision": export_precision},
+                        3600)  # fmt: skip
+    if export is None:
+        return None, art.failed[str(art.path("onnx", export_precision))]
+    if precision in ("int8", "int4"):
+        q = art.ensure(
+            "quantize", art.path("onnx", precision), {"src": str(export), "precision": precision}, 3600
+        )
+        return (q, None) if q else (None, art.failed[str(art.path("onnx", precision))])
+    if backend == "onnx":
+        return export, None
+    dest = art.path(backend, precision)
+    out = art.ensure("convert", dest, {"src": str(export), "target": backend}, args.convert_timeout)
+    return (out, None) if out else (None, art.failed[str(dest)])
+
+
+def decode_bytes(export_dir: Path) -> int:
+    """Bytes of weights one decode step reads: every initializer of part F (decoder layers, final
+    norm, lm_head); the embedding row read from part A is left out."""
+    import onnx
+
+    model = onnx.load(str(export_dir / "SliMM_F.onnx"), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        ext = {e.key: e.value for e in init.external_data}
+        if "length" in ext:
+            total += int(ext["length"])
+        else:
+            total += len(init.raw_data) or len(onnx.numpy_helper.to_array(init).tobytes())
+    return total
+
+
+def machine_line(threads: int) -> str:
+    import numpy as np
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(
+            next(
+                x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+            ).split()[1]
+        )
+        mem = f", {kib / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores{mem}; {threads} threads; Python {platform.python_version()}, "
+            f"NumPy {np.__version__}, {platform.system()} {platform.release()}")  # fmt: skip
+
+
+def versions(backends: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    dists = {"torch": "torch", "onnx": "onnxruntime", "jax": "jax", "paddle": "paddlepaddle",
+             "mindspore": "mindspore", "transformers": "transformers"}  # fmt: skip
+    out = {}
+    for b in backends:
+        try:
+            out[dists[b]] = version(dists[b])
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from benchmarks import report
+    from benchmarks.measure import bandwidth_worker, worker
+
+    work = (args.work or default_work_dir()).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    art = Artefacts(work, args.variant, args.size, args)
+    rows = [(b, p) for p in args.precision for b in args.backends]
+    results: list[dict[str, Any]] = []
+    bar = tqdm(total=2 + 2 * len(rows), desc="bench", unit="step", file=sys.stderr)
+
+    bar.set_postfix_str("checkpoint and inputs")
+    ckpt = art.ensure("checkpoint", art.path("ckpt"), {"variant": args.variant, "size": args.size}, 3600)
+    if ckpt is None:
+        print(f"error: {art.failed[str(art.path('ckpt'))]}", file=sys.stderr)
+        return 2
+    workload = art.ensure("workload", art.workload_path(),
+                          {"src": str(ckpt), "image_size": list(args.image_size), "prompt_tokens": args.prompt_tokens},
+                          600)  # fmt: skip
+    if workload is None:
+        print(f"error: {art.failed[str(art.workload_path())]}", file=sys.stderr)
+        return 2
+    bar.update(1)
+
+    # build everything first, so that no build runs beside a measurement
+    plan = []
+    for backend, precision in rows:
+        bar.set_postfix_str(f"prepare {backend} {precision}")
+        reason = skip_reason(backend, precision, args.variant)
+        path = None
+        if reason is None:
+            path, reason = model_path(art, backend, precision, args.convert_timeout)
+        plan.append((backend, precision, path, reason))
+        bar.update(1)
+
+    bar.set_postfix_str("memory bandwidth")
+    bw = run_isolated(bandwidth_worker, {"threads": args.threads}, 600, thread_env(args.threads))
+    bandwidth = bw.get("read_bandwidth_bytes_per_s")
+    bar.update(1)
+
+    step_bytes: dict[str, int] = {}
+    for backend, precision, path, reason in plan:
+        bar.set_postfix_str(f"measure {backend} {precision}")
+        row: dict[str, Any] = {"backend": backend, "precision": precision}
+        if reason is not None:
+            row.update(status="skipped", reason=reason)
+        else:
+            spec = {"backend": backend, "precision": precision, "path": str(path), "workload": str(workload),
+                    "threads": args.threads, "decode_steps": args.decode_steps, "repeats": args.repeats}  # fmt: skip
+            row.update(run_isolated(worker, spec, args.timeout, thread_env(args.threads)))
+            row["path"] = str(path)
+            if row.get("status") == "failed" and row.get("traceback"):
+                print(f"\n{backend} {precision} failed:\n{row['traceback']}", file=sys.stderr)
+        # the roofline: bytes of decoder + lm_head weights one step reads at this precision
+        if row.get("status") == "ok":
+            if precision not in step_bytes:
+                src = art.path("onnx", precision)
+                if not src.exists():
+                    src = model_path(art, "onnx", precision, args.convert_timeout)[0]
+                step_bytes[precision] = decode_bytes(src) if src else 0
+            row["decode_bytes_per_step"] = step_bytes[precision] or None
+            if bandwidth and step_bytes[precision]:
+                row["roofline_tokens_per_s"] = bandwidth / step_bytes[precision]
+                row["roofline_fraction"] = row["decode"]["tokens_per_s"] / row["roofline_tokens_per_s"]
+        results.append(row)
+        bar.update(1)
+    bar.close()
+
+    meta = {
+        "machine": machine_line(args.threads),
+        "versions": versions(args.backends),
+        "read_bandwidth_bytes_per_s": bandwidth,
+        "size": args.size,
+        "variant": args.variant,
+        "image_size": list(args.image_size),
+        "prompt_tokens": args.prompt_tokens,
+        "decode_steps": args.decode_steps,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    report.compare(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = report.markdown(meta, results)
+    print(text)
+    (args.out / "table.md").write_text(text)
+    clean = [{k: v for k, v in r.items() if k != "traceback"} for r in results]
+    (args.out / "results.json").write_text(json.dumps({"meta": meta, "results": clean}, indent=2))
+    note = report.chart(meta, results, args.out / "chart.png")
+    print(note, file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

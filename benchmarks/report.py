@@ -1,0 +1,186 @@
+"""Benchmark results as a Markdown table (with the project's goals checked) and a PNG chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# (what, backend, precision, metric, peer backend, peer precision, bound, direction): the project's
+# targets, each a ratio of two measured rows; direction ">=" (faster) or "<=" (less time)
+GOALS = (
+    ("ONNX Runtime fp32 decode vs transformers", "onnx", "fp32", "decode", "transformers", "fp32", 2.2, ">="),
+    ("ONNX Runtime int8 decode vs transformers", "onnx", "int8", "decode", "transformers", "fp32", 6.0, ">="),
+    (
+        "ONNX Runtime int4 decode vs transformers",
+        "onnx",
+        "int4",
+        "decode",
+        "transformers",
+        "fp32",
+        10.0,
+        ">=",
+    ),
+    (
+        "ONNX Runtime vision encode time vs transformers",
+        "onnx",
+        "fp32",
+        "vision",
+        "transformers",
+        "fp32",
+        0.8,
+        "<=",
+    ),
+    (
+        "ONNX Runtime prefill tok/s vs transformers",
+        "onnx",
+        "fp32",
+        "prefill",
+        "transformers",
+        "fp32",
+        1.5,
+        ">=",
+    ),
+    ("JAX decode vs ONNX Runtime fp32", "jax", "fp32", "decode", "onnx", "fp32", 0.8, ">="),
+    ("Paddle decode vs ONNX Runtime fp32", "paddle", "fp32", "decode", "onnx", "fp32", 0.5, ">="),
+    ("MindSpore decode vs ONNX Runtime fp32", "mindspore", "fp32", "decode", "onnx", "fp32", 0.5, ">="),
+)
+MEMORY_BOUND = 1.5  # peak resident memory <= 1.5 x the bytes of weights the backend runs
+
+
+def _value(row: dict, metric: str) -> float:
+    if metric == "vision":
+        return row["vision"]["median_s"]
+    return row[metric]["tokens_per_s"]
+
+
+def compare(results: list[dict[str, Any]]) -> None:
+    """Add to each measured row: greedy tokens agreeing with torch at the same precision (leading
+    run), and peak memory as a multiple of weight bytes."""
+    ok = {(r["backend"], r["precision"]): r for r in results if r.get("status") == "ok"}
+    for r in ok.values():
+        ref = ok.get(("torch", r["precision"])) or ok.get(("torch", "fp32"))
+        if ref is not None and r is not ref:
+            same = 0
+            for a, b in zip(r["tokens"], ref["tokens"], strict=False):
+                if a != b:
+                    break
+                same += 1
+            r["tokens_agree_with_torch"] = same
+        if r.get("weight_bytes"):
+            r["peak_over_weights"] = r["peak_rss_bytes"] / r["weight_bytes"]
+
+
+def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    ok = {(r["backend"], r["precision"]): r for r in results if r.get("status") == "ok"}
+    out = []
+    for what, b, p, metric, peer_b, peer_p, bound, direction in GOALS:
+        row, peer = ok.get((b, p)), ok.get((peer_b, peer_p))
+        if row is None or peer is None:
+            continue
+        ratio = _value(row, metric) / _value(peer, metric)
+        met = ratio >= bound if direction == ">=" else ratio <= bound
+        out.append({"goal": what, "target": f"{direction} {bound}x", "ratio": ratio, "met": met})
+    for r in results:
+        if r.get("peak_over_weights") is not None:
+            x = r["peak_over_weights"]
+            out.append({"goal": f"{r['backend']} {r['precision']} peak memory vs weight bytes",
+                        "target": f"<= {MEMORY_BOUND}x", "ratio": x, "met": x <= MEMORY_BOUND})  # fmt: skip
+    return out
+
+
+def _gb(n: float | None) -> str:
+    return "" if n is None else f"{n / 1e9:.2f}"
+
+
+def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
+    bw = meta.get("read_bandwidth_bytes_per_s")
+    lines = [
+        f"SliMM {meta['variant']} {meta['size']} (random weights); image {meta['image_size'][0]}x{meta['image_size'][1]}, "
+        f"text prompt {meta['prompt_tokens']} tokens, {meta['decode_steps']} greedy decode steps, "
+        f"median of {meta['repeats']} after a warm-up",
+        f"Machine: {meta['machine']}",
+        f"Read bandwidth: {bw / 1e9:.1f} GB/s" if bw else "Read bandwidth: not measured",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        "| backend | precision | weights GB | peak RSS GB (x weights) | load s | compile s | vision encode s "
+        "| prefill tok/s | TTFT s | decode tok/s | roofline tok/s (%) | tokens = torch |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in results:
+        head = f"| {r['backend']} | {r['precision']} |"
+        if r.get("status") != "ok":
+            word = "skipped" if r.get("status") == "skipped" else r.get("status", "failed")
+            lines.append(f"{head} {word}: {r.get('reason', '')} |" + " |" * 10)
+            continue
+        roof = r.get("roofline_tokens_per_s")
+        roof_txt = f"{roof:.1f} ({100 * r['roofline_fraction']:.0f}%)" if roof else ""
+        agree = r.get("tokens_agree_with_torch")
+        agree_txt = "" if agree is None else f"{agree}/{len(r['tokens'])}"
+        peak = r["peak_rss_bytes"]
+        over = r.get("peak_over_weights")
+        lines.append(
+            f"{head} {_gb(r['weight_bytes'])} | {_gb(peak)} ({over:.2f}x) | {r['load_s']:.1f} | {r['compile_s']:.1f} "
+            f"| {r['vision']['median_s']:.3f} | {r['prefill']['tokens_per_s']:.1f} | {r['ttft']['median_s']:.3f} "
+            f"| {r['decode']['tokens_per_s']:.2f} | {roof_txt} | {agree_txt} |"
+        )
+    checked = goals(results)
+    if checked:
+        lines += ["", "| goal | target | measured | met |", "| --- | --- | ---: | --- |"]
+        for g in checked:
+            lines.append(
+                f"| {g['goal']} | {g['target']} | {g['ratio']:.2f}x | {'yes' if g['met'] else 'no'} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def chart(meta: dict[str, Any], results: list[dict[str, Any]], path: Path) -> str:
+    """Four panels (decode with its roofline, prefill, vision encode, memory); a note on what was
+    written. matplotlib is optional (the `bench` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "chart skipped: matplotlib is not installed (pip install 'slimm[bench]')"
+    rows = [r for r in results if r.get("status") == "ok"]
+    if not rows:
+        return "chart skipped: no backend was measured"
+    labels = [f"{r['backend']}\n{r['precision']}" for r in rows]
+    x = range(len(rows))
+    fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.4 * len(rows) + 4), 8))
+    ax = axes[0][0]
+    ax.bar(x, [r["decode"]["tokens_per_s"] for r in rows], color="tab:blue")
+    roof = [r.get("roofline_tokens_per_s") for r in rows]
+    if any(roof):
+        ax.scatter(x, [v or 0 for v in roof], marker="_", s=900, color="tab:red", label="bandwidth roofline")
+        ax.legend(loc="best", fontsize=8)
+    ax.set_title("decode tokens/s (median step)")
+    ax = axes[0][1]
+    ax.bar(x, [r["prefill"]["tokens_per_s"] for r in rows], color="tab:green")
+    ax.set_title(f"prefill tokens/s ({meta['prompt_tokens']}-token prompt)")
+    ax = axes[1][0]
+    ax.bar(x, [r["vision"]["median_s"] for r in rows], color="tab:orange")
+    ax.set_title(f"vision encode s ({meta['image_size'][0]}x{meta['image_size'][1]} image)")
+    ax = axes[1][1]
+    w = 0.4
+    ax.bar(
+        [i - w / 2 for i in x], [r["weight_bytes"] / 1e9 for r in rows], w, label="weights", color="tab:gray"
+    )
+    ax.bar(
+        [i + w / 2 for i in x],
+        [r["peak_rss_bytes"] / 1e9 for r in rows],
+        w,
+        label="peak RSS",
+        color="tab:purple",
+    )
+    ax.legend(fontsize=8)
+    ax.set_title("memory GB")
+    for a in axes.flat:
+        a.set_xticks(list(x))
+        a.set_xticklabels(labels, fontsize=8)
+    fig.suptitle(f"SliMM {meta['variant']} {meta['size']} (random weights) - {meta['machine']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"chart written to {path}"

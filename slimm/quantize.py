@@ -1,0 +1,216 @@
+"""Weight-only int8 / int4 quantization of an export directory, with ONNX Runtime's own operators.
+
+MatMuls with constant weights become `MatMulNBits` (ONNX Runtime's `MatMulNBitsQuantizer`), the
+token embedding's Gather becomes `GatherBlockQuantized`; activations stay float32. The result is
+another export directory (same manifest, parts and export id) that `slimm.load(..., "onnx")` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from slimm.errors import InputError
+from slimm.manifest import MANIFEST, PARTS, read_manifest
+
+PRECISIONS = {"int8": 8, "int4": 4}  # name -> bits per weight
+BLOCK_SIZE = 32  # weights per scale / zero point along the reduction axis
+# MatMulNBits' accuracy_level 4: activations quantized to int8 per block and int8 dot products
+# (MLAS's fastest CPU path here: see benchmarks/README.md); 0 keeps float32 activations
+ACCURACY_LEVEL = 4
+DEFAULT_PARTS = ("A", "F")  # token embedding; decoder projections and lm_head
+
+
+def _quantize_blocks_u8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Asymmetric uint8 quantization of a 2-D array in blocks of `block` along its last axis:
+    w ~ (q - zero_point) * scale. Returns q (rows, cols), scales and zero points (rows, cols/block)."""
+    rows, cols = w.shape
+    if cols % block:
+        raise InputError(f"cannot quantize a ({rows}, {cols}) table in blocks of {block}")
+    wb = w.reshape(rows, cols // block, block)
+    lo = np.minimum(wb.min(-1), 0.0)  # zero stays exactly representable
+    hi = np.maximum(wb.max(-1), 0.0)
+    scale = (hi - lo) / 255.0
+    scale[scale == 0] = 1.0
+    zero = np.clip(np.round(-lo / scale), 0, 255)
+    q = np.clip(np.round(wb / scale[..., None]) + zero[..., None], 0, 255)
+    return q.astype(np.uint8).reshape(rows, cols), scale.astype(np.float32), zero.astype(np.uint8)
+
+
+def _table_gathers(model) -> list[str]:
+    """Names of the Gathers that look rows up in a constant 2-D float table (token embeddings)."""
+    import onnx
+
+    inits = {i.name: i for i in model.graph.initializer}
+    names = []
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if (
+            table is not None
+            and len(table.dims) == 2
+            and axis == 0
+            and table.data_type == onnx.TensorProto.FLOAT
+        ):
+            names.append(node.name)
+    return names
+
+
+def _gather_int8(model, names: list[str], block: int) -> int:
+    """The named Gathers -> GatherBlockQuantized with bits=8. ONNX Runtime's quantizer only
+    writes 4-bit gathers; the operator itself also takes uint8 blocks."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    count = 0
+    for pos, node in enumerate(list(graph.node)):
+        if node.name not in names:
+            continue
+        table = inits[node.input[0]]
+        q, scale, zero = _quantize_blocks_u8(numpy_helper.to_array(table), block)
+        names = [table.name + "_Q8", table.name + "_scales", table.name + "_zero_points"]
+        graph.initializer.remove(table)
+        del inits[table.name]
+        graph.initializer.extend(
+            numpy_helper.from_array(a, n) for a, n in zip((q, scale, zero), names, strict=True)
+        )
+        new = helper.make_node(
+            "GatherBlockQuantized", [names[0], node.input[1], names[1], names[2]], list(node.output),
+            name=node.name + "_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+            block_size=block, bits=8,
+        )  # fmt: skip
+        graph.node.remove(node)
+        graph.node.insert(pos, new)
+        count += 1
+    return count
+
+
+def _allow_packed_ints(model) -> None:
+    """uint4 / uint8 block tensors with contrib ops: opset 21 and IR version 10 at least."""
+    _use_opset(model, "com.microsoft", 1)
+    _use_opset(model, "", max(21, _opset(model, "")))
+    model.ir_version = max(model.ir_version, 10)
+
+
+def _opset(model, domain: str) -> int:
+    return next((o.version for o in model.opset_import if o.domain == domain), 0)
+
+
+def _use_opset(model, domain: str, version: int) -> None:
+    for o in model.opset_import:
+        if o.domain == domain:
+            o.version = version
+            return
+    model.opset_import.add(domain=domain, version=version)
+
+
+def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE,
+                  accuracy_level: int = ACCURACY_LEVEL) -> dict[str, int]:  # fmt: skip
+    """One part file -> its quantized copy at `out` (weights in `out.name + '.data'`); returns how
+    many nodes of each kind were rewritten."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # the quantizer logs every node at INFO and warns about the opset bump it needs for int4
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.ERROR)
+    model = onnx.load(str(path))
+    before = {n.name for n in model.graph.node}
+    tables = _table_gathers(model)
+    if tables:
+        _allow_packed_ints(model)
+    gathers = _gather_int8(model, tables, block_size) if bits == 8 else 0
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=bits,
+        block_size=block_size,
+        is_symmetric=False,
+        accuracy_level=accuracy_level or None,
+        op_types_to_quantize=("MatMul",),
+        nodes_to_include=tables if bits == 4 else None,  # 4-bit gathers: the quantizer's own
+        quant_axes=(("MatMul", 0), ("Gather", 1)),  # blocks along the reduction axis / the row
+    )
+    quantizer.process()
+    model = quantizer.model.model
+    counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0}
+    for n in model.graph.node:
+        if n.op_type in counts and n.name not in before:
+            counts[n.op_type] += 1
+    counts["GatherBlockQuantized"] += gathers
+    data = out.name + ".data"
+    (out.parent / data).unlink(missing_ok=True)
+    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)  # fmt: skip
+    for f in (out, out.parent / data):
+        if f.exists():
+            f.chmod(0o644)
+    if (out.parent / data).exists() and (out.parent / data).stat().st_size == 0:
+        (out.parent / data).unlink()
+    return counts
+
+
+def quantize_export(
+    export_dir: str | Path,
+    out_dir: str | Path,
+    precision: str,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
+    block_size: int = BLOCK_SIZE,
+    accuracy_level: int = ACCURACY_LEVEL,
+    progress: bool = True,
+) -> Path:
+    """Write a weight-only quantized copy of a float32 export directory to `out_dir`.
+
+    `parts` are rewritten (their constant-weight MatMuls and Gathers), the others and every runtime
+    file are copied; manifest.json keeps the export id and records the precision and the settings.
+    """
+    from tqdm import tqdm
+
+    if precision not in PRECISIONS:
+        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"block size {block_size} must be a power of two >= 16")
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = read_manifest(export_dir)
+    if manifest.get("precision") != "fp32":
+        raise InputError(
+            f"{export_dir}: quantization starts from an fp32 export; this one is {manifest.get('precision')!r}"
+        )
+    if out_dir.resolve() == export_dir.resolve():
+        raise InputError("the quantized export needs its own directory (--out differs from the export)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bits = PRECISIONS[precision]
+    rewritten = {}
+    bar = tqdm(PARTS, desc=f"quantize {precision}", unit="part", disable=not progress, file=sys.stderr)
+    for part in bar:
+        entry = manifest["parts"][part]
+        src, dst = export_dir / entry["file"], out_dir / entry["file"]
+        bar.set_postfix_str(f"{part}: {entry['role']}")
+        if part in parts:
+            rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
+            entry["data"] = dst.name + ".data" if (out_dir / (dst.name + ".data")).exists() else None
+        else:
+            for name in (entry["file"], entry.get("data")):
+                if name:
+                    shutil.copyfile(export_dir / name, out_dir / name)
+    for name in manifest.get("files", []):
+        shutil.copyfile(export_dir / name, out_dir / name)
+    manifest.pop("config")  # read_manifest's parsed copy of "model"
+    manifest["precision"] = precision
+    manifest["quantization"] = {
+        "method": "weight-only, asymmetric, ONNX Runtime MatMulNBits / GatherBlockQuantized",
+        "bits": bits,
+        "block_size": block_size,
+        "accuracy_level": accuracy_level,
+        "rewritten": rewritten,
+        "source": str(export_dir.resolve()),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out_dir
