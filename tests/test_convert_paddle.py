@@ -20,7 +20,7 @@ onnx = pytest.importorskip("onnx")
 
 from slimm.convert import generate_source, import_generated  # noqa: E402
 from slimm.convert.paddle import TARGET  # noqa: E402
-from slimm.errors import CheckpointError  # noqa: E402
+from slimm.errors import CheckpointError, InputError  # noqa: E402
 from slimm.manifest import PARTS, part_file  # noqa: E402
 from slimm.vision_index import vision_host_inputs  # noqa: E402
 
@@ -435,8 +435,31 @@ def test_missing_directory_is_a_checkpoint_error(tmp_path):
         TARGET.load(tmp_path / "nowhere", "SliMM_F")
 
 
-def test_wrong_number_of_inputs_names_the_program_inputs(paddle_dir):
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "0 inputs given; the program takes 1"),
+        (
+            (np.zeros((1, 3), np.int32),),
+            "'position_ids' is int32\\[1, 3\\]; the program takes int64\\[\\?, \\?\\]",
+        ),
+        ((np.zeros(3, np.int64),), "'position_ids' is int64\\[3\\]"),
+    ],
+    ids=["count", "dtype", "rank"],
+)
+def test_wrong_inputs_are_input_errors_naming_the_input(paddle_dir, args, message):
     _, out, _ = paddle_dir("plain")
-    run = TARGET.load(out, "SliMM_E")
-    with pytest.raises(ValueError, match="position_ids"):
-        run()
+    with pytest.raises(InputError, match=message):
+        TARGET.load(out, "SliMM_E")(*args)
+
+
+def test_wrong_fixed_size_is_an_input_error(paddle_dir):
+    _, out, manifest = paddle_dir("plain")
+    width = manifest["parts"]["B"]["inputs"][0]["dims"][1]
+    feeds = make_feeds(manifest, "B", SHAPES[0], np.random.default_rng(0))
+    feeds["pixel_values"] = feeds["pixel_values"][:, : width - 1]
+    with pytest.raises(
+        InputError,
+        match=f"'pixel_values' is float32\\[24, {width - 1}\\]; the program takes float32\\[\\?, {width}\\]",
+    ):
+        TARGET.load(out, "SliMM_B")(*(feeds[n] for n, _, _ in io_names(manifest, "B")))
