@@ -272,7 +272,7 @@ def sized_cases() -> list:
     """(name, model, feeds): run-time sizes used as Expand / Slice / ConstantOfShape / Tile
     arguments and as a tensor."""
     from onnx import TensorProto, helper, numpy_helper
-    from test_convert_ops import f32, shape_fold_model
+    from test_convert_ops import OPSET, f32, shape_fold_model
 
     def node(op, ins, outs, **attrs):
         return helper.make_node(op, ins, outs, **attrs)
@@ -312,6 +312,18 @@ def sized_cases() -> list:
         "Tile-by-run-time-sizes": ([shape_y, node("Tile", ["z", "s"], ["o"])], TensorProto.FLOAT),
     }
     cases = [("shape-fold", shape_fold_model(), {"x": f32(3, 2, 6)})]
+    # a patch embedding: the kernel covers the whole (fixed-size) input, run as one matmul
+    patches, w, b = f32(5, 3, 2, 4, 4), f32(6, 3, 2, 4, 4), f32(6)
+    conv = helper.make_graph(
+        [node("Conv", ["x", "w", "b"], ["o"], strides=[2, 4, 4])],
+        "patch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 2, 4, 4])],
+        [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(conv, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 9
+    cases.append(("Conv-patch-embedding-as-matmul", model, {"x": patches}))
     for name, (nodes, out_type) in graphs.items():
         used = {i for n in nodes for i in n.input}
         feeds = {k: v for k, v in {"x": x, "y": y, "z": z}.items() if k in used}
