@@ -207,6 +207,25 @@ def test_save_replaces_an_older_artifact_and_leaves_files_readable(converted, tm
     check(TARGET.load(tmp_path, "SliMM_E")(feeds["position_ids"]), sess.run(None, feeds), ["cos", "sin"], "E")
 
 
+def test_graph_over_the_size_limit_is_saved_split_and_loads(converted, tmp_path, monkeypatch):
+    """Over 1 GB of parameters MindSpore writes <name>_graph.mindir + <name>_variables/data_*; the
+    limit lowered to 1 KB makes the tiny decoder take that path."""
+    import mindspore.train.serialization as serialization
+
+    onnx_dir, out, manifest = converted("plain")
+    _, prog = generate_source(onnx_dir / part_file("F"), "mindspore")
+    monkeypatch.setattr(serialization, "TOTAL_SAVE", 1)
+    files = TARGET.save(
+        import_generated(out / "gen_F.py"), prog.weights, io_names(manifest, "F"), tmp_path, "F"
+    )
+    assert files == ["F_graph.mindir", "F_variables/data_0"]
+    names = [name for name, _, _ in io_names(manifest, "F")]
+    feeds = make_feeds(manifest, "F", SHAPES[0], np.random.default_rng(3))
+    sess = ort.InferenceSession(str(onnx_dir / part_file("F")), providers=["CPUExecutionProvider"])
+    got = TARGET.load(tmp_path, "F")(*(feeds[n] for n in names))
+    check(got, sess.run(None, feeds), [t["name"] for t in manifest["parts"]["F"]["outputs"]], "split F")
+
+
 def test_generated_cell_holds_weights_as_parameters(converted):
     onnx_dir, out, _ = converted("plain")
     module = import_generated(out / "gen_F.py")

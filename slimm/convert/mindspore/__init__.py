@@ -20,9 +20,14 @@ CELL = "Model"  # the generated class
 _CONST_RE = re.compile(r"\bself\.(c_[0-9a-f]{12})\b")
 
 
+def ms_name(np_name: str) -> str:
+    """MindSpore's name for a NumPy dtype name (they differ only for bool)."""
+    return "bool_" if np_name == "bool" else np_name
+
+
 def ms_dtype(np_name: str) -> str:
     """Code for the MindSpore dtype of a NumPy dtype name."""
-    return "mindspore.bool_" if np_name == "bool" else f"mindspore.{np_name}"
+    return f"mindspore.{ms_name(np_name)}"
 
 
 class MindSporeTarget(Target):
@@ -102,7 +107,7 @@ class MindSporeTarget(Target):
         out_dir.mkdir(parents=True, exist_ok=True)
         cell = getattr(module, CELL)(weights)
         cell.set_train(False)
-        specs = [ms.Tensor(shape=list(dims), dtype=getattr(ms, _ms_name(dtype))) for _, dtype, dims in inputs]
+        specs = [ms.Tensor(shape=list(dims), dtype=getattr(ms, ms_name(dtype))) for _, dtype, dims in inputs]
         before = set(_artifact_files(out_dir, name))
         for stale in before:
             _remove(out_dir / stale)
@@ -120,10 +125,6 @@ class MindSporeTarget(Target):
 
     def to_numpy(self, x) -> np.ndarray:
         return x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
-
-
-def _ms_name(np_name: str) -> str:
-    return "bool_" if np_name == "bool" else np_name
 
 
 def _artifact_files(out_dir: Path, name: str) -> list[str]:
