@@ -61,14 +61,13 @@ def _table_gathers(model) -> list[str]:
     return names
 
 
-def _gather_int8(model, names: list[str], block: int) -> int:
+def _gather_int8(model, names: list[str], block: int) -> None:
     """The named Gathers -> GatherBlockQuantized with bits=8. ONNX Runtime's quantizer only
     writes 4-bit gathers; the operator itself also takes uint8 blocks."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    count = 0
     for pos, node in enumerate(list(graph.node)):
         if node.name not in names:
             continue
@@ -87,8 +86,6 @@ def _gather_int8(model, names: list[str], block: int) -> int:
         )  # fmt: skip
         graph.node.remove(node)
         graph.node.insert(pos, new)
-        count += 1
-    return count
 
 
 def _allow_packed_ints(model) -> None:
@@ -124,7 +121,8 @@ def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE
     tables = _table_gathers(model)
     if tables:
         _allow_packed_ints(model)
-    gathers = _gather_int8(model, tables, block_size) if bits == 8 else 0
+    if bits == 8:
+        _gather_int8(model, tables, block_size)
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=bits,
@@ -141,7 +139,6 @@ def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE
     for n in model.graph.node:
         if n.op_type in counts and n.name not in before:
             counts[n.op_type] += 1
-    counts["GatherBlockQuantized"] += gathers
     data = out.name + ".data"
     (out.parent / data).unlink(missing_ok=True)
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
