@@ -197,7 +197,7 @@ class Artefacts:
             return None
         if dest.exists():
             return dest
-        tmp = dest.with_name(dest.stem + ".tmp" + dest.suffix)  # inputs.npz -> inputs.tmp.npz
+        tmp = dest.with_name("tmp-" + dest.name)
         if tmp.is_dir():
             shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)

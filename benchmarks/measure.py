@@ -107,8 +107,11 @@ def artifact_bytes(model_dir: Path) -> int:
     for entry in manifest["parts"].values():
         names = entry.get("files") or [entry["file"], entry.get("data")]
         for name in names:
-            if name and (model_dir / name).is_file():
-                total += (model_dir / name).stat().st_size
+            path = model_dir / name if name else None
+            if path is not None and path.is_file():
+                total += path.stat().st_size
+            elif path is not None and path.is_dir():  # e.g. MindSpore's split variables of a large graph
+                total += sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     return total
 
 
