@@ -340,6 +340,16 @@ def op_models() -> list:
     return cases + sized_cases()
 
 
+def test_jit_load_takes_a_program_without_weights(paddle_dir):
+    onnx_dir, out, manifest = paddle_dir("plain")
+    feeds = make_feeds(manifest, "E", SHAPES[1], np.random.default_rng(4))
+    ref = ort.InferenceSession(str(onnx_dir / part_file("E")), providers=["CPUExecutionProvider"]).run(
+        None, feeds
+    )
+    assert (out / "SliMM_E.pdiparams").stat().st_size == 0
+    check(TARGET.load_layer(out, "SliMM_E")(feeds["position_ids"]), ref, ["cos", "sin"], "jit.load E")
+
+
 def test_op_cases_eagerly_and_through_the_saved_program(tmp_path):
     """The shared per-op cases, the paths they miss, and run-time sizes used as arguments: the eager
     Layer, then traced with every input size dynamic and run by the predictor (where run-time sizes

@@ -6,6 +6,8 @@ predictor. Loading an artifact needs numpy and paddle only.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -183,12 +185,18 @@ class PaddleTarget(Target):
         """The saved program through `paddle.jit.load` (a TranslatedLayer): a slower fallback."""
         import paddle
 
-        program, _ = _artifact_paths(Path(out_dir), name)
+        program, params = _artifact_paths(Path(out_dir), name)
+        read_program(program, params)
         try:
-            layer = paddle.jit.load(str(Path(out_dir) / name))
+            if params.stat().st_size:
+                layer = paddle.jit.load(str(Path(out_dir) / name))
+            else:  # jit.load refuses an empty weights file, but takes a program with none beside it
+                with tempfile.TemporaryDirectory() as tmp:
+                    shutil.copyfile(program, Path(tmp) / program.name)
+                    layer = paddle.jit.load(str(Path(tmp) / name))
         except Exception as e:  # noqa: BLE001 - Paddle raises several types for a bad file
             raise CheckpointError(
-                f"{program}: not a loadable Paddle program ({type(e).__name__}: {e})"
+                f"{program} with {params}: not a loadable Paddle program ({type(e).__name__}: {_first_line(e)})"
             ) from None
         layer.eval()
 
@@ -262,7 +270,9 @@ class Predictor:
                 f"{self.name}: {len(inputs)} inputs given; the program takes {len(self._ins)} ({self.input_names})"
             )
         for h, a, spec, n in zip(self._ins, inputs, self.specs, self.input_names, strict=True):
-            a = np.ascontiguousarray(a)
+            a = np.asarray(a)
+            if not a.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+                a = np.ascontiguousarray(a)
             if spec is not None and (
                 a.dtype != spec[0]
                 or a.ndim != len(spec[1])

@@ -91,9 +91,11 @@ def _conv(e, node):
     # ONNX lists all begins then all ends; Paddle takes one (begin, end) pair per axis, N and C included
     padding = begin if begin == end else [[0, 0], [0, 0]] + [[b, a] for b, a in zip(begin, end, strict=True)]
     bias = e.t(node.inputs[2]) if e.has(2) else "None"
-    spatial = (x.static.shape if x.is_static else (x.shape or ()))[2:]
-    if (list(spatial) == list(wshape[2:]) and not any(pads) and dil == [1] * n_sp
-            and node.attrs.get("group", 1) == 1):  # fmt: skip
+    spatial = list((x.static.shape if x.is_static else (x.shape or ()))[2:])
+    whole = len(spatial) == n_sp and all(
+        isinstance(d, int | np.integer) and d == k for d, k in zip(spatial, wshape[2:], strict=True)
+    )
+    if whole and not any(pads) and dil == [1] * n_sp and node.attrs.get("group", 1) == 1:
         # the kernel covers the whole input (a patch embedding): one matmul over flattened patches,
         # about 4x faster than Paddle's CPU conv3d here
         out, k = int(wshape[0]), int(np.prod(wshape[1:]))
