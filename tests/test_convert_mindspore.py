@@ -380,6 +380,13 @@ PATH_CASES = {
               [("w", _r(8, 16))]),
         [{"x": _r(2, 5, 8), "z": _r(3, 8)}, {"x": _r(1, 1, 8), "z": _r(7, 8)}],
     ),
+    # a Conv whose kernel covers its (reshaped, statically known) input: the patch embedding as a matmul
+    "conv3d-patch-embedding-as-matmul": (
+        graph([("Reshape", ["x", "s"], ["r"], {}), ("Conv", ["r", "w", "b"], ["y"], {"strides": [2, 4, 4]})],
+              [("x", np.float32, 2)], [("y", np.float32, 5)],
+              [("s", np.array([-1, 2, 2, 4, 4], np.int64)), ("w", _r(5, 2, 2, 4, 4)), ("b", _r(5))]),
+        [{"x": _r(3, 64)}, {"x": _r(7, 64)}],
+    ),
     "split-uneven-transpose-default-cumsum-both": (
         graph([("Split", ["x"], ["p", "q", "r"], {"axis": 1, "num_outputs": 3}), ("Transpose", ["p"], ["t"], {}),
                ("CumSum", ["r", "ax"], ["c"], {"exclusive": 1, "reverse": 1})],
