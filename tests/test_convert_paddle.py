@@ -47,7 +47,6 @@ def io_names(manifest: dict, part: str) -> list[tuple[str, str, list]]:
 def paddle_dir(exported, converted):
     """paddle_dir(variant) -> (ONNX export dir, `slimm convert` Paddle dir, ONNX manifest); the export
     and the conversion are the session's shared ones (each part converted once)."""
-
     pytest.importorskip("torch")  # the exporter
 
     def get(variant: str):
