@@ -112,6 +112,8 @@ def cmd_generate(args) -> int:
         kwargs["dtype"] = args.dtype
     if onnx_like:
         kwargs.update(threads=args.threads, opt_level=args.opt_level)
+    elif args.backend != "torch" and args.threads:
+        kwargs["threads"] = args.threads
     model = slimm.load(model_dir, backend=args.backend, **kwargs)
     if model.processor is None:
         raise InputError(f"{model_dir}: no tokenizer files, so a text prompt cannot be encoded")
@@ -229,7 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="token ids that end the answer (STOP_TOKEN, default 151643 151645)")  # fmt: skip
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="cpu (default), cuda, or auto: CUDA when the framework sees a GPU")  # fmt: skip
-    g.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads for ONNX Runtime / Paddle / MindSpore (default: the framework's)",
+    )
     g.add_argument("--opt-level", default="all", choices=["disable", "basic", "extended", "all"],
                    help="ONNX Runtime graph optimisation level (default all)")  # fmt: skip
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

@@ -155,7 +155,8 @@ def _range(e, node):
     args = []
     for v in node.inputs:
         if v.is_static:
-            args.append(e.sym(v.static.reshape(-1)[0]))
+            x = v.static.reshape(-1)[0]
+            args.append(repr(float(x)) if np.asarray(v.static).dtype.kind == "f" else e.sym(x))
         else:
             raise e.error("Range bounds must be known at conversion time (run-time sizes are fine)")
     dtype = node.outputs[0].dtype or "int64"
