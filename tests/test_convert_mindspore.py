@@ -42,29 +42,14 @@ def io_names(manifest: dict, part: str) -> list[tuple[str, str, list]]:
 
 
 @pytest.fixture(scope="session")
-def converted(demo_dir, tmp_path_factory):
-    """converted(variant) -> (ONNX export dir, MINDIR dir, manifest); every part converted once."""
-    from slimm.export import export_model
-
-    made = {}
+def mindir(exported, converted):
+    """mindir(variant) -> (ONNX export dir, converted MINDIR dir, export manifest), shared with the
+    other test modules through the session-wide fixtures."""
 
     def get(variant: str):
-        if variant not in made:
-            onnx_dir = export_model(
-                demo_dir(variant), tmp_path_factory.mktemp(f"onnx-{variant}"), max_seq_len=64, progress=False
-            )
-            manifest = json.loads((onnx_dir / "manifest.json").read_text())
-            out = tmp_path_factory.mktemp(f"mindir-{variant}")
-            for part in PARTS:
-                src, prog = generate_source(onnx_dir / part_file(part), "mindspore")
-                gen = out / f"gen_{part}.py"
-                gen.write_text(src)
-                inputs = io_names(manifest, part)
-                assert [v.name for v in prog.inputs] == [name for name, _, _ in inputs]
-                files = TARGET.save(import_generated(gen), prog.weights, inputs, out, f"SliMM_{part}")
-                assert files == [f"SliMM_{part}.mindir"]
-            made[variant] = (onnx_dir, out, manifest)
-        return made[variant]
+        onnx_dir = exported(variant)
+        out = converted("mindspore", variant)
+        return onnx_dir, out, json.loads((onnx_dir / "manifest.json").read_text())
 
     return get
 
@@ -121,8 +106,8 @@ def check(got: list, ref: list, names: list[str], what: str) -> None:
 
 @pytest.mark.parametrize("part", PARTS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_mindir_part_matches_onnxruntime_at_two_shapes(converted, variant, part):
-    onnx_dir, out, manifest = converted(variant)
+def test_mindir_part_matches_onnxruntime_at_two_shapes(mindir, variant, part):
+    onnx_dir, out, manifest = mindir(variant)
     run = TARGET.load(out, f"SliMM_{part}")
     sess = ort.InferenceSession(str(onnx_dir / part_file(part)), providers=["CPUExecutionProvider"])
     names = [name for name, _, _ in io_names(manifest, part)]
@@ -148,8 +133,8 @@ np.savez(sys.argv[3], *got)
 """
 
 
-def test_mindir_loads_without_onnx_onnxruntime_torch(converted, tmp_path):
-    onnx_dir, out, manifest = converted("v1")
+def test_mindir_loads_without_onnx_onnxruntime_torch(mindir, tmp_path):
+    onnx_dir, out, manifest = mindir("v1")
     names = [name for name, _, _ in io_names(manifest, "F")]
     feeds = make_feeds(manifest, "F", SHAPES[1], np.random.default_rng(5))
     np.savez(tmp_path / "in.npz", **{f"in{i}": feeds[n] for i, n in enumerate(names)})
@@ -179,8 +164,8 @@ def test_mindir_loads_without_onnx_onnxruntime_torch(converted, tmp_path):
     [None, b"", b"not a model\n", "truncated", "random"],
     ids=["missing", "empty", "text", "truncated", "random"],
 )
-def test_broken_mindir_is_a_checkpoint_error_naming_the_file(converted, tmp_path, content):
-    _, out, _ = converted("plain")
+def test_broken_mindir_is_a_checkpoint_error_naming_the_file(mindir, tmp_path, content):
+    _, out, _ = mindir("plain")
     path = tmp_path / "SliMM_E.mindir"
     if content == "truncated":
         content = (out / "SliMM_E.mindir").read_bytes()[:3000]
@@ -192,8 +177,8 @@ def test_broken_mindir_is_a_checkpoint_error_naming_the_file(converted, tmp_path
         TARGET.load(tmp_path, "SliMM_E")
 
 
-def test_save_replaces_an_older_artifact_and_leaves_files_readable(converted, tmp_path):
-    onnx_dir, _, manifest = converted("plain")
+def test_save_replaces_an_older_artifact_and_leaves_files_readable(mindir, tmp_path):
+    onnx_dir, _, manifest = mindir("plain")
     src, prog = generate_source(onnx_dir / part_file("E"), "mindspore")
     gen = tmp_path / "gen_E.py"
     gen.write_text(src)
@@ -207,16 +192,16 @@ def test_save_replaces_an_older_artifact_and_leaves_files_readable(converted, tm
     check(TARGET.load(tmp_path, "SliMM_E")(feeds["position_ids"]), sess.run(None, feeds), ["cos", "sin"], "E")
 
 
-def test_graph_over_the_size_limit_is_saved_split_and_loads(converted, tmp_path, monkeypatch):
+def test_graph_over_the_size_limit_is_saved_split_and_loads(mindir, tmp_path, monkeypatch):
     """Over 1 GB of parameters MindSpore writes <name>_graph.mindir + <name>_variables/data_*; the
     limit lowered to 1 KB makes the tiny decoder take that path."""
     import mindspore.train.serialization as serialization
 
-    onnx_dir, out, manifest = converted("plain")
+    onnx_dir, out, manifest = mindir("plain")
     _, prog = generate_source(onnx_dir / part_file("F"), "mindspore")
     monkeypatch.setattr(serialization, "TOTAL_SAVE", 1)
     files = TARGET.save(
-        import_generated(out / "gen_F.py"), prog.weights, io_names(manifest, "F"), tmp_path, "F"
+        import_generated(out / "SliMM_F.py"), prog.weights, io_names(manifest, "F"), tmp_path, "F"
     )
     assert files == ["F_graph.mindir", "F_variables/data_0"]
     names = [name for name, _, _ in io_names(manifest, "F")]
@@ -226,14 +211,14 @@ def test_graph_over_the_size_limit_is_saved_split_and_loads(converted, tmp_path,
     check(got, sess.run(None, feeds), [t["name"] for t in manifest["parts"]["F"]["outputs"]], "split F")
 
 
-def test_generated_cell_holds_weights_as_parameters(converted):
-    onnx_dir, out, _ = converted("plain")
-    module = import_generated(out / "gen_F.py")
+def test_generated_cell_holds_weights_as_parameters(mindir):
+    onnx_dir, out, _ = mindir("plain")
+    module = import_generated(out / "SliMM_F.py")
     _, prog = generate_source(onnx_dir / part_file("F"), "mindspore")
     cell = module.Model(prog.weights)
     params = {p.name for p in cell.get_parameters()}
     assert params == set(prog.weights) and params
-    assert "lambda" not in Path(out / "gen_F.py").read_text()  # graph mode parses the source
+    assert "lambda" not in Path(out / "SliMM_F.py").read_text()  # graph mode parses the source
 
 
 # ---- every op through MINDIR: the per-op cases exported with every dim dynamic -----------------------

@@ -159,7 +159,9 @@ def _range(e, node):
             args.append(repr(float(x)) if np.asarray(v.static).dtype.kind == "f" else e.sym(x))
         else:
             raise e.error("Range bounds must be known at conversion time (run-time sizes are fine)")
-    dtype = node.outputs[0].dtype or "int64"
+    dtype = (
+        node.outputs[0].dtype or np.asarray(node.inputs[0].static).dtype.name
+    )  # Range keeps its inputs' type
     e.out(f"jnp.arange({', '.join(args)}, dtype=jnp.{dtype})")
 
 
