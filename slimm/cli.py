@@ -149,10 +149,28 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    import shutil
+    import tempfile
+
     from slimm.export import export_model
 
-    out = export_model(args.model or demo_model_dir(), args.out, precision=args.precision, opset=args.opset,
-                       max_seq_len=args.max_seq_len)  # fmt: skip
+    model = args.model or demo_model_dir()
+    if args.precision in ("int8", "int4"):
+        # weight-only quantization rewrites an fp32 export (MatMulNBits / GatherBlockQuantized)
+        from slimm.quantize import quantize_export
+
+        tmp = Path(
+            tempfile.mkdtemp(prefix="slimm-fp32-", dir=args.out.parent if args.out.parent.exists() else None)
+        )
+        try:
+            export_model(model, tmp, opset=args.opset, max_seq_len=args.max_seq_len)
+            out = quantize_export(tmp, args.out, args.precision)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        out = export_model(
+            model, args.out, precision=args.precision, opset=args.opset, max_seq_len=args.max_seq_len
+        )
     print(f"wrote {out}: {', '.join(f'SliMM_{p}.onnx' for p in 'ABCDEF')} + manifest.json")
     return 0
 
@@ -174,6 +192,18 @@ def cmd_operators(args) -> int:
 
     sys.stdout.write(operators_markdown())
     return 0
+
+
+def _missing_bench(err: Exception) -> int:
+    raise InputError(
+        f"the benchmark suite (benchmarks/) is not importable here ({err}); install slimm from a checkout"
+    )
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.bench import run
+
+    return run(args)
 
 
 def cmd_demo_checkpoint(args) -> int:
@@ -253,8 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)"
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
-                   help="fp16 stores weights in float16 (half the size), computing in float32")  # fmt: skip
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+                   help="fp16 stores weights in float16, computing in float32; int8 / int4 quantize weights "
+                        "(ONNX Runtime's MatMulNBits, blocks of 32) for fast CPU decoding")  # fmt: skip
     e.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20; 18 or newer)")
     e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help=f"KV cache capacity and longest prompt + answer (default {DEFAULT_MAX_SEQ_LEN})")  # fmt: skip
@@ -283,6 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
         "generated from the converter registries.",
     )
     o.set_defaults(func=cmd_operators)
+
+    b = sub.add_parser(
+        "bench",
+        help="measure speed and memory of every backend on a random-weight checkpoint",
+        description="Build (or reuse) a random-weight checkpoint of the chosen size, export and convert it, and "
+        "time every backend on the same inputs (one subprocess each): vision encode, prefill, time to first "
+        "token, decode tokens/s against the memory-bandwidth roofline, compile time, peak memory. "
+        "Writes table.md, results.json and chart.png.",
+    )
+    try:  # the benchmark suite ships beside the package (benchmarks/), not inside it
+        from benchmarks.bench import add_arguments
+    except ImportError as e:
+        b.set_defaults(func=lambda args: _missing_bench(e))
+    else:
+        add_arguments(b)
+        b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser(
         "demo-checkpoint",
