@@ -118,6 +118,69 @@ class Emitter:
     def has(self, i: int) -> bool:
         return len(self.node.inputs) > i and self.node.inputs[i] is not None
 
+    # ---- ONNX semantics every target shares ------------------------------------------------------------
+    def rank(self, v: Value) -> int:
+        if v.is_static:
+            return v.static.ndim
+        if v.shape is None:
+            raise self.error(f"the rank of {v.name!r} is unknown at conversion time")
+        return len(v.shape)
+
+    def dims(self, v: Value) -> list:
+        """Sizes of a tensor as ints / Syms (sizes unknown here are read at run time)."""
+        if v.is_static:
+            return list(v.static.shape)
+        return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape or [])]
+
+    def slice_subscript(self) -> str:
+        """Slice (opset >= 10) as a Python subscript: Python slicing clamps out-of-range bounds as
+        ONNX does; bounds past +-INT64_MAX/2 mean "from / to the end" and are left empty (written
+        as numbers they overflow int32 index kernels)."""
+        node = self.node
+        rank = self.rank(node.inputs[0])
+        starts = self.ints(node.inputs[1], "Slice starts")
+        ends = self.ints(node.inputs[2], "Slice ends")
+        axes = self.ints(node.inputs[3], "Slice axes") if self.has(3) else list(range(len(starts)))
+        steps = self.ints(node.inputs[4], "Slice steps") if self.has(4) else [1] * len(starts)
+        big = np.iinfo(np.int64).max // 2
+        idx = [":"] * rank
+        for s, en, a, st in zip(starts, ends, axes, steps, strict=True):
+            if isinstance(st, Sym):
+                raise self.error("Slice steps must be known at conversion time")
+            a = a + rank if a < 0 else a
+            s_code = (
+                "" if (not isinstance(s, Sym) and ((st > 0 and s == 0) or abs(s) >= big)) else self.sym(s)
+            )
+            en_code = "" if (not isinstance(en, Sym) and abs(en) >= big) else self.sym(en)
+            idx[a] = f"{s_code}:{en_code}" + (f":{st}" if st != 1 else "")
+        return ", ".join(idx)
+
+    def split_sizes(self) -> tuple[int, list]:
+        """Split (opset >= 18): (axis, sizes); without sizes, num_outputs parts of ceil(n/k), the last
+        one smaller."""
+        node = self.node
+        x = node.inputs[0]
+        axis = node.attrs.get("axis", 0)
+        axis = axis + self.rank(x) if axis < 0 else axis
+        n = len(node.outputs)
+        if self.has(1):
+            return axis, self.ints(node.inputs[1], "Split sizes")
+        total = self.dims(x)[axis]
+        chunk = -(-total // n)
+        return axis, [chunk] * (n - 1) + [total - (n - 1) * chunk]
+
+    def split_subscripts(self) -> list[str]:
+        """One Python subscript per Split output."""
+        axis, sizes = self.split_sizes()
+        rank = self.rank(self.node.inputs[0])
+        out, start = [], 0
+        for size in sizes:
+            idx = [":"] * rank
+            idx[axis] = f"{self.sym(start)}:{self.sym(start + size)}"
+            out.append(", ".join(idx))
+            start = start + size
+        return out
+
     # ---- writing outputs --------------------------------------------------------------------------
     def out(self, expr: str, i: int = 0) -> None:
         self.lines.append(f"{self.node.outputs[i].var} = {expr}")
@@ -149,5 +212,7 @@ def generate(target: Target, prog: Program, trace: bool = False) -> str:
     dim_lines = [f"{d} = {target.dim(var, axis)}" for d, (var, axis) in prog.dims.items()]
     if trace:
         extra = [o for n in prog.nodes for o in n.outputs if o.var not in {v.var for v in prog.outputs}]
-        prog = Program(prog.name, prog.opset, prog.inputs, prog.outputs + extra, prog.weights, prog.nodes, prog.dims)
+        prog = Program(
+            prog.name, prog.opset, prog.inputs, prog.outputs + extra, prog.weights, prog.nodes, prog.dims
+        )
     return target.module(prog, em.lines, dim_lines)

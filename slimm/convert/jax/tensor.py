@@ -65,45 +65,14 @@ def _unsqueeze(e, node):
 
 @R.register("Slice", since=13)
 def _slice(e, node):
-    x = node.inputs[0]
-    rank = _rank(e, x)
-    starts = e.ints(node.inputs[1], "Slice starts")
-    ends = e.ints(node.inputs[2], "Slice ends")
-    axes = e.ints(node.inputs[3], "Slice axes") if e.has(3) else list(range(len(starts)))
-    steps = e.ints(node.inputs[4], "Slice steps") if e.has(4) else [1] * len(starts)
-    idx = [":"] * rank
-    big = np.iinfo(np.int64).max // 2
-    for s, en, a, st in zip(starts, ends, axes, steps, strict=True):
-        a = a + rank if a < 0 else a
-        # Python slicing clamps out-of-range bounds exactly as ONNX does; huge ends mean "to the end"
-        s_code = "" if (not isinstance(s, Sym) and ((st > 0 and s == 0) or abs(s) >= big)) else e.sym(s)
-        if not isinstance(en, Sym) and abs(en) >= big:
-            en_code = ""
-        else:
-            en_code = e.sym(en)
-        idx[a] = f"{s_code}:{en_code}" + (f":{e.sym(st)}" if st != 1 else "")
-    e.out(f"{e.t(x)}[{', '.join(idx)}]")
+    e.out(f"{e.t(node.inputs[0])}[{e.slice_subscript()}]")
 
 
 @R.register("Split", since=18)
 def _split(e, node):
-    x = node.inputs[0]
-    axis = node.attrs.get("axis", 0)
-    rank = _rank(e, x)
-    axis = axis + rank if axis < 0 else axis
-    n = len(node.outputs)
-    if e.has(1):
-        sizes = e.ints(node.inputs[1], "Split sizes")
-    else:
-        total = _dims(e, x)[axis]
-        chunk = -(-total // n)  # ceil: every part but the last has this size
-        sizes = [chunk] * (n - 1) + [total - (n - 1) * chunk]
-    start = 0
-    for i, size in enumerate(sizes):
-        idx = [":"] * rank
-        idx[axis] = f"{e.sym(start)}:{e.sym(start + size)}"
-        e.out(f"{e.t(x)}[{', '.join(idx)}]", i)
-        start = start + size
+    x = e.t(node.inputs[0])
+    for i, sub in enumerate(e.split_subscripts()):
+        e.out(f"{x}[{sub}]", i)
 
 
 @R.register("Expand", since=8)
