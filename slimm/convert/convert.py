@@ -39,10 +39,11 @@ def sample_inputs(manifest: dict, part: str, seed: int = 0) -> dict[str, np.ndar
     rng = np.random.default_rng(seed)
     specs = manifest["parts"][part]["inputs"]
     if part == "B":
-        grid = np.array([[1, 4, 6]])
+        tokens = SAMPLE_SIZES["tokens"]  # even, so Efficient's 2x2 groups fit
+        grid = np.array([[1, 4, tokens]])
         host = vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, grid)
         width = specs[0]["dims"][1]
-        return {"pixel_values": rng.standard_normal((24, width)).astype(np.float32), **host}
+        return {"pixel_values": rng.standard_normal((4 * tokens, width)).astype(np.float32), **host}
     out = {}
     for t in specs:
         dims = []
