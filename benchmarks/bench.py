@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.measure import FRAMEWORKS
+from benchmarks.measure import FRAMEWORKS, PHASES
 
 SIZES = ("tiny", "0.5b", "2b")
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-steps", type=_positive, default=32, help="greedy decode steps (eos disabled)")
     p.add_argument("--repeats", type=_positive, default=3, help="timed calls per phase after a warm-up")
     p.add_argument("--threads", type=_positive, default=2, help="intra-op threads for every framework")
+    p.add_argument("--rounds", type=_positive, default=1,
+                   help="measure every backend this many times, round-robin, each in a fresh process; "
+                        "per phase the best round is kept (for shared, noisy machines)")  # fmt: skip
     p.add_argument("--work", type=Path, default=None,
                    help="cache of checkpoints / exports / conversions, reused across runs "
                         "(default: $SLIMM_CACHE/bench or ~/.cache/slimm/bench)")  # fmt: skip
@@ -93,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=_positive, default=1800, help="seconds one backend's measurement may take"
     )
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="stop a backend whose resident memory passes this (default: 90%% of the memory "
+                        "available at start)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,9 +108,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- subprocesses ---------------------------------------------------------------------------------------
-def run_isolated(target, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None) -> dict:
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def run_isolated(target, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None,
+                 memory_limit: int | None = None) -> dict:  # fmt: skip
     """Run `target(spec, result_path)` in a fresh (spawned) process; its JSON result, or a failure
-    naming the exit status / the timeout. A fresh process per job keeps peak memory its own."""
+    naming the exit status / the timeout / the memory limit. A fresh process per job keeps peak
+    memory its own; the limit stops a runaway job before the kernel's OOM killer picks a victim
+    on a shared machine."""
     ctx = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="slimm-bench-") as tmp:
         result = Path(tmp) / "result.json"
@@ -119,14 +148,26 @@ def run_isolated(target, spec: dict[str, Any], timeout: float, env: dict[str, st
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        proc.join(timeout)
+        start, over = time.monotonic(), None
+        while proc.is_alive() and time.monotonic() - start < timeout:
+            proc.join(0.25)
+            if memory_limit and proc.is_alive() and _rss(proc.pid) > memory_limit:
+                over = f"stopped at the memory limit ({memory_limit / 1e9:.1f} GB resident)"
+                proc.kill()
         if proc.is_alive():
             proc.kill()
             proc.join()
             return {"status": "timeout", "reason": f"took more than {timeout:.0f} s"}
+        proc.join()
+        died = over or f"process exited with status {proc.exitcode}" + (
+            " (killed: out of memory?)" if proc.exitcode == -9 else ""
+        )
         if result.exists():
-            return json.loads(result.read_text())
-        return {"status": "failed", "reason": f"process exited with status {proc.exitcode} (out of memory?)"}
+            out = json.loads(result.read_text())
+            if out.get("status") == "running":  # killed mid-way: keep what it had measured
+                out.update(status="failed", reason=f"{died} during {out.get('phase')}")
+            return out
+        return {"status": "failed", "reason": died}
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -308,6 +349,25 @@ def versions(backends: list[str]) -> dict[str, str]:
     return out
 
 
+def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds of the same backend: per phase the round with the lowest
+    median (the least disturbed by the machine's other load), the highest peak memory."""
+    ok = [r for r in runs if r.get("status") == "ok"] or [r for r in runs if "load_s" in r]
+    if not ok:
+        return runs[0]
+    out = dict(ok[0])
+    for phase in PHASES:
+        done = [r[phase] for r in ok if phase in r]
+        if done:
+            out[phase] = min(done, key=lambda p: p["median_s"])
+    for key in ("compile_s", "load_s"):
+        if all(key in r for r in ok):
+            out[key] = min(r[key] for r in ok)
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in ok)
+    out["rounds"] = len(ok)
+    return out
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
@@ -320,7 +380,7 @@ def run(args: argparse.Namespace) -> int:
     art = Artefacts(work, args.variant, args.size, args)
     rows = [(b, p) for p in args.precision for b in args.backends]
     results: list[dict[str, Any]] = []
-    bar = tqdm(total=2 + 2 * len(rows), desc="bench", unit="step", file=sys.stderr)
+    bar = tqdm(total=2 + len(rows) * (1 + args.rounds), desc="bench", unit="step", file=sys.stderr)
 
     bar.set_postfix_str("checkpoint and inputs")
     ckpt = art.ensure("checkpoint", art.path("ckpt"), {"variant": args.variant, "size": args.size}, 3600)
@@ -351,32 +411,47 @@ def run(args: argparse.Namespace) -> int:
     bandwidth = bw.get("read_bandwidth_bytes_per_s")
     bar.update(1)
 
-    step_bytes: dict[str, int] = {}
-    for backend, precision, path, reason in plan:
-        bar.set_postfix_str(f"measure {backend} {precision}")
-        row: dict[str, Any] = {"backend": backend, "precision": precision}
-        if reason is not None:
-            row.update(status="skipped", reason=reason)
-        else:
+    avail = available_memory()
+    memory_limit = (
+        int(args.memory_limit * 1e9) if args.memory_limit else (int(0.9 * avail) if avail else None)
+    )
+    runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(plan))}
+    for rnd in range(args.rounds):
+        for i, (backend, precision, path, reason) in enumerate(plan):
+            bar.set_postfix_str(
+                f"measure {backend} {precision}" + (f" (round {rnd + 1})" if args.rounds > 1 else "")
+            )
+            if reason is not None:
+                if rnd == 0:
+                    runs[i].append({"status": "skipped", "reason": reason})
+                bar.update(1)
+                continue
             spec = {"backend": backend, "precision": precision, "path": str(path), "workload": str(workload),
                     "threads": args.threads, "decode_steps": args.decode_steps, "repeats": args.repeats}  # fmt: skip
-            row.update(run_isolated(worker, spec, args.timeout, thread_env(args.threads)))
+            res = run_isolated(worker, spec, args.timeout, thread_env(args.threads), memory_limit)
+            if res.get("status") == "failed" and res.get("traceback"):
+                print(f"\n{backend} {precision} failed:\n{res['traceback']}", file=sys.stderr)
+            runs[i].append(res)
+            bar.update(1)
+
+    step_bytes: dict[str, int] = {}
+    for i, (backend, precision, path, _) in enumerate(plan):
+        row: dict[str, Any] = {"backend": backend, "precision": precision, **merge_rounds(runs[i])}
+        if path is not None:
             row["path"] = str(path)
-            if row.get("status") == "failed" and row.get("traceback"):
-                print(f"\n{backend} {precision} failed:\n{row['traceback']}", file=sys.stderr)
         # the roofline: bytes of decoder + lm_head weights one step reads at this precision
-        if row.get("status") == "ok":
+        if "decode" in row:
             if precision not in step_bytes:
                 src = art.path("onnx", precision)
                 if not src.exists():
                     src = model_path(art, "onnx", precision, args.convert_timeout)[0]
                 step_bytes[precision] = decode_bytes(src) if src else 0
             row["decode_bytes_per_step"] = step_bytes[precision] or None
-            if bandwidth and step_bytes[precision]:
-                row["roofline_tokens_per_s"] = bandwidth / step_bytes[precision]
+            row_bw = row["decode"].get("read_bandwidth_bytes_per_s") or bandwidth
+            if row_bw and step_bytes[precision]:
+                row["roofline_tokens_per_s"] = row_bw / step_bytes[precision]
                 row["roofline_fraction"] = row["decode"]["tokens_per_s"] / row["roofline_tokens_per_s"]
         results.append(row)
-        bar.update(1)
     bar.close()
 
     meta = {
@@ -389,6 +464,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_tokens": args.prompt_tokens,
         "decode_steps": args.decode_steps,
         "repeats": args.repeats,
+        "rounds": args.rounds,
         "threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -27,6 +27,7 @@ FRAMEWORKS = {
     "transformers": "transformers",
 }
 JIT_BACKENDS = ("jax", "paddle", "mindspore")  # compile per input shape on the first call
+PHASES = ("prefill", "decode", "vision", "ttft")
 
 
 # ---- the workload every backend runs --------------------------------------------------------------------
@@ -157,30 +158,26 @@ def _phase(times: list[float]) -> dict[str, Any]:
     }
 
 
-def run_measurements(runner, work: dict, decode_steps: int, repeats: int) -> dict[str, Any]:
+def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: dict, save) -> None:
+    """Fill `res` phase by phase, calling `save()` after each: a process killed later (out of
+    memory) still reports what it measured. Text prefill and decode come first: they need the
+    LLM only; the vision encoder's phases follow."""
     text, image = work["text"], work["image"]
     P = text["input_ids"].shape[1]
     L = image["input_ids"].shape[1]
-    res: dict[str, Any] = {"prompt_tokens": P, "image_prompt_tokens": L, "decode_steps": decode_steps}
+    res.update(prompt_tokens=P, image_prompt_tokens=L, decode_steps=decode_steps)
 
-    pixels, grid = image["pixel_values"], image["image_grid_thw"]
-    res["vision"] = _phase([_timed(runner.encode, pixels, grid)[0] for _ in range(repeats + 1)])
-    res["vision"]["patches"] = int(pixels.shape[0])
-
+    res["phase"] = "prefill"
     res["prefill"] = _phase(
         [_timed(runner.prefill, text, P + decode_steps + 1)[0] for _ in range(repeats + 1)]
     )
     res["prefill"]["tokens_per_s"] = P / res["prefill"]["median_s"]
+    save()
 
-    ttft = []
-    for _ in range(repeats + 1):
-        t = time.perf_counter()
-        logits = runner.prefill(image, L + decode_steps + 1)
-        token = logits.argmax(-1).astype(np.int64)
-        ttft.append(time.perf_counter() - t)
-    res["ttft"] = _phase(ttft)
-
-    # greedy decode after the last image prefill; every backend runs exactly decode_steps steps
+    # greedy decode after the last text prefill; every backend runs exactly decode_steps steps
+    res["phase"] = "decode"
+    logits = runner.prefill(text, P + decode_steps + 1)
+    token = logits.argmax(-1).astype(np.int64)
     tokens, steps = [int(token[0])], []
     for _ in range(decode_steps):
         dt, logits = _timed(runner.decode, token)
@@ -190,15 +187,38 @@ def run_measurements(runner, work: dict, decode_steps: int, repeats: int) -> dic
     res["decode"] = _phase(steps)
     res["decode"]["tokens_per_s"] = 1.0 / res["decode"]["median_s"]
     res["tokens"] = tokens
-    res["compile_s"] = sum(res[k]["warmup_excess_s"] for k in ("vision", "prefill", "ttft", "decode"))
-    return res
+    save()
+
+    res["phase"] = "vision encode"
+    pixels, grid = image["pixel_values"], image["image_grid_thw"]
+    res["vision"] = _phase([_timed(runner.encode, pixels, grid)[0] for _ in range(repeats + 1)])
+    res["vision"]["patches"] = int(pixels.shape[0])
+    save()
+
+    res["phase"] = "time to first token"
+    ttft = []
+    for _ in range(repeats + 1):
+        t = time.perf_counter()
+        runner.prefill(image, L + decode_steps + 1).argmax(-1)
+        ttft.append(time.perf_counter() - t)
+    res["ttft"] = _phase(ttft)
+    res["compile_s"] = sum(res[k]["warmup_excess_s"] for k in PHASES)
+    del res["phase"]
 
 
 def worker(spec: dict[str, Any], result_path: str) -> None:
-    """Entry point of a benchmark subprocess: measure one backend, write JSON to `result_path`."""
+    """Entry point of a benchmark subprocess: measure one backend, write JSON to `result_path`
+    (after every phase, so that a parent finds what was measured even if this process is killed)."""
     import traceback
 
-    out: dict[str, Any] = {"backend": spec["backend"], "precision": spec["precision"]}
+    out: dict[str, Any] = {"backend": spec["backend"], "precision": spec["precision"], "status": "running"}
+
+    def save() -> None:
+        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        tmp = Path(result_path + ".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(result_path)
+
     try:
         if spec["backend"] == "paddle":
             import importlib.util
@@ -206,38 +226,49 @@ def worker(spec: dict[str, Any], result_path: str) -> None:
             # MindSpore and Paddle each ship a libdnnl; MindSpore only loads if its copy comes first
             if importlib.util.find_spec("mindspore"):
                 import mindspore  # noqa: F401
+        out["phase"] = "load"
         t0 = time.perf_counter()
         runner = load_runner(spec["backend"], Path(spec["path"]), spec["precision"], spec["threads"])
         out["load_s"] = time.perf_counter() - t0
         out["weight_bytes"] = runner.weight_bytes()
-        out.update(run_measurements(runner, load_workload(Path(spec["workload"])), spec["decode_steps"],
-                                    spec["repeats"]))  # fmt: skip
+        save()
+        work = load_workload(Path(spec["workload"]))
+        run_measurements(runner, work, spec["decode_steps"], spec["repeats"], out, save)
         out["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure becomes a row that says why
         out["status"] = "failed"
-        out["reason"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        out["reason"] = f"{type(e).__name__} in {out.get('phase')}: {e}".splitlines()[0][:300]
         out["traceback"] = traceback.format_exc()
-    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    Path(result_path).write_text(json.dumps(out))
+    save()  # peak memory read here, before the bandwidth probe below allocates anything
+    if "decode" in out:
+        # the machine's speed drifts with its neighbours' load: each row's roofline uses the
+        # bandwidth measured in its own process, right after its measurements
+        out["decode"]["read_bandwidth_bytes_per_s"] = read_bandwidth(0.5, spec["threads"], 3)
+        Path(result_path).write_text(json.dumps(out))  # peak memory as saved above
 
 
 # ---- the roofline's bandwidth --------------------------------------------------------------------------
-def read_bandwidth(gib: float = 1.5, threads: int = 2, repeats: int = 5) -> float:
-    """Sustained read bandwidth, bytes/s: `threads` threads each summing their share of one
-    float32 array (NumPy releases the GIL in reductions); best of `repeats` passes."""
+def read_bandwidth(gib: float = 1.0, threads: int = 2, repeats: int = 5) -> float:
+    """Sustained read bandwidth, bytes/s, over one float32 array far larger than any cache: best of
+    a matrix-vector product (decode's own access pattern; BLAS uses the threads the environment
+    allows) and `threads` threads each taking the max of their share (NumPy releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
     a = np.ones(int(gib * 2**30) // 4, np.float32)  # written once: every page is resident
+    matrix, x = a.reshape(-1, 1024), np.ones(1024, np.float32)
     chunks = np.array_split(a, threads)
     best = float("inf")
     with ThreadPoolExecutor(threads) as pool:
         for _ in range(repeats):
             t = time.perf_counter()
-            list(pool.map(np.sum, chunks))
+            matrix @ x
+            best = min(best, time.perf_counter() - t)
+            t = time.perf_counter()
+            list(pool.map(np.max, chunks))
             best = min(best, time.perf_counter() - t)
     return a.nbytes / best
 
 
 def bandwidth_worker(spec: dict[str, Any], result_path: str) -> None:
-    bw = read_bandwidth(spec.get("gib", 1.5), spec["threads"])
+    bw = read_bandwidth(spec.get("gib", 1.0), spec["threads"])
     Path(result_path).write_text(json.dumps({"read_bandwidth_bytes_per_s": bw}))

@@ -47,19 +47,26 @@ GOALS = (
 MEMORY_BOUND = 1.5  # peak resident memory <= 1.5 x the bytes of weights the backend runs
 
 
-def _value(row: dict, metric: str) -> float:
+def _value(row: dict, metric: str) -> float | None:
+    if metric not in row:
+        return None
     if metric == "vision":
         return row["vision"]["median_s"]
     return row[metric]["tokens_per_s"]
 
 
+def _measured(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict]:
+    """Rows that measured something (complete, or killed after some phases)."""
+    return {(r["backend"], r["precision"]): r for r in results if "load_s" in r}
+
+
 def compare(results: list[dict[str, Any]]) -> None:
     """Add to each measured row: greedy tokens agreeing with torch at the same precision (leading
     run), and peak memory as a multiple of weight bytes."""
-    ok = {(r["backend"], r["precision"]): r for r in results if r.get("status") == "ok"}
+    ok = _measured(results)
     for r in ok.values():
         ref = ok.get(("torch", r["precision"])) or ok.get(("torch", "fp32"))
-        if ref is not None and r is not ref:
+        if ref is not None and r is not ref and "tokens" in r and "tokens" in ref:
             same = 0
             for a, b in zip(r["tokens"], ref["tokens"], strict=False):
                 if a != b:
@@ -71,17 +78,17 @@ def compare(results: list[dict[str, Any]]) -> None:
 
 
 def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    ok = {(r["backend"], r["precision"]): r for r in results if r.get("status") == "ok"}
+    ok = _measured(results)
     out = []
     for what, b, p, metric, peer_b, peer_p, bound, direction in GOALS:
         row, peer = ok.get((b, p)), ok.get((peer_b, peer_p))
-        if row is None or peer is None:
+        if row is None or peer is None or _value(row, metric) is None or _value(peer, metric) is None:
             continue
         ratio = _value(row, metric) / _value(peer, metric)
         met = ratio >= bound if direction == ">=" else ratio <= bound
         out.append({"goal": what, "target": f"{direction} {bound}x", "ratio": ratio, "met": met})
     for r in results:
-        if r.get("peak_over_weights") is not None:
+        if r.get("peak_over_weights") is not None and r.get("status") == "ok":
             x = r["peak_over_weights"]
             out.append({"goal": f"{r['backend']} {r['precision']} peak memory vs weight bytes",
                         "target": f"<= {MEMORY_BOUND}x", "ratio": x, "met": x <= MEMORY_BOUND})  # fmt: skip
@@ -97,32 +104,48 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     lines = [
         f"SliMM {meta['variant']} {meta['size']} (random weights); image {meta['image_size'][0]}x{meta['image_size'][1]}, "
         f"text prompt {meta['prompt_tokens']} tokens, {meta['decode_steps']} greedy decode steps, "
-        f"median of {meta['repeats']} after a warm-up",
+        f"median of {meta['repeats']} after a warm-up"
+        + (f", best of {meta['rounds']} rounds" if meta.get("rounds", 1) > 1 else ""),
         f"Machine: {meta['machine']}",
-        f"Read bandwidth: {bw / 1e9:.1f} GB/s" if bw else "Read bandwidth: not measured",
+        f"Read bandwidth before the measurements: {bw / 1e9:.1f} GB/s (each row's roofline uses its own, "
+        "measured right after its decode steps)"
+        if bw
+        else "Read bandwidth: not measured",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
         "| backend | precision | weights GB | peak RSS GB (x weights) | load s | compile s | vision encode s "
-        "| prefill tok/s | TTFT s | decode tok/s | roofline tok/s (%) | tokens = torch |",
+        "| prefill tok/s | TTFT s | decode tok/s | roofline tok/s @ bandwidth (% reached) | tokens = torch |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    notes = []
     for r in results:
         head = f"| {r['backend']} | {r['precision']} |"
-        if r.get("status") != "ok":
+        if "load_s" not in r:
             word = "skipped" if r.get("status") == "skipped" else r.get("status", "failed")
             lines.append(f"{head} {word}: {r.get('reason', '')} |" + " |" * 10)
             continue
-        roof = r.get("roofline_tokens_per_s")
-        roof_txt = f"{roof:.1f} ({100 * r['roofline_fraction']:.0f}%)" if roof else ""
+        if r.get("status") != "ok":
+            notes.append(f"- {r['backend']} {r['precision']}: {r.get('status')}: {r.get('reason', '')}; "
+                         "blank cells were not measured; peak memory is as of its last finished phase")  # fmt: skip
+        cells = [_gb(r["weight_bytes"]), f"{_gb(r['peak_rss_bytes'])} ({r['peak_rss_bytes'] / r['weight_bytes']:.2f}x)",
+                 f"{r['load_s']:.1f}", f"{r['compile_s']:.1f}" if "compile_s" in r else ""]  # fmt: skip
+        cells.append(f"{r['vision']['median_s']:.3f}" if "vision" in r else "")
+        cells.append(f"{r['prefill']['tokens_per_s']:.1f}" if "prefill" in r else "")
+        cells.append(f"{r['ttft']['median_s']:.3f}" if "ttft" in r else "")
+        roof_txt = ""
+        if "decode" in r:
+            cells.append(f"{r['decode']['tokens_per_s']:.2f}")
+            roof, bw = r.get("roofline_tokens_per_s"), r["decode"].get("read_bandwidth_bytes_per_s")
+            at = f" @ {bw / 1e9:.0f} GB/s" if bw else ""
+            roof_txt = f"{roof:.1f}{at} ({100 * r['roofline_fraction']:.0f}%)" if roof else ""
+        else:
+            cells.append("")
+        cells.append(roof_txt)
         agree = r.get("tokens_agree_with_torch")
-        agree_txt = "" if agree is None else f"{agree}/{len(r['tokens'])}"
-        peak = r["peak_rss_bytes"]
-        over = r.get("peak_over_weights")
-        lines.append(
-            f"{head} {_gb(r['weight_bytes'])} | {_gb(peak)} ({over:.2f}x) | {r['load_s']:.1f} | {r['compile_s']:.1f} "
-            f"| {r['vision']['median_s']:.3f} | {r['prefill']['tokens_per_s']:.1f} | {r['ttft']['median_s']:.3f} "
-            f"| {r['decode']['tokens_per_s']:.2f} | {roof_txt} | {agree_txt} |"
-        )
+        cells.append("" if agree is None else f"{agree}/{len(r['tokens'])}")
+        lines.append(f"{head} " + " | ".join(cells) + " |")
+    if notes:
+        lines += ["", *notes]
     checked = goals(results)
     if checked:
         lines += ["", "| goal | target | measured | met |", "| --- | --- | ---: | --- |"]
@@ -143,7 +166,7 @@ def chart(meta: dict[str, Any], results: list[dict[str, Any]], path: Path) -> st
         import matplotlib.pyplot as plt
     except ImportError:
         return "chart skipped: matplotlib is not installed (pip install 'slimm[bench]')"
-    rows = [r for r in results if r.get("status") == "ok"]
+    rows = [r for r in results if all(k in r for k in ("decode", "prefill", "vision"))]
     if not rows:
         return "chart skipped: no backend was measured"
     labels = [f"{r['backend']}\n{r['precision']}" for r in rows]
