@@ -168,6 +168,7 @@ def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: d
     res.update(prompt_tokens=P, image_prompt_tokens=L, decode_steps=decode_steps)
 
     res["phase"] = "prefill"
+    save()
     res["prefill"] = _phase(
         [_timed(runner.prefill, text, P + decode_steps + 1)[0] for _ in range(repeats + 1)]
     )
@@ -176,6 +177,7 @@ def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: d
 
     # greedy decode after the last text prefill; every backend runs exactly decode_steps steps
     res["phase"] = "decode"
+    save()
     logits = runner.prefill(text, P + decode_steps + 1)
     token = logits.argmax(-1).astype(np.int64)
     tokens, steps = [int(token[0])], []
@@ -190,12 +192,14 @@ def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: d
     save()
 
     res["phase"] = "vision encode"
+    save()
     pixels, grid = image["pixel_values"], image["image_grid_thw"]
     res["vision"] = _phase([_timed(runner.encode, pixels, grid)[0] for _ in range(repeats + 1)])
     res["vision"]["patches"] = int(pixels.shape[0])
     save()
 
     res["phase"] = "time to first token"
+    save()
     ttft = []
     for _ in range(repeats + 1):
         t = time.perf_counter()
