@@ -164,13 +164,18 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
 
     path = Path(path)
     try:
-        model = onnx.load(str(path))
+        # shape inference serializes the model: weights stay outside it (parts over 2 GB)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf and file errors of several kinds
         raise ConversionError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # noqa: BLE001
         raise ConversionError(f"{path}: ONNX shape inference failed ({e})") from None
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as e:  # noqa: BLE001
+        raise ConversionError(f"{path}: cannot read its external weights ({type(e).__name__}: {e})") from None
     g = model.graph
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
