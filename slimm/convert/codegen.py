@@ -155,6 +155,13 @@ class Emitter:
             idx[a] = f"{s_code}:{en_code}" + (f":{st}" if st != 1 else "")
         return ", ".join(idx)
 
+    def reduce_axes(self) -> list | None:
+        """Reduce* axes: an input from opset 18 (ReduceSum from 13), an attribute before; None
+        means every axis (or none, with noop_with_empty_axes)."""
+        if self.has(1):
+            return self.ints(self.node.inputs[1], "reduction axes")
+        return self.node.attrs.get("axes")
+
     def split_sizes(self) -> tuple[int, list]:
         """Split (opset >= 18): (axis, sizes); without sizes, num_outputs parts of ceil(n/k), the last
         one smaller."""

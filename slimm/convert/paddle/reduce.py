@@ -21,18 +21,8 @@ def _reduce(e, node, axes):
 
 
 @R.register(*REDUCE, since=1)
-def _reduce_attr_axes(e, node):  # axes as an attribute (before opset 18; ReduceSum before 13)
-    _reduce(e, node, node.attrs.get("axes"))
-
-
-@R.register("ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", since=18)
-def _reduce_input_axes(e, node):
-    _reduce(e, node, e.ints(node.inputs[1], "reduction axes") if e.has(1) else None)
-
-
-@R.register("ReduceSum", since=13)
-def _reduce_sum_13(e, node):
-    _reduce(e, node, e.ints(node.inputs[1], "reduction axes") if e.has(1) else None)
+def _reduce_any_opset(e, node):  # axes as an attribute before opset 18 (ReduceSum 13), an input after
+    _reduce(e, node, e.reduce_axes())
 
 
 @R.register("ArgMax", "ArgMin", since=1)
