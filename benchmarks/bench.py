@@ -96,6 +96,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--timeout", type=_positive, default=1800, help="seconds one backend's measurement may take"
     )
+    p.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build (or check) every checkpoint, export and conversion the run needs, then stop",
+    )
     p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                    help="stop a backend whose resident memory passes this (default: 90%% of the memory "
                         "available at start)")  # fmt: skip
@@ -405,6 +410,11 @@ def run(args: argparse.Namespace) -> int:
             path, reason = model_path(art, backend, precision, args.convert_timeout)
         plan.append((backend, precision, path, reason))
         bar.update(1)
+    if args.prepare_only:
+        bar.close()
+        for backend, precision, path, reason in plan:
+            print(f"{backend} {precision}: {path if reason is None else reason}")
+        return 0
 
     bar.set_postfix_str("memory bandwidth")
     bw = run_isolated(bandwidth_worker, {"threads": args.threads}, 600, thread_env(args.threads))

@@ -15,6 +15,7 @@ from torch import nn
 
 from slimm.config import load_config, resolve_custom_visual_model
 from slimm.errors import CheckpointError
+from slimm.tensorfile import iter_tensors, read_header
 
 # transformers >= 5 saves Qwen2-VL as model.language_model.* / model.visual.*; released SliMM
 # checkpoints use the flat names. Both map onto the flat names.
@@ -99,21 +100,22 @@ def load_weights(model: nn.Module, ckpt_dir: str | Path, dtype: torch.dtype) -> 
         raise CheckpointError(f"{ckpt_dir}: " + "; ".join(problems) + hint)
 
     state = {}
-    handles: dict[Path, object] = {}
-    try:
-        for name, shape in expected.items():
-            f, key = sources[name]
-            if f not in handles:
-                handles[f] = safe_open(f, framework="pt")
-            sf = handles[f]
-            got = tuple(sf.get_slice(key).get_shape())
-            if got != tuple(shape):
+    by_file: dict[Path, dict[str, str]] = {}
+    for name in expected:
+        f, key = sources[name]
+        by_file.setdefault(f, {})[key] = name
+    for f, names in by_file.items():
+        header, _ = read_header(f)
+        for key, name in names.items():
+            got = tuple(header[key]["shape"])
+            if got != tuple(expected[name]):
                 raise CheckpointError(
-                    f"{f}: tensor {key} has shape {list(got)}, the model expects {list(shape)}"
+                    f"{f}: tensor {key} has shape {list(got)}, the model expects {list(expected[name])}"
                 )
-            state[name] = sf.get_tensor(key).to(dtype)
-    except SafetensorError as e:
-        raise CheckpointError(f"{ckpt_dir}: corrupt safetensors data ({e})") from None
+        # plain reads into ordinary memory, not safetensors' mapped file (see slimm.tensorfile)
+        for key, kind, arr in iter_tensors(f, names):
+            t = torch.from_numpy(arr)
+            state[names[key]] = (t.view(torch.bfloat16) if kind == "BF16" else t).to(dtype)
     model.load_state_dict(state, assign=True, strict=True)
     for m in model.modules():
         if hasattr(m, "init_buffers"):

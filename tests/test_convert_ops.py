@@ -134,6 +134,9 @@ def reduce_cases() -> list[Case]:
 def nn_cases() -> list[Case]:
     return [
         Case("MatMul", [f32(2, 5, 3), f32(3, 4)], name="MatMul-weight"),
+        # a stored weight (an initializer big enough to be kept as one): targets may keep it transposed
+        Case("MatMul", [f32(2, 5, 16), f32(16, 24)], static=(1,), name="MatMul-stored-weight"),
+        Case("MatMul", [f32(16), f32(16, 24)], static=(1,), name="MatMul-stored-weight-1d"),
         Case("MatMul", [f32(2, 2, 5, 3), f32(2, 2, 3, 6)], name="MatMul-batched"),
         Case("Gemm", [f32(4, 3), f32(5, 3), f32(5)], {"transB": 1}),
         Case(

@@ -103,20 +103,23 @@ class JaxBackend(NativeBackend):
         self.length = 0
         if not hasattr(self, "_update"):
 
-            def update(buf, new, offset):
-                return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, offset, 0))
+            def update(keys, values, new_keys, new_values, offset):
+                def put(buf, new):
+                    return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, offset, 0))
 
-            self._update = jax.jit(update, donate_argnums=0)
+                keys = [put(b, n) for b, n in zip(keys, new_keys, strict=True)]
+                return keys, [put(b, n) for b, n in zip(values, new_values, strict=True)]
+
+            # every layer's buffers in one call (one dispatch a step, not one per buffer), updated in place
+            self._update = jax.jit(update, donate_argnums=(0, 1))
 
     def write_cache(self, presents, cur_mask):
         import numpy as np
 
         n = self.config.text.num_hidden_layers
-        offset = np.int64(self.length)
-        self.keys = [self._update(b, p, offset) for b, p in zip(self.keys, presents[:n], strict=True)]
-        self.values = [
-            self._update(b, p, offset) for b, p in zip(self.values, presents[n : 2 * n], strict=True)
-        ]
+        self.keys, self.values = self._update(
+            self.keys, self.values, list(presents[:n]), list(presents[n : 2 * n]), np.int64(self.length)
+        )
         end = self.length + cur_mask.shape[1]
         self.past_mask[:, self.length : end] = cur_mask
         self.length = end

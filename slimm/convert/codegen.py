@@ -83,6 +83,7 @@ class Emitter:
         self.prog = prog
         self.lines: list[str] = []
         self.node: Node | None = None
+        self.used_weights: set[str] = set()  # what the generated code reads; the rest is not saved
 
     # ---- reading inputs ---------------------------------------------------------------------------
     def sym(self, x) -> str:
@@ -95,6 +96,7 @@ class Emitter:
         if v is None:
             raise self.error("a required input is missing")
         if v.weight:
+            self.used_weights.add(v.var)
             return self.target.weight(v.var)
         if v.var is not None and not v.is_static:
             return v.var
@@ -102,6 +104,16 @@ class Emitter:
         if arr.dtype == object:  # sizes known only at run time, used as a tensor
             return self.target.sizes_tensor([self.sym(x) for x in arr.reshape(-1)], arr.shape)
         return self.target.constant(arr)
+
+    def weight_transposed(self, v: Value) -> str:
+        """Code for a 2-D weight stored transposed at conversion time: (K, N) -> (N, K) rows, for
+        targets whose matrix-vector kernels stream (N, K) weights faster. Stored once however many
+        nodes ask; the (K, N) original is dropped unless some other node reads it."""
+        name = f"{v.var}_t"
+        if name not in self.prog.weights:
+            self.prog.weights[name] = np.ascontiguousarray(self.prog.weights[v.var].T)
+        self.used_weights.add(name)
+        return self.target.weight(name)
 
     def static(self, v: Value | None, what: str) -> np.ndarray:
         if v is None or not v.is_static:
@@ -216,6 +228,8 @@ def generate(target: Target, prog: Program, trace: bool = False) -> str:
     for v in prog.outputs:  # outputs that folded to constants
         if v.is_static:
             em.lines.append(f"{v.var} = {em.t(Value(v.name, static=v.static))}")
+    for name in [w for w in prog.weights if w not in em.used_weights]:
+        del prog.weights[name]  # replaced (e.g. by a transposed copy), or never read
     dim_lines = [f"{d} = {target.dim(var, axis)}" for d, (var, axis) in prog.dims.items()]
     if trace:
         extra = [o for n in prog.nodes for o in n.outputs if o.var not in {v.var for v in prog.outputs}]

@@ -22,7 +22,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x / sqrt(.) rather than x * rsqrt(.): the same to an ulp, and the form ONNX Runtime fuses
+        # into one SimplifiedLayerNormalization kernel (the rsqrt form stays seven kernels)
+        x = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
 
@@ -50,8 +52,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, S, D), cos/sin (B, S, D)
-    cos, sin = cos[:, None], sin[:, None]
+    # x (B, H, S, D), cos/sin (B, 1, S, D): broadcast over the heads
     return x * cos + rotate_half(x) * sin
 
 
@@ -108,24 +109,50 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse()
 
-    def forward(self, x, cos, sin, bias, k_past, v_past):
-        """x (B, S, d); k_past/v_past (B, KV, T, D) cache buffers -> (out, new k, new v)."""
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """q, k and v projections as one matmul, the query rows pre-scaled by 1/sqrt(head_dim)
+        (rotation is linear, so scaling before it is the same): fewer, larger kernels in exported
+        graphs. Replaces q_proj / k_proj / v_proj, so a fused model no longer has checkpoint names."""
+        scale = self.head_dim**-0.5
+        q, k, v = self.q_proj, self.k_proj, self.v_proj
+        fused = nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features, bias=True,
+                          device=q.weight.device, dtype=q.weight.dtype)  # fmt: skip
+        fused.weight.copy_(torch.cat([q.weight * scale, k.weight, v.weight]))
+        fused.bias.copy_(torch.cat([q.bias * scale, k.bias, v.bias]))
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
+
+    def project(self, x, cos, sin):
+        """x (B, S, d) -> rotated, scaled queries (B, H, S, D); rotated keys and values (B, KV, S, D)."""
         B, S, _ = x.shape
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        rep = H // KV
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(B, S, H + 2 * KV, D).transpose(1, 2)  # (B, H + 2KV, S, D)
+            qk = apply_rope(qkv[:, : H + KV], cos, sin)  # queries and keys in one rotation
+            return qk[:, :H], qk[:, H:], qkv[:, H + KV :]
         q = self.q_proj(x).view(B, S, H, D).transpose(1, 2)  # (B, H, S, D)
         k = self.k_proj(x).view(B, S, KV, D).transpose(1, 2)  # (B, KV, S, D)
         v = self.v_proj(x).view(B, S, KV, D).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin) * D**-0.5, apply_rope(k, cos, sin), v
+
+    def forward(self, x, cos, sin, bias, k_past, v_past):
+        """x (B, S, d); cos/sin (B, 1, S, D); bias (B, 1, 1, S, T + S); k_past/v_past (B, KV, T, D)
+        cache buffers -> (out, new k, new v)."""
+        B, S, _ = x.shape
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        rep = H // KV
+        q, k, v = self.project(x, cos, sin)
         # grouped-query attention without repeating K/V: the `rep` query heads of each KV head
         # are folded into the query axis, so cached keys are read in place
-        qg = q.reshape(B, KV, rep * S, D) * D**-0.5
+        qg = q.reshape(B, KV, rep * S, D)
         T = k_past.shape[2]
         scores = torch.cat(
             [qg @ k_past.transpose(-1, -2), qg @ k.transpose(-1, -2)], dim=-1
         )  # (B, KV, rep*S, T+S)
-        scores = scores.view(B, KV, rep, S, T + S) + bias[:, :, None]
+        scores = scores.view(B, KV, rep, S, T + S) + bias
         probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(B, KV, rep * S, T + S)
         out = probs[..., :T] @ v_past + probs[..., T:] @ v  # (B, KV, rep*S, D)
         out = out.view(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
@@ -140,8 +167,22 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """gate and up projections as one matmul (replaces gate_proj / up_proj)."""
+        g, u = self.gate_proj, self.up_proj
+        fused = nn.Linear(g.in_features, 2 * g.out_features, bias=False, device=g.weight.device,
+                          dtype=g.weight.dtype)  # fmt: skip
+        fused.weight.copy_(torch.cat([g.weight, u.weight]))
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -178,6 +219,12 @@ class LanguageModel(nn.Module):
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def fuse(self) -> None:
+        """Fused projections in every layer (see Attention.fuse, MLP.fuse): used for export."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
     def rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return mrope_cos_sin(position_ids, self.inv_freq, self.cfg.mrope_section, dtype)
 
@@ -197,7 +244,10 @@ class LanguageModel(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """-> final-norm hidden states (B, S, d) and the new keys/values of every layer."""
         B, S, d = h.shape
-        bias = attention_bias(past_mask, cur_mask, h.dtype)
+        # computed once for every layer: the mask over the rep query heads of each KV head, and
+        # the rotation broadcast over the heads
+        bias = attention_bias(past_mask, cur_mask, h.dtype)[:, :, None]  # (B, 1, 1, S, T + S)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, head_dim)
         n_slices = 0 if deepstack is None else deepstack.shape[0]
         new_k, new_v = [], []
         for j, layer in enumerate(self.layers):

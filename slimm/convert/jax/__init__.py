@@ -23,13 +23,21 @@ def enable_x64() -> None:
     jax.config.update("jax_enable_x64", True)
 
 
+def load_params(path: Path) -> dict:
+    """Weights as JAX arrays, one tensor at a time in ordinary memory (see slimm.tensorfile)."""
+    import jax
+
+    from slimm.tensorfile import iter_tensors
+
+    return {key: jax.device_put(arr) for key, _, arr in iter_tensors(path)}
+
+
 class JaxPart:
     """A deserialized part: jit-compiled once per distinct input shape (counted in `compilations`)."""
 
     def __init__(self, out_dir: Path, name: str) -> None:
         import jax
         from jax import export
-        from safetensors.numpy import load_file
 
         enable_x64()
         blob, weights = out_dir / f"{name}.jaxexport", out_dir / f"{name}.safetensors"
@@ -43,7 +51,7 @@ class JaxPart:
                 f"{blob}: not a readable jax.export artifact ({type(e).__name__}: {e})"
             ) from None
         try:
-            self.params = {k: jax.device_put(v) for k, v in load_file(str(weights)).items()}
+            self.params = load_params(weights)
         except Exception as e:  # noqa: BLE001
             raise CheckpointError(f"{weights}: unreadable weights ({type(e).__name__}: {e})") from None
         self.fn = jax.jit(self.exported.call)

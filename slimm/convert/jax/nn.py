@@ -9,7 +9,17 @@ HIGHEST = "precision=lax.Precision.HIGHEST"  # float32 matmuls in float32, not b
 
 @R.register("MatMul", since=13)
 def _matmul(e, node):
-    e.out(f"jnp.matmul({e.t(node.inputs[0])}, {e.t(node.inputs[1])}, {HIGHEST})")
+    a, b = node.inputs
+    if b.weight and len(b.shape) == 2 and a.shape is not None and len(a.shape) >= 1:
+        # (..., K) @ (K, N) with a stored weight: contract against its (N, K) transpose. XLA's CPU
+        # matrix-vector product streams (N, K) rows about 10% faster (0.5b decode-step weights:
+        # 66 ms against 74 ms for the same bytes).
+        contract = len(a.shape) - 1
+        e.out(
+            f"lax.dot_general({e.t(a)}, {e.weight_transposed(b)}, ((({contract},), (1,)), ((), ())), {HIGHEST})"
+        )
+        return
+    e.out(f"jnp.matmul({e.t(a)}, {e.t(b)}, {HIGHEST})")
 
 
 @R.register("Gemm", since=13)
