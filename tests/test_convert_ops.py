@@ -36,11 +36,13 @@ def i64(*vals):
 
 
 class Case:
-    def __init__(self, op, inputs, attrs=None, static=(), n_out=1, opset=OPSET, name=None, out_types=None):
+    def __init__(self, op, inputs, attrs=None, static=(), n_out=1, opset=OPSET, name=None, out_types=None,
+                 dim_names=None):  # fmt: skip
         self.op, self.inputs, self.attrs = op, inputs, attrs or {}
         self.static, self.n_out, self.opset = set(static), n_out, opset
         self.name = name or op
         self.out_types = out_types
+        self.dim_names = dim_names  # per input, symbolic size names (shared names: sizes known equal)
 
     def model(self):
         ins, inits, names = [], [], []
@@ -53,7 +55,8 @@ class Case:
             if k in self.static:
                 inits.append(numpy_helper.from_array(arr, name))
             else:
-                dims = [f"d{k}_{i}" for i in range(arr.ndim)]  # dynamic: the converter must not bake sizes
+                # dynamic: the converter must not bake sizes
+                dims = self.dim_names[k] if self.dim_names else [f"d{k}_{i}" for i in range(arr.ndim)]
                 ins.append(helper.make_tensor_value_info(name, NP_TO_ONNX[arr.dtype.type], dims))
         node = helper.make_node(self.op, names, [f"y{k}" for k in range(self.n_out)], **self.attrs)
 
@@ -138,6 +141,19 @@ def nn_cases() -> list[Case]:
         Case("MatMul", [f32(2, 5, 16), f32(16, 24)], static=(1,), name="MatMul-stored-weight"),
         Case("MatMul", [f32(16), f32(16, 24)], static=(1,), name="MatMul-stored-weight-1d"),
         Case("MatMul", [f32(2, 2, 5, 3), f32(2, 2, 3, 6)], name="MatMul-batched"),
+        # batch sizes named alike (known equal, as in attention) and broadcast ones (1 against 3)
+        Case(
+            "MatMul",
+            [f32(2, 3, 5, 4), f32(2, 3, 4, 6)],
+            name="MatMul-batched-same-sizes",
+            dim_names=[["b", "h", "m", "k"], ["b", "h", "k", "n"]],
+        ),  # fmt: skip
+        Case(
+            "MatMul",
+            [f32(2, 1, 5, 4), f32(2, 3, 4, 6)],
+            name="MatMul-batched-broadcast",
+            dim_names=[["b", 1, "m", "k"], ["b", 3, "k", "n"]],
+        ),  # fmt: skip
         Case("Gemm", [f32(4, 3), f32(5, 3), f32(5)], {"transB": 1}),
         Case(
             "Gemm",

@@ -144,6 +144,18 @@ class Emitter:
             return list(v.static.shape)
         return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape or [])]
 
+    def same_size(self, a: Value, i: int, b: Value, j: int) -> bool:
+        """Size i of `a` equals size j of `b` whatever the inputs: equal ints, or the same symbolic
+        name from shape inference. False means "not known here", not "different"."""
+        da, db = self.dims(a)[i], self.dims(b)[j]
+        if not isinstance(da, Sym) and not isinstance(db, Sym):
+            return int(da) == int(db)
+        if isinstance(da, Sym) and isinstance(db, Sym) and da.code == db.code:
+            return True
+        na = a.dim_names[i] if a.dim_names and len(a.dim_names) > i else None
+        nb = b.dim_names[j] if b.dim_names and len(b.dim_names) > j else None
+        return na is not None and na == nb
+
     def slice_subscript(self) -> str:
         """Slice (opset >= 10) as a Python subscript: Python slicing clamps out-of-range bounds as
         ONNX does; bounds past +-INT64_MAX/2 mean "from / to the end" and are left empty (written

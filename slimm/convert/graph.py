@@ -96,6 +96,9 @@ class Value:
     dtype: str | None = None  # numpy dtype name of a runtime tensor
     shape: tuple | None = None  # ints and Syms
     weight: bool = False  # a runtime tensor that is a stored weight
+    # ONNX shape inference's symbolic size names ("batch", "2*seq") where it gives them: two
+    # tensors whose size carries the same name have the same size at run time
+    dim_names: tuple | None = None
 
     @property
     def is_static(self) -> bool:
@@ -186,11 +189,12 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
 
     taken: set[str] = set()
     values: dict[str, Value] = {}
-    shapes = {}
+    shapes, names = {}, {}
     for vi in list(g.value_info) + list(g.input) + list(g.output):
         t = vi.type.tensor_type
         if t.HasField("shape"):
             shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            names[vi.name] = tuple(d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim)
 
     prog = Program(name or path.stem, opset, [], [], {}, [])
     init_names = {i.name for i in g.initializer}
@@ -207,7 +211,9 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
                 dvar = f"d_{var[2:]}_{axis}"
                 prog.dims[dvar] = (var, axis)
                 dims.append(Sym(dvar))
-        v = Value(inp.name, var=var, dtype=ONNX_TO_NP[t.elem_type], shape=tuple(dims))
+        v = Value(
+            inp.name, var=var, dtype=ONNX_TO_NP[t.elem_type], shape=tuple(dims), dim_names=names.get(inp.name)
+        )
         values[inp.name] = v
         prog.inputs.append(v)
     for init in g.initializer:
@@ -243,6 +249,7 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
             v = Value(o, var=safe_var(o, taken))
             if o in shapes and shapes[o] is not None:
                 v.shape = tuple(shapes[o])
+                v.dim_names = names[o]
             values[o] = v
             out_vals.append(v)
         prog.nodes.append(
