@@ -101,3 +101,17 @@ def test_console_script_runs():
         [sys.executable, "-m", "slimm", "--help"], capture_output=True, text=True, check=True
     )
     assert "SliMM" in out.stdout
+
+
+def test_convert_to_all_in_a_fresh_process(exported, tmp_path):
+    """`--to all` converts for every framework in one process: MindSpore has to be imported before
+    Paddle there (both ship libdnnl.so.3), whatever order the targets come in."""
+    for fw in ("jax", "paddle", "mindspore"):
+        pytest.importorskip(fw)
+    out = tmp_path / "all"
+    r = subprocess.run([sys.executable, "-m", "slimm", "convert", str(exported("plain")), "--to", "all", "--out",
+                        str(out)], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    for target in ("jax", "paddle", "mindspore"):
+        assert (out / target / "manifest.json").exists(), target
+        assert f"wrote {out / target} ({target})" in r.stdout

@@ -101,6 +101,13 @@ def ramp_cases() -> list[Case]:
         Case("Xor", [np.array([True, False, True]), np.array([True, True, False])]),
         Case("Not", [np.array([True, False])]),
         Case("Where", [np.array([[True], [False]]), f32(2, 3), f32(1, 3)]),
+        # sizes named alike: the broadcast is resolved at conversion time (an attention mask)
+        Case(
+            "Where",
+            [R.random((3, 5)) > 0.5, np.array(-1e9, np.float32), f32(2, 3, 5)],
+            dim_names=[["p", "q"], [], [2, "p", "q"]],
+            name="Where-mask-named-sizes",
+        ),  # fmt: skip
         Case("Cast", [x], {"to": TensorProto.INT64}, name="Cast-float-int"),
         Case("Cast", [i64(1, 2)], {"to": TensorProto.FLOAT}, name="Cast-int-float"),
         Case("Cast", [i64(0, 2)], {"to": TensorProto.BOOL}, name="Cast-int-bool"),

@@ -156,6 +156,45 @@ class Emitter:
         nb = b.dim_names[j] if b.dim_names and len(b.dim_names) > j else None
         return na is not None and na == nb
 
+    def broadcast_dims(self, values: list[Value]) -> list | None:
+        """The numpy-style broadcast of `values`: per axis, 1, a fixed size, or (value, axis) of an
+        operand whose run-time size it is; None where two run-time sizes cannot be told equal at
+        conversion time (one of them might be a broadcast 1)."""
+        rank = max(self.rank(v) for v in values)
+        out = []
+        for axis in range(rank):
+            cands = []  # (size, value, its axis) of every operand not 1 on this (right-aligned) axis
+            for v in values:
+                i = axis - (rank - self.rank(v))
+                if i >= 0:
+                    d = self.dims(v)[i]
+                    if isinstance(d, Sym) or int(d) != 1:
+                        cands.append((d, v, i))
+            fixed = [int(d) for d, _, _ in cands if not isinstance(d, Sym)]
+            if not cands or fixed:
+                out.append(fixed[0] if fixed else 1)  # a valid model's other sizes match it (or are 1)
+            elif all(self.same_size(cands[0][1], cands[0][2], v, i) for _, v, i in cands[1:]):
+                out.append(cands[0][1:])
+            else:
+                return None
+        return out
+
+    def broadcast_shape_code(self, dims: list) -> str:
+        """Code for a shape from broadcast_dims."""
+        return self.shape_code([d if isinstance(d, int) else self.dims(d[0])[d[1]] for d in dims])
+
+    def has_dims(self, v: Value, dims: list) -> bool:
+        """`v` has exactly the sizes `dims` (from broadcast_dims): broadcasting it changes nothing."""
+        if self.rank(v) != len(dims):
+            return False
+        own = self.dims(v)
+        return all(
+            (not isinstance(own[i], Sym) and int(own[i]) == d)
+            if isinstance(d, int)
+            else self.same_size(v, i, *d)
+            for i, d in enumerate(dims)
+        )
+
     def slice_subscript(self) -> str:
         """Slice (opset >= 10) as a Python subscript: Python slicing clamps out-of-range bounds as
         ONNX does; bounds past +-INT64_MAX/2 mean "from / to the end" and are left empty (written

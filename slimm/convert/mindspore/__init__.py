@@ -73,7 +73,7 @@ class MindSporeTarget(Target):
             "",
             "import mindspore",
             "import numpy as np",
-            "from mindspore import Parameter, Tensor, nn, ops",
+            "from mindspore import Parameter, Tensor, mint, nn, ops",
             "",
             "",
             f"class {CELL}(nn.Cell):",

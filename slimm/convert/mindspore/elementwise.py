@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimm.convert.graph import ONNX_TO_NP
+from slimm.convert.graph import ONNX_TO_NP, Sym
 from slimm.convert.mindspore import REGISTRY as R
 from slimm.convert.mindspore import ms_dtype
 
@@ -17,11 +17,33 @@ UNARY = {"Neg": "ops.neg", "Sqrt": "ops.sqrt", "Reciprocal": "ops.reciprocal", "
 FLOATS = ("float16", "float32", "float64", "bfloat16")
 
 
+def operands(e, node, scalars: bool = True) -> list[str] | None:
+    """The inputs of an element-wise node as code, each non-scalar one that the op would broadcast
+    broadcast explicitly first. MindSpore's CPU kernels that broadcast by themselves keep a full-size
+    temporary per node alive to the end of the graph (never reused): the vision tower at 576 patches
+    held 6 GB of them, a long prompt's attention mask add would hold prompt^2 per layer. Scalars
+    broadcast without that cost (`scalars=False`: those too). None where the shapes cannot be
+    resolved here."""
+    vals = list(node.inputs)
+    shape = e.broadcast_dims(vals) if all(v.is_static or v.shape is not None for v in vals) else None
+    if shape is None:
+        return None
+    out = []
+    for v in vals:
+        scalar = all(not isinstance(d, Sym) and int(d) == 1 for d in e.dims(v))
+        if (scalars and scalar) or e.has_dims(v, shape):
+            out.append(e.t(v))
+        else:
+            out.append(f"ops.broadcast_to({e.t(v)}, {e.broadcast_shape_code(shape)})")
+    return out
+
+
 def _binary(e, node):
     fn = BINARY[node.op]
-    expr = e.t(node.inputs[0])
-    for v in node.inputs[1:]:  # Max / Min take any number of inputs
-        expr = f"{fn}({expr}, {e.t(v)})"
+    args = operands(e, node) or [e.t(v) for v in node.inputs]
+    expr = args[0]
+    for a in args[1:]:  # Max / Min take any number of inputs
+        expr = f"{fn}({expr}, {a})"
     e.out(expr)
 
 
@@ -51,7 +73,7 @@ def _dtype_of(v) -> str | None:
 
 @R.register("Div", since=1)
 def _div(e, node):
-    a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
+    a, b = operands(e, node) or [e.t(v) for v in node.inputs]
     kind = _dtype_of(node.inputs[0]) or _dtype_of(node.inputs[1])
     trunc = f'ops.div({a}, {b}, rounding_mode="trunc")'  # integer Div truncates toward zero in ONNX
     if kind is None:  # an intermediate: its type is a compile-time constant of the graph
@@ -62,8 +84,11 @@ def _div(e, node):
 
 @R.register("Where", since=9)
 def _where(e, node):
-    c, a, b = (e.t(v) for v in node.inputs)
-    e.out(f"ops.where({c}, {a}, {b})")
+    args = operands(e, node, scalars=False)  # CPU Where keeps even a broadcast scalar's temporary
+    if args is None:
+        e.out(f"ops.where({', '.join(e.t(v) for v in node.inputs)})")
+    else:
+        e.out(f"ops.select({', '.join(args)})")
 
 
 @R.register("Cast", since=6)

@@ -50,10 +50,17 @@ def _gemm(e, node):
     expr = f"ops.MatMul({ta}, {tb})({a}, {b})"
     if alpha != 1.0:
         expr = f"({expr} * {alpha!r})"
-    if e.has(2):
-        c = e.t(node.inputs[2])
-        expr = f"({expr} + {c})" if beta == 1.0 else f"({expr} + {beta!r} * {c})"
-    e.out(expr)
+    if not e.has(2):
+        e.out(expr)
+        return
+    c = e.t(node.inputs[2])
+    if beta != 1.0:
+        c = f"({beta!r} * {c})"
+    # C broadcast explicitly to the (M, N) product: CPU Add broadcasting a bias row keeps a full-size
+    # temporary alive to the end of the graph (see elementwise.operands)
+    mm = f"{node.outputs[0].var}_mm"
+    e.line(f"{mm} = {expr}")
+    e.out(f"ops.add({mm}, ops.broadcast_to({c}, ({mm}.shape[0], {mm}.shape[1])))")
 
 
 @R.register("Softmax", since=13)

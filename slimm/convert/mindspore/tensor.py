@@ -49,7 +49,9 @@ def _transpose(e, node):
     perm = node.attrs.get("perm")
     if perm is None:
         perm = list(reversed(range(_rank(e, node.inputs[0]))))
-    e.out(f"ops.transpose({e.t(node.inputs[0])}, {tuple(perm)!r})")
+    # mint.permute, not ops.transpose: MindSpore's CPU Transpose kernel keeps its output's memory to
+    # the end of the graph (never reused; 4 GB over 64 transposes of 31 MB), mint.permute does not
+    e.out(f"mint.permute({e.t(node.inputs[0])}, {tuple(perm)!r})")
 
 
 @R.register("Concat", since=4)
