@@ -187,7 +187,7 @@ class PartsBackend(Backend):
                  **self.cache_feeds()}  # fmt: skip
         out = self.run("F", feeds)
         self.write_cache(out[2:], cur_mask)
-        return self.to_numpy(out[0]).astype(np.float32)
+        return self.to_numpy(out[0]).astype(np.float32, copy=False)
 
     def decode(self, tokens):
         if self.length == 0:
