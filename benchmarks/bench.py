@@ -268,7 +268,7 @@ def skip_reason(backend: str, precision: str, variant: str) -> str | None:
     if backend == "transformers" and variant != "plain":
         return f"transformers' Qwen2-VL has no DeepStack ({variant}): the peer runs the plain variant only"
     if precision in ("int8", "int4") and backend != "onnx":
-        return f"{precision} is ONNX Runtime weight-only quantization (MatMulNBits); none for {backend}"
+        return f"{precision} is ONNX Runtime weight-only quantization (MatMulNBits): ONNX Runtime only"
     return None
 
 
@@ -354,6 +354,28 @@ def versions(backends: list[str]) -> dict[str, str]:
     return out
 
 
+def logits_error(results: list[dict[str, Any]], logits_dir: Path) -> None:
+    """Each measured row's text-prefill logits against fp32's (torch's, else ONNX Runtime's), as
+    max |logits - fp32| / max |fp32|: the quantization error of int8 / int4 rows, ~1e-6 elsewhere."""
+    import numpy as np
+
+    def load(backend: str, precision: str):
+        f = logits_dir / f"{backend}-{precision}.npy"
+        return np.load(f) if f.exists() else None
+
+    ref = load("torch", "fp32")
+    ref_name = "torch fp32"
+    if ref is None:
+        ref, ref_name = load("onnx", "fp32"), "onnx fp32"
+    if ref is None:
+        return
+    for r in results:
+        got = load(r["backend"], r["precision"])
+        if got is not None and "decode" in r and got.shape == ref.shape:
+            r["logits_error"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+            r["logits_reference"] = ref_name
+
+
 def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from several rounds of the same backend: per phase the round with the lowest
     median (the least disturbed by the machine's other load), the highest peak memory."""
@@ -436,8 +458,11 @@ def run(args: argparse.Namespace) -> int:
                     runs[i].append({"status": "skipped", "reason": reason})
                 bar.update(1)
                 continue
+            logits_dir = args.out / "logits"
+            logits_dir.mkdir(parents=True, exist_ok=True)
             spec = {"backend": backend, "precision": precision, "path": str(path), "workload": str(workload),
-                    "threads": args.threads, "decode_steps": args.decode_steps, "repeats": args.repeats}  # fmt: skip
+                    "threads": args.threads, "decode_steps": args.decode_steps, "repeats": args.repeats,
+                    "logits_path": str(logits_dir / f"{backend}-{precision}.npy")}  # fmt: skip
             res = run_isolated(worker, spec, args.timeout, thread_env(args.threads), memory_limit)
             if res.get("status") == "failed" and res.get("traceback"):
                 print(f"\n{backend} {precision} failed:\n{res['traceback']}", file=sys.stderr)
@@ -478,6 +503,7 @@ def run(args: argparse.Namespace) -> int:
         "threads": args.threads,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+    logits_error(results, args.out / "logits")
     report.compare(results)
     args.out.mkdir(parents=True, exist_ok=True)
     text = report.markdown(meta, results)

@@ -158,7 +158,8 @@ def _phase(times: list[float]) -> dict[str, Any]:
     }
 
 
-def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: dict, save) -> None:
+def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: dict, save,
+                     logits_path: str | None = None) -> None:  # fmt: skip
     """Fill `res` phase by phase, calling `save()` after each: a process killed later (out of
     memory) still reports what it measured. Text prefill and decode come first: they need the
     LLM only; the vision encoder's phases follow."""
@@ -179,6 +180,8 @@ def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: d
     res["phase"] = "decode"
     save()
     logits = runner.prefill(text, P + decode_steps + 1)
+    if logits_path:  # the parent compares every row's logits with fp32's (quantization error)
+        np.save(logits_path, np.asarray(logits, np.float32))
     token = logits.argmax(-1).astype(np.int64)
     tokens, steps = [int(token[0])], []
     for _ in range(decode_steps):
@@ -237,7 +240,9 @@ def worker(spec: dict[str, Any], result_path: str) -> None:
         out["weight_bytes"] = runner.weight_bytes()
         save()
         work = load_workload(Path(spec["workload"]))
-        run_measurements(runner, work, spec["decode_steps"], spec["repeats"], out, save)
+        run_measurements(
+            runner, work, spec["decode_steps"], spec["repeats"], out, save, spec.get("logits_path")
+        )
         out["status"] = "ok"
     except Exception as e:  # noqa: BLE001 - any failure becomes a row that says why
         out["status"] = "failed"

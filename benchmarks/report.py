@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +115,28 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
         "| backend | precision | weights GB | peak RSS GB (x weights) | load s | compile s | vision encode s "
-        "| prefill tok/s | TTFT s | decode tok/s | roofline tok/s @ bandwidth (% reached) | tokens = torch |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| prefill tok/s | TTFT s | decode tok/s | roofline tok/s @ bandwidth (% reached) | tokens = torch "
+        "| logits error vs fp32 |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
+    # skipped rows with one reason at one precision share a line (int8 / int4 for every backend
+    # but ONNX Runtime), in the place of the first of them
+    skipped: dict[tuple, list[str]] = {}
+    for r in results:
+        if r.get("status") == "skipped":
+            skipped.setdefault((r["precision"], r.get("reason", "")), []).append(r["backend"])
     for r in results:
         head = f"| {r['backend']} | {r['precision']} |"
+        if r.get("status") == "skipped":
+            names = skipped.pop((r["precision"], r.get("reason", "")), None)
+            if names:
+                lines.append(
+                    f"| {', '.join(names)} | {r['precision']} | skipped: {r.get('reason', '')} |" + " |" * 11
+                )
+            continue
         if "load_s" not in r:
-            word = "skipped" if r.get("status") == "skipped" else r.get("status", "failed")
-            lines.append(f"{head} {word}: {r.get('reason', '')} |" + " |" * 10)
+            lines.append(f"{head} {r.get('status', 'failed')}: {r.get('reason', '')} |" + " |" * 11)
             continue
         if r.get("status") != "ok":
             notes.append(f"- {r['backend']} {r['precision']}: {r.get('status')}: {r.get('reason', '')}; "
@@ -143,6 +157,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         cells.append(roof_txt)
         agree = r.get("tokens_agree_with_torch")
         cells.append("" if agree is None else f"{agree}/{len(r['tokens'])}")
+        err = r.get("logits_error")
+        is_reference = r.get("logits_reference") == f"{r['backend']} {r['precision']}"
+        cells.append("" if err is None or is_reference else f"{err:.1e}")
         lines.append(f"{head} " + " | ".join(cells) + " |")
     if notes:
         lines += ["", *notes]
@@ -207,3 +224,40 @@ def chart(meta: dict[str, Any], results: list[dict[str, Any]], path: Path) -> st
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"chart written to {path}"
+
+
+def render(results_json: Path, out_dir: Path | None = None) -> str:
+    """table.md and chart.png again from a results.json (after a change to the report itself, or to
+    put a run's results beside the README); returns the table."""
+    import json
+
+    doc = json.loads(Path(results_json).read_text())
+    out_dir = Path(out_dir or Path(results_json).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    compare(doc["results"])
+    text = markdown(doc["meta"], doc["results"])
+    (out_dir / "table.md").write_text(text)
+    print(chart(doc["meta"], doc["results"], out_dir / "chart.png"), file=sys.stderr)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=render.__doc__.splitlines()[0]
+    )
+    p.add_argument("results", type=Path, help="results.json written by `slimm bench`")
+    p.add_argument(
+        "--out", type=Path, default=None, help="directory for table.md and chart.png (default: beside it)"
+    )
+    args = p.parse_args(argv)
+    if not args.results.is_file():
+        print(f"error: {args.results}: no such file", file=sys.stderr)
+        return 2
+    sys.stdout.write(render(args.results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

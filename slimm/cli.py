@@ -156,16 +156,19 @@ def cmd_export(args) -> int:
     from slimm.export import export_model
 
     model = args.model or demo_model_dir()
+    if args.block_size is not None and args.precision not in ("int8", "int4"):
+        raise InputError(f"--block-size applies to int8 / int4 exports, not {args.precision}")
     if args.precision in ("int8", "int4"):
         # weight-only quantization rewrites an fp32 export (MatMulNBits / GatherBlockQuantized)
-        from slimm.quantize import quantize_export
+        from slimm.quantize import BLOCK_SIZE, check_block_size, quantize_export
 
+        check_block_size(args.block_size or BLOCK_SIZE)  # before the minutes of the fp32 export
         tmp = Path(
             tempfile.mkdtemp(prefix="slimm-fp32-", dir=args.out.parent if args.out.parent.exists() else None)
         )
         try:
             export_model(model, tmp, opset=args.opset, max_seq_len=args.max_seq_len)
-            out = quantize_export(tmp, args.out, args.precision)
+            out = quantize_export(tmp, args.out, args.precision, block_size=args.block_size or BLOCK_SIZE)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
@@ -291,7 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
     e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
                    help="fp16 stores weights in float16, computing in float32; int8 / int4 quantize weights "
-                        "(ONNX Runtime's MatMulNBits, blocks of 32) for fast CPU decoding")  # fmt: skip
+                        "(ONNX Runtime's MatMulNBits) for fast CPU decoding")  # fmt: skip
+    e.add_argument("--block-size", type=int, default=None, metavar="N",
+                   help="int8 / int4: weights per scale along the reduction axis (default 32; 128 decodes "
+                        "faster and is less accurate, see benchmarks/README.md)")  # fmt: skip
     e.add_argument("--opset", type=int, default=20, help="ONNX opset (default 20; 18 or newer)")
     e.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                    help=f"KV cache capacity and longest prompt + answer (default {DEFAULT_MAX_SEQ_LEN})")  # fmt: skip

@@ -263,7 +263,7 @@ def export_model(
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
     ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     model = SliMMForConditionalGeneration.from_pretrained(ckpt_dir, torch_dtype="float32")
-    model.model.fuse()  # part F: one matmul for q, k, v and one for gate, up in each layer
+    model.model.fuse()  # part F: one matmul for q, k and v in each layer
     cfg = model.config
     out_dir.mkdir(parents=True, exist_ok=True)
     export_id = uuid.uuid4().hex

@@ -26,6 +26,11 @@ ACCURACY_LEVEL = 4
 DEFAULT_PARTS = ("A", "F")  # token embedding; decoder projections and lm_head
 
 
+def check_block_size(block_size: int) -> None:
+    if block_size < 16 or block_size & (block_size - 1):
+        raise InputError(f"block size {block_size} must be a power of two >= 16")
+
+
 def _quantize_blocks_u8(w: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric uint8 quantization of a 2-D array in blocks of `block` along its last axis:
     w ~ (q - zero_point) * scale. Returns q (rows, cols), scales and zero points (rows, cols/block)."""
@@ -172,8 +177,7 @@ def quantize_export(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise InputError(f"block size {block_size} must be a power of two >= 16")
+    check_block_size(block_size)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir)
     if manifest.get("precision") != "fp32":

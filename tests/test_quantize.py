@@ -90,9 +90,12 @@ def test_manifest_and_files(exported, quantized, precision):
     assert after["export_id"] == before["export_id"]  # parts keep their stamps: still one export
     q = after["quantization"]
     assert q["bits"] == {"int8": 8, "int4": 4}[precision] and q["block_size"] == 32
-    assert (
-        q["rewritten"]["F"]["MatMulNBits"] == 7 * before["model"]["text"]["num_hidden_layers"] + 1
-    )  # + lm_head
+    f32 = onnx.load(str(src / "SliMM_F.onnx"), load_external_data=False).graph
+    weights = {i.name for i in f32.initializer}
+    matmuls = sum(n.op_type == "MatMul" and n.input[1] in weights for n in f32.node)
+    # q/k/v (one fused matmul), o, gate, up, down per layer + lm_head: every weight MatMul rewritten
+    assert matmuls == 5 * before["model"]["text"]["num_hidden_layers"] + 1
+    assert q["rewritten"]["F"]["MatMulNBits"] == matmuls
     assert q["rewritten"]["A"]["GatherBlockQuantized"] == 1
     for part in "AF":
         entry = after["parts"][part]
@@ -103,6 +106,30 @@ def test_manifest_and_files(exported, quantized, precision):
     assert "MatMulNBits" in ops
     for name in before["files"]:  # tokenizer, chat template, configs come along
         assert (out / name).exists()
+
+
+def test_block_size_is_an_option(exported, tmp_path):
+    """--block-size 64: recorded, and the logits stay within int4's bound."""
+    import slimm
+    from slimm.quantize import quantize_export
+
+    out = quantize_export(exported("plain"), tmp_path / "q64", "int4", block_size=64, progress=False)
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["block_size"] == 64
+    cfg = slimm.load(exported("plain"), backend="onnx", device="cpu").config
+    inputs = make_inputs(cfg, CASES["image"])
+    ref = teacher_forced_logits(exported("plain"), inputs, [np.array([100])])
+    got = teacher_forced_logits(out, inputs, [np.array([100])])
+    assert float(np.abs(got - ref).max() / np.abs(ref).max()) < TOLERANCE["int4"]
+
+
+def test_export_block_size_errors(tmp_path, capsys):
+    from slimm.cli import main
+
+    assert main(["export", "--out", str(tmp_path / "x"), "--block-size", "64"]) == 2
+    assert "--block-size applies to int8 / int4 exports, not fp32" in capsys.readouterr().err
+    assert main(["export", "--out", str(tmp_path / "x"), "--precision", "int4", "--block-size", "48"]) == 2
+    assert "block size 48 must be a power of two" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before any export work
 
 
 def test_unknown_precision_and_bad_sources(exported, tmp_path):

@@ -1,0 +1,112 @@
+"""`slimm bench`: bad input is a clear error, a missing framework is a skipped row, the report groups
+skips and checks the goals, and a tiny run goes end to end (no timing is asserted: speed is measured
+by the benchmark itself, not by tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import bench, report
+from slimm.cli import main as slimm_main
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--backends", "onnx,tensorflow"], "unknown backend tensorflow"),
+        (["--precision", "int3"], "unknown precision int3"),
+        (["--size", "7b"], "invalid choice: '7b'"),
+        (["--image-size", "big"], "is not HEIGHTxWIDTH"),
+        (["--decode-steps", "0"], "must be at least 1"),
+    ],
+)
+def test_bad_options_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_slimm_bench_is_wired_into_the_cli(capsys):
+    with pytest.raises(SystemExit) as e:
+        slimm_main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "--backends" in capsys.readouterr().out
+
+
+def test_missing_framework_is_a_skipped_row_with_its_reason(monkeypatch):
+    real = bench.importlib.util.find_spec
+    monkeypatch.setattr(
+        bench.importlib.util, "find_spec", lambda name: None if name == "mindspore" else real(name)
+    )
+    assert bench.skip_reason("mindspore", "fp32", "plain") == "mindspore is not installed"
+    assert bench.skip_reason("onnx", "fp32", "plain") is None
+    assert "ONNX Runtime only" in bench.skip_reason("jax", "int4", "plain")
+    assert "DeepStack" in bench.skip_reason("transformers", "fp32", "efficient")
+
+
+def _row(backend, precision, decode_tps, weights=1e9, peak=1.2e9, vision_s=1.0, prefill_tps=100.0):
+    return {"backend": backend, "precision": precision, "status": "ok", "load_s": 1.0, "compile_s": 0.0,
+            "weight_bytes": weights, "peak_rss_bytes": peak, "tokens": [1, 2, 3],
+            "decode": {"tokens_per_s": decode_tps, "median_s": 1 / decode_tps},
+            "prefill": {"tokens_per_s": prefill_tps}, "vision": {"median_s": vision_s},
+            "ttft": {"median_s": 2.0}}  # fmt: skip
+
+
+def test_report_groups_skips_notes_failures_and_checks_goals():
+    meta = {"variant": "plain", "size": "0.5b", "image_size": [448, 448], "prompt_tokens": 256,
+            "decode_steps": 32, "repeats": 2, "rounds": 1, "machine": "test", "versions": {},
+            "read_bandwidth_bytes_per_s": 30e9}  # fmt: skip
+    reason = "int4 is ONNX Runtime weight-only quantization (MatMulNBits): ONNX Runtime only"
+    results = [
+        _row("transformers", "fp32", 10.0, vision_s=8.0),
+        _row("onnx", "fp32", 30.0, vision_s=4.0, prefill_tps=200.0),
+        {"backend": "paddle", "precision": "fp32", "status": "skipped", "reason": "paddle is not installed"},
+        {
+            **_row("mindspore", "fp32", 12.0, peak=3e9),
+            "status": "failed",
+            "reason": "stopped at the memory limit",
+        },
+        _row("onnx", "int4", 90.0),
+        {"backend": "torch", "precision": "int4", "status": "skipped", "reason": reason},
+        {"backend": "jax", "precision": "int4", "status": "skipped", "reason": reason},
+    ]
+    report.compare(results)
+    text = report.markdown(meta, results)
+    assert "| torch, jax | int4 | skipped: " + reason in text  # one line for both
+    assert "| paddle | fp32 | skipped: paddle is not installed" in text
+    assert "- mindspore fp32: failed: stopped at the memory limit" in text
+    goals = {g["goal"]: g for g in report.goals(results)}
+    assert goals["ONNX Runtime fp32 decode vs transformers"]["ratio"] == pytest.approx(3.0)
+    assert goals["ONNX Runtime fp32 decode vs transformers"]["met"]
+    assert not goals["ONNX Runtime int4 decode vs transformers"]["met"]  # 9x < 10x
+    assert goals["ONNX Runtime vision encode time vs transformers"]["ratio"] == pytest.approx(0.5)
+    assert "MindSpore decode vs ONNX Runtime fp32" in goals  # a killed row still counts what it measured
+    assert "mindspore fp32 peak memory vs weight bytes" not in goals  # but not its peak memory
+
+
+def test_tiny_run_end_to_end(tmp_path):
+    """Checkpoint, export, int8 copy and JAX conversion built into --work, every row measured in its
+    own process; table, JSON and the report re-rendered from the JSON."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("jax")
+    out = tmp_path / "out"
+    code = bench.main(["--size", "tiny", "--backends", "torch,onnx,jax", "--precision", "fp32,int8",
+                       "--repeats", "1", "--decode-steps", "3", "--prompt-tokens", "16", "--image-size", "56x56",
+                       "--work", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    rows = {(r["backend"], r["precision"]): r for r in doc["results"]}
+    for key in (("torch", "fp32"), ("onnx", "fp32"), ("jax", "fp32"), ("onnx", "int8")):
+        assert rows[key]["status"] == "ok", (key, rows[key].get("reason"), rows[key].get("traceback"))
+        assert len(rows[key]["tokens"]) == 4 and rows[key]["decode"]["tokens_per_s"] > 0
+    assert rows[("onnx", "fp32")]["tokens_agree_with_torch"] == 4  # same greedy tokens as torch
+    assert rows[("jax", "fp32")]["tokens_agree_with_torch"] == 4
+    assert rows[("onnx", "fp32")]["logits_error"] < 1e-4  # against torch fp32, the same prompt
+    assert 0 < rows[("onnx", "int8")]["logits_error"] < 0.1  # int8 weights: measured, not zero
+    assert rows[("torch", "int8")]["status"] == "skipped"
+    assert (out / "table.md").read_text().startswith("SliMM plain tiny")
+    again = report.render(out / "results.json", tmp_path / "again")
+    assert "| onnx | int8 |" in again and (tmp_path / "again" / "table.md").exists()
