@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import FRAMEWORKS, PHASES
+from slimm.quantize import BLOCK_SIZE
 
 SIZES = ("tiny", "0.5b", "2b")
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
@@ -59,6 +60,13 @@ def _image_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def _block_size(text: str) -> int:
+    n = _positive(text)
+    if n < 16 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"block size {n} must be a power of two >= 16")
+    return n
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -77,6 +85,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"comma-separated, from {','.join(BACKENDS)} (default: all)")  # fmt: skip
     p.add_argument("--precision", type=_choices("precision", PRECISIONS), default=["fp32"],
                    help="comma-separated, from fp32,fp16,int8,int4 (int8/int4: ONNX Runtime only)")  # fmt: skip
+    p.add_argument("--block-size", type=_block_size, default=BLOCK_SIZE, metavar="N",
+                   help=f"int8 / int4 weights per scale (default {BLOCK_SIZE})")  # fmt: skip
     p.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="HxW")
     p.add_argument("--prompt-tokens", type=_positive, default=256, help="text prompt length for prefill")
     p.add_argument("--decode-steps", type=_positive, default=32, help="greedy decode steps (eos disabled)")
@@ -201,7 +211,9 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
         elif kind == "quantize":
             from slimm.quantize import quantize_export
 
-            quantize_export(spec["src"], spec["tmp"], spec["precision"], progress=False)
+            quantize_export(
+                spec["src"], spec["tmp"], spec["precision"], block_size=spec["block_size"], progress=False
+            )
         elif kind == "convert":
             from slimm.convert.convert import convert_export
 
@@ -231,6 +243,8 @@ class Artefacts:
 
     def path(self, what: str, precision: str | None = None) -> Path:
         tag = f"{self.variant}-{self.size}" + (f"-{precision}" if precision else "")
+        if precision in ("int8", "int4") and self.args.block_size != BLOCK_SIZE:
+            tag += f"-b{self.args.block_size}"
         return self.work / f"{what}-{tag}"
 
     def workload_path(self) -> Path:
@@ -289,8 +303,9 @@ def model_path(
         return None, art.failed[str(art.path("onnx", export_precision))]
     if precision in ("int8", "int4"):
         q = art.ensure(
-            "quantize", art.path("onnx", precision), {"src": str(export), "precision": precision}, 3600
-        )
+            "quantize", art.path("onnx", precision),
+            {"src": str(export), "precision": precision, "block_size": args.block_size}, 3600,
+        )  # fmt: skip
         return (q, None) if q else (None, art.failed[str(art.path("onnx", precision))])
     if backend == "onnx":
         return export, None
@@ -501,6 +516,7 @@ def run(args: argparse.Namespace) -> int:
         "repeats": args.repeats,
         "rounds": args.rounds,
         "threads": args.threads,
+        "block_size": args.block_size,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     logits_error(results, args.out / "logits")

@@ -106,7 +106,12 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         f"SliMM {meta['variant']} {meta['size']} (random weights); image {meta['image_size'][0]}x{meta['image_size'][1]}, "
         f"text prompt {meta['prompt_tokens']} tokens, {meta['decode_steps']} greedy decode steps, "
         f"median of {meta['repeats']} after a warm-up"
-        + (f", best of {meta['rounds']} rounds" if meta.get("rounds", 1) > 1 else ""),
+        + (f", best of {meta['rounds']} rounds" if meta.get("rounds", 1) > 1 else "")
+        + (
+            f"; int8 / int4 weights in blocks of {meta.get('block_size', 32)}"
+            if any(r["precision"] in ("int8", "int4") and "load_s" in r for r in results)
+            else ""
+        ),
         f"Machine: {meta['machine']}",
         f"Read bandwidth before the measurements: {bw / 1e9:.1f} GB/s (each row's roofline uses its own, "
         "measured right after its decode steps)"
