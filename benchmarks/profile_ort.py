@@ -57,8 +57,8 @@ def per_part(backend, prompt_tokens: int, steps: int, seed: int = 0) -> tuple[di
 
 
 def profile_f(path: Path, feeds: dict, threads: int, runs: int = 10) -> tuple[list, list, float]:
-    """ONNX Runtime's profiler over `runs` calls of F: (op type, ms/run, count/run) and the top
-    nodes, and the summed kernel ms per run."""
+    """ONNX Runtime's profiler over `runs` calls of a part (F, or B with --vision): (op type,
+    ms/run, count/run) and the top nodes, and the summed kernel ms per run."""
     import onnxruntime as ort
 
     from slimm.backends.onnx import session_options
@@ -88,6 +88,36 @@ def profile_f(path: Path, feeds: dict, threads: int, runs: int = 10) -> tuple[li
     return ops, nodes, total
 
 
+def print_ops(ops: list, nodes: list, kernels: float, top: int) -> None:
+    print("\n| op type | ms/call | share | kernels/call |\n| --- | ---: | ---: | ---: |")
+    for op, ms, c in ops[:top]:
+        print(f"| {op} | {ms:.2f} | {100 * ms / kernels:.1f}% | {c} |")
+    rest = sum(ms for _, ms, _ in ops[top:])
+    print(f"| other | {rest:.2f} | {100 * rest / kernels:.1f}% | |")
+    print("\n| slowest nodes | ms/call |\n| --- | ---: |")
+    for name, ms in nodes[:5]:
+        print(f"| {name} | {ms:.2f} |")
+
+
+def profile_vision(backend, args) -> int:
+    """Part B on one synthetic image, through ONNX Runtime's profiler (3 calls after a warm-up)."""
+    from benchmarks.measure import synthetic_image
+    from slimm.vision_index import vision_host_inputs
+
+    h, w = (int(x) for x in args.vision.lower().split("x"))
+    cfg = backend.config
+    inp = backend.processor(
+        text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[synthetic_image(h, w)]
+    )
+    feeds = {"pixel_values": inp["pixel_values"].astype(np.float32),
+             **vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, inp["image_grid_thw"])}  # fmt: skip
+    ops, nodes, kernels = profile_f(args.export / "SliMM_B.onnx", feeds, args.threads, runs=3)
+    print(f"{args.export}: part B on a {h}x{w} image ({feeds['pixel_values'].shape[0]} patches), "
+          f"{args.threads} threads: {kernels / 1e3:.2f} s of kernels per call")  # fmt: skip
+    print_ops(ops, nodes, kernels, args.top)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_ort", description=__doc__.splitlines()[0])
     p.add_argument("export", type=Path, help="export directory (fp32, int8 or int4)")
@@ -95,11 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--vision", metavar="HxW", default=None,
+                   help="profile the vision encoder (part B) on a synthetic image of this size instead")  # fmt: skip
     args = p.parse_args(argv)
 
     import slimm
 
     backend = slimm.load(args.export, backend="onnx", device="cpu", threads=args.threads)
+    if args.vision:
+        return profile_vision(backend, args)
     parts, step_ms, feeds = per_part(backend, args.prompt_tokens, args.steps)
     manifest = json.loads((args.export / "manifest.json").read_text())
     print(f"{args.export} ({manifest.get('precision')}), {args.threads} threads, cache of "
@@ -115,14 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nInside F (ONNX Runtime profiler): {kernels:.1f} ms of kernels per call, {nodes_per_run} kernels"
     )
-    print("\n| op type | ms/call | share | kernels/call |\n| --- | ---: | ---: | ---: |")
-    for op, ms, c in ops[: args.top]:
-        print(f"| {op} | {ms:.2f} | {100 * ms / kernels:.1f}% | {c} |")
-    rest = sum(ms for _, ms, _ in ops[args.top :])
-    print(f"| other | {rest:.2f} | {100 * rest / kernels:.1f}% | |")
-    print("\n| slowest nodes | ms/call |\n| --- | ---: |")
-    for name, ms in nodes[:5]:
-        print(f"| {name} | {ms:.2f} |")
+    print_ops(ops, nodes, kernels, args.top)
     return 0
 
 
