@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import FRAMEWORKS, PHASES
-from slimm.quantize import BLOCK_SIZE
+from slimm.quantize import BLOCK_SIZE, WEIGHT_ONLY
+from slimm.quantize import PRECISIONS as QUANTIZED
 
 SIZES = ("tiny", "0.5b", "2b")
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 BACKENDS = tuple(FRAMEWORKS)  # torch, onnx, jax, paddle, mindspore, transformers
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+PRECISIONS = ("fp32", "fp16", *QUANTIZED)
 CONVERTED = ("jax", "paddle", "mindspore")
 
 
@@ -84,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", type=_choices("backend", BACKENDS), default=list(BACKENDS),
                    help=f"comma-separated, from {','.join(BACKENDS)} (default: all)")  # fmt: skip
     p.add_argument("--precision", type=_choices("precision", PRECISIONS), default=["fp32"],
-                   help="comma-separated, from fp32,fp16,int8,int4 (int8/int4: ONNX Runtime only)")  # fmt: skip
+                   help="comma-separated, from fp32,fp16,int8,int4,w8a8 (int8/int4/w8a8: ONNX Runtime only)")  # fmt: skip
     p.add_argument("--block-size", type=_block_size, default=BLOCK_SIZE, metavar="N",
                    help=f"int8 / int4 weights per scale (default {BLOCK_SIZE})")  # fmt: skip
     p.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="HxW")
@@ -243,7 +244,7 @@ class Artefacts:
 
     def path(self, what: str, precision: str | None = None) -> Path:
         tag = f"{self.variant}-{self.size}" + (f"-{precision}" if precision else "")
-        if precision in ("int8", "int4") and self.args.block_size != BLOCK_SIZE:
+        if precision in WEIGHT_ONLY and self.args.block_size != BLOCK_SIZE:
             tag += f"-b{self.args.block_size}"
         return self.work / f"{what}-{tag}"
 
@@ -281,8 +282,10 @@ def skip_reason(backend: str, precision: str, variant: str) -> str | None:
         return f"{FRAMEWORKS[backend]} is not installed"
     if backend == "transformers" and variant != "plain":
         return f"transformers' Qwen2-VL has no DeepStack ({variant}): the peer runs the plain variant only"
-    if precision in ("int8", "int4") and backend != "onnx":
+    if precision in WEIGHT_ONLY and backend != "onnx":
         return f"{precision} is ONNX Runtime weight-only quantization (MatMulNBits): ONNX Runtime only"
+    if precision in QUANTIZED and backend != "onnx":
+        return f"{precision} is ONNX Runtime dynamic quantization (MatMulInteger): ONNX Runtime only"
     return None
 
 
@@ -296,15 +299,16 @@ def model_path(
         return None, art.failed[str(art.path("ckpt"))]
     if backend in ("torch", "transformers"):
         return ckpt, None
-    export_precision = "fp32" if precision in ("int8", "int4") else precision
+    export_precision = "fp32" if precision in QUANTIZED else precision
     export = art.ensure("export", art.path("onnx", export_precision), {"src": str(ckpt), "precision": export_precision},
                         3600)  # fmt: skip
     if export is None:
         return None, art.failed[str(art.path("onnx", export_precision))]
-    if precision in ("int8", "int4"):
+    if precision in QUANTIZED:  # w8a8's block size is its embedding table's: kept at the default
+        block = args.block_size if precision in WEIGHT_ONLY else BLOCK_SIZE
         q = art.ensure(
             "quantize", art.path("onnx", precision),
-            {"src": str(export), "precision": precision, "block_size": args.block_size}, 3600,
+            {"src": str(export), "precision": precision, "block_size": block}, 3600,
         )  # fmt: skip
         return (q, None) if q else (None, art.failed[str(art.path("onnx", precision))])
     if backend == "onnx":
@@ -371,7 +375,7 @@ def versions(backends: list[str]) -> dict[str, str]:
 
 def logits_error(results: list[dict[str, Any]], logits_dir: Path) -> None:
     """Each measured row's text-prefill logits against fp32's (torch's, else ONNX Runtime's), as
-    max |logits - fp32| / max |fp32|: the quantization error of int8 / int4 rows, ~1e-6 elsewhere."""
+    max |logits - fp32| / max |fp32|: the quantization error of int8 / int4 / w8a8 rows, ~1e-6 elsewhere."""
     import numpy as np
 
     def load(backend: str, precision: str):

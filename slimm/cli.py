@@ -14,6 +14,7 @@ from pathlib import Path
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN
 from slimm.errors import InputError, SliMMError
+from slimm.quantize import PRECISIONS as QUANTIZED
 
 DEFAULT_STOP_TOKENS = (151643, 151645)  # <|endoftext|>, <|im_end|>: the specification's STOP_TOKEN
 
@@ -156,10 +157,12 @@ def cmd_export(args) -> int:
     from slimm.export import export_model
 
     model = args.model or demo_model_dir()
-    if args.block_size is not None and args.precision not in ("int8", "int4"):
+    from slimm.quantize import WEIGHT_ONLY
+
+    if args.block_size is not None and args.precision not in WEIGHT_ONLY:
         raise InputError(f"--block-size applies to int8 / int4 exports, not {args.precision}")
-    if args.precision in ("int8", "int4"):
-        # weight-only quantization rewrites an fp32 export (MatMulNBits / GatherBlockQuantized)
+    if args.precision in QUANTIZED:
+        # quantization rewrites an fp32 export (MatMulNBits / MatMulInteger / GatherBlockQuantized)
         from slimm.quantize import BLOCK_SIZE, check_block_size, quantize_export
 
         check_block_size(args.block_size or BLOCK_SIZE)  # before the minutes of the fp32 export
@@ -292,9 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)"
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
-    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int4"],
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", *QUANTIZED],
                    help="fp16 stores weights in float16, computing in float32; int8 / int4 quantize weights "
-                        "(ONNX Runtime's MatMulNBits) for fast CPU decoding")  # fmt: skip
+                        "(ONNX Runtime's MatMulNBits) for fast CPU decoding; w8a8 quantizes weights and "
+                        "activations (int8 GEMMs, vision tower included) for fast vision encode and "
+                        "prefill. All three run on ONNX Runtime only; see benchmarks/README.md")  # fmt: skip
     e.add_argument("--block-size", type=int, default=None, metavar="N",
                    help="int8 / int4: weights per scale along the reduction axis (default 32; 128 decodes "
                         "faster and is less accurate, see benchmarks/README.md)")  # fmt: skip

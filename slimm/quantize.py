@@ -1,8 +1,13 @@
-"""Weight-only int8 / int4 quantization of an export directory, with ONNX Runtime's own operators.
+"""int8 / int4 / w8a8 quantization of an export directory, with ONNX Runtime's own operators.
 
-MatMuls with constant weights become `MatMulNBits` (ONNX Runtime's `MatMulNBitsQuantizer`), the
-token embedding's Gather becomes `GatherBlockQuantized`; activations stay float32. The result is
-another export directory (same manifest, parts and export id) that `slimm.load(..., "onnx")` runs.
+int8 and int4 are weight-only: MatMuls with constant weights become `MatMulNBits` (ONNX Runtime's
+`MatMulNBitsQuantizer`), activations stay float32 between operators; for decoding, which reads
+every weight once a step. w8a8 quantizes weights (int8, per output channel) and activations (uint8,
+one scale per tensor, computed at run time): MatMul -> `MatMulInteger` (ONNX Runtime's
+`quantize_dynamic`, fused into `DynamicQuantizeMatMul` when a session loads it), int8 x int8 GEMMs
+for the compute-bound phases (vision encode, prefill), the vision tower included. In all three the
+token embedding's Gather becomes `GatherBlockQuantized`. The result is another export directory
+(same manifest, parts and export id) that `slimm.load(..., "onnx")` runs.
 """
 
 from __future__ import annotations
@@ -18,12 +23,20 @@ import numpy as np
 from slimm.errors import InputError
 from slimm.manifest import MANIFEST, PARTS, read_manifest
 
-PRECISIONS = {"int8": 8, "int4": 4}  # name -> bits per weight
+WEIGHT_ONLY = {"int8": 8, "int4": 4}  # MatMulNBits precisions -> bits per weight
+PRECISIONS = (*WEIGHT_ONLY, "w8a8")
 BLOCK_SIZE = 32  # weights per scale / zero point along the reduction axis
 # MatMulNBits' accuracy_level 4: activations quantized to int8 per block and int8 dot products
 # (MLAS's fastest CPU path here: see benchmarks/README.md); 0 keeps float32 activations
 ACCURACY_LEVEL = 4
-DEFAULT_PARTS = ("A", "F")  # token embedding; decoder projections and lm_head
+# token embedding; decoder projections and lm_head; w8a8: the vision tower and merger too
+DEFAULT_PARTS = {"int8": ("A", "F"), "int4": ("A", "F"), "w8a8": ("A", "B", "F")}
+METHODS = {
+    "int8": "weight-only, asymmetric blocks, ONNX Runtime MatMulNBits / GatherBlockQuantized",
+    "int4": "weight-only, asymmetric blocks, ONNX Runtime MatMulNBits / GatherBlockQuantized",
+    "w8a8": "int8 weights per output channel (symmetric), uint8 activations per tensor quantized at "
+    "run time: ONNX Runtime MatMulInteger (DynamicQuantizeMatMul); embedding GatherBlockQuantized 8-bit",
+}
 
 
 def check_block_size(block_size: int) -> None:
@@ -156,24 +169,52 @@ def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE
     return counts
 
 
+def quantize_dynamic_part(path: Path, out: Path) -> dict[str, int]:
+    """w8a8: one part file -> its copy at `out` with every constant-weight MatMul as MatMulInteger
+    (int8 weights per output channel; activations quantized per tensor by DynamicQuantizeLinear)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    data = out.name + ".data"
+    (out.parent / data).unlink(missing_ok=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer advises shape pre-processing on the root logger
+    try:
+        quantize_dynamic(
+            str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
+            per_channel=True, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
+        )  # fmt: skip
+    finally:
+        root.setLevel(level)
+    for f in (out, out.parent / data):
+        if f.exists():
+            f.chmod(0o644)
+    model = onnx.load(str(out), load_external_data=False)
+    return {"MatMulInteger": sum(n.op_type == "MatMulInteger" for n in model.graph.node)}
+
+
 def quantize_export(
     export_dir: str | Path,
     out_dir: str | Path,
     precision: str,
-    parts: tuple[str, ...] = DEFAULT_PARTS,
+    parts: tuple[str, ...] | None = None,
     block_size: int = BLOCK_SIZE,
     accuracy_level: int = ACCURACY_LEVEL,
     progress: bool = True,
 ) -> Path:
-    """Write a weight-only quantized copy of a float32 export directory to `out_dir`.
+    """Write a quantized copy of a float32 export directory to `out_dir`.
 
-    `parts` are rewritten (their constant-weight MatMuls and Gathers), the others and every runtime
-    file are copied; manifest.json keeps the export id and records the precision and the settings.
+    `parts` (default: DEFAULT_PARTS[precision]) are rewritten (their constant-weight MatMuls and
+    Gathers), the others and every runtime file are copied; manifest.json keeps the export id and
+    records the precision and the settings. `block_size` / `accuracy_level` are MatMulNBits' (and the
+    embedding's blocks); w8a8's MatMuls have one scale per output channel.
     """
     from tqdm import tqdm
 
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    parts = DEFAULT_PARTS[precision] if parts is None else tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
@@ -187,14 +228,16 @@ def quantize_export(
     if out_dir.resolve() == export_dir.resolve():
         raise InputError("the quantized export needs its own directory (--out differs from the export)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    bits = PRECISIONS[precision]
+    bits = WEIGHT_ONLY.get(precision, 8)
     rewritten = {}
     bar = tqdm(PARTS, desc=f"quantize {precision}", unit="part", disable=not progress, file=sys.stderr)
     for part in bar:
         entry = manifest["parts"][part]
         src, dst = export_dir / entry["file"], out_dir / entry["file"]
         bar.set_postfix_str(f"{part}: {entry['role']}")
-        if part in parts:
+        if part in parts and precision == "w8a8" and part != "A":
+            rewritten[part] = quantize_dynamic_part(src, dst)
+        elif part in parts:  # w8a8's A: the 8-bit embedding gather, as int8's
             rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
             entry["data"] = dst.name + ".data" if (out_dir / (dst.name + ".data")).exists() else None
         else:
@@ -206,7 +249,7 @@ def quantize_export(
     manifest.pop("config")  # read_manifest's parsed copy of "model"
     manifest["precision"] = precision
     manifest["quantization"] = {
-        "method": "weight-only, asymmetric, ONNX Runtime MatMulNBits / GatherBlockQuantized",
+        "method": METHODS[precision],
         "bits": bits,
         "block_size": block_size,
         "accuracy_level": accuracy_level,

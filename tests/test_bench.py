@@ -44,6 +44,10 @@ def test_missing_framework_is_a_skipped_row_with_its_reason(monkeypatch):
     assert bench.skip_reason("mindspore", "fp32", "plain") == "mindspore is not installed"
     assert bench.skip_reason("onnx", "fp32", "plain") is None
     assert "ONNX Runtime only" in bench.skip_reason("jax", "int4", "plain")
+    assert "dynamic quantization (MatMulInteger): ONNX Runtime only" in bench.skip_reason(
+        "paddle", "w8a8", "plain"
+    )
+    assert bench.skip_reason("onnx", "w8a8", "plain") is None
     assert "DeepStack" in bench.skip_reason("transformers", "fp32", "efficient")
 
 
@@ -70,6 +74,7 @@ def test_report_groups_skips_notes_failures_and_checks_goals():
             "reason": "stopped at the memory limit",
         },
         _row("onnx", "int4", 90.0),
+        _row("onnx", "w8a8", 40.0, vision_s=6.0, prefill_tps=300.0),
         {"backend": "torch", "precision": "int4", "status": "skipped", "reason": reason},
         {"backend": "jax", "precision": "int4", "status": "skipped", "reason": reason},
     ]
@@ -83,6 +88,10 @@ def test_report_groups_skips_notes_failures_and_checks_goals():
     assert goals["ONNX Runtime fp32 decode vs transformers"]["met"]
     assert not goals["ONNX Runtime int4 decode vs transformers"]["met"]  # 9x < 10x
     assert goals["ONNX Runtime vision encode time vs transformers"]["ratio"] == pytest.approx(0.5)
+    assert goals["ONNX Runtime w8a8 vision encode time vs transformers"]["ratio"] == pytest.approx(0.75)
+    assert goals["ONNX Runtime w8a8 prefill tok/s vs transformers"]["ratio"] == pytest.approx(3.0)
+    assert not goals["ONNX Runtime w8a8 decode vs transformers"]["met"]  # 4x < 6x
+    assert "ONNX Runtime int8 decode vs transformers" not in goals  # no int8 row: no goal line
     assert "MindSpore decode vs ONNX Runtime fp32" in goals  # a killed row still counts what it measured
     assert "mindspore fp32 peak memory vs weight bytes" not in goals  # but not its peak memory
 

@@ -128,6 +128,11 @@ def convert_export(
         raise ConversionError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = read_manifest(export_dir)
+    if manifest.get("quantization"):
+        raise ConversionError(
+            f"{export_dir}: a {manifest.get('precision')} export runs on ONNX Runtime only (its parts use "
+            "ONNX Runtime's quantized operators); convert the fp32 or fp16 export instead"
+        )
     try:
         tgt = get_target(target)
     except ImportError as e:
