@@ -168,6 +168,8 @@ def test_export_block_size_errors(tmp_path, capsys):
     assert "--block-size applies to int8 / int4 exports, not fp32" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "x"), "--precision", "int4", "--block-size", "48"]) == 2
     assert "block size 48 must be a power of two" in capsys.readouterr().err
+    assert main(["export", "--out", str(tmp_path / "x"), "--precision", "w8a8", "--block-size", "64"]) == 2
+    assert "--block-size applies to int8 / int4 exports, not w8a8" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before any export work
 
 
