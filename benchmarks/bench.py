@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import FRAMEWORKS, PHASES
-from slimm.quantize import BLOCK_SIZE, WEIGHT_ONLY
+from slimm.errors import InputError
+from slimm.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
 from slimm.quantize import PRECISIONS as QUANTIZED
 
 SIZES = ("tiny", "0.5b", "2b")
@@ -63,8 +64,10 @@ def _image_size(text: str) -> tuple[int, int]:
 
 def _block_size(text: str) -> int:
     n = _positive(text)
-    if n < 16 or n & (n - 1):
-        raise argparse.ArgumentTypeError(f"block size {n} must be a power of two >= 16")
+    try:
+        check_block_size(n)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return n
 
 

@@ -120,7 +120,7 @@ def profile_vision(backend, args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_ort", description=__doc__.splitlines()[0])
-    p.add_argument("export", type=Path, help="export directory (fp32, int8 or int4)")
+    p.add_argument("export", type=Path, help="export directory (fp32, int8, int4 or w8a8)")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)

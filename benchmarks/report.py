@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from slimm.quantize import WEIGHT_ONLY
+
 # (what, backend, precision, metric, peer backend, peer precision, bound, direction): the project's
 # targets, each a ratio of two measured rows; direction ">=" (faster) or "<=" (less time)
 # fmt: off
@@ -89,7 +91,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         + (f", best of {meta['rounds']} rounds" if meta.get("rounds", 1) > 1 else "")
         + (
             f"; int8 / int4 weights in blocks of {meta.get('block_size', 32)}"
-            if any(r["precision"] in ("int8", "int4") and "load_s" in r for r in results)
+            if any(r["precision"] in WEIGHT_ONLY and "load_s" in r for r in results)
             else ""
         ),
         f"Machine: {meta['machine']}",

@@ -15,6 +15,7 @@ from pathlib import Path
 from slimm.config import DEFAULT_MAX_SEQ_LEN
 from slimm.errors import InputError, SliMMError
 from slimm.quantize import PRECISIONS as QUANTIZED
+from slimm.quantize import WEIGHT_ONLY
 
 DEFAULT_STOP_TOKENS = (151643, 151645)  # <|endoftext|>, <|im_end|>: the specification's STOP_TOKEN
 
@@ -157,8 +158,6 @@ def cmd_export(args) -> int:
     from slimm.export import export_model
 
     model = args.model or demo_model_dir()
-    from slimm.quantize import WEIGHT_ONLY
-
     if args.block_size is not None and args.precision not in WEIGHT_ONLY:
         raise InputError(f"--block-size applies to int8 / int4 exports, not {args.precision}")
     if args.precision in QUANTIZED:

@@ -157,16 +157,27 @@ def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE
     for n in model.graph.node:
         if n.op_type in counts and n.name not in before:
             counts[n.op_type] += 1
-    data = out.name + ".data"
-    (out.parent / data).unlink(missing_ok=True)
+    data = _data_file(out)
+    data.unlink(missing_ok=True)
     onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data, size_threshold=1024)  # fmt: skip
-    for f in (out, out.parent / data):
+                    location=data.name, size_threshold=1024)  # fmt: skip
+    _finish_files(out)
+    return counts
+
+
+def _data_file(part_file: Path) -> Path:
+    return part_file.parent / (part_file.name + ".data")
+
+
+def _finish_files(part_file: Path) -> None:
+    """A written part and its weights file readable by all (the quantizers write 0600); an empty
+    weights file removed."""
+    data = _data_file(part_file)
+    for f in (part_file, data):
         if f.exists():
             f.chmod(0o644)
-    if (out.parent / data).exists() and (out.parent / data).stat().st_size == 0:
-        (out.parent / data).unlink()
-    return counts
+    if data.exists() and data.stat().st_size == 0:
+        data.unlink()
 
 
 def quantize_dynamic_part(path: Path, out: Path) -> dict[str, int]:
@@ -175,8 +186,7 @@ def quantize_dynamic_part(path: Path, out: Path) -> dict[str, int]:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    data = out.name + ".data"
-    (out.parent / data).unlink(missing_ok=True)
+    _data_file(out).unlink(missing_ok=True)
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # the quantizer advises shape pre-processing on the root logger
@@ -187,9 +197,7 @@ def quantize_dynamic_part(path: Path, out: Path) -> dict[str, int]:
         )  # fmt: skip
     finally:
         root.setLevel(level)
-    for f in (out, out.parent / data):
-        if f.exists():
-            f.chmod(0o644)
+    _finish_files(out)
     model = onnx.load(str(out), load_external_data=False)
     return {"MatMulInteger": sum(n.op_type == "MatMulInteger" for n in model.graph.node)}
 
@@ -235,11 +243,12 @@ def quantize_export(
         entry = manifest["parts"][part]
         src, dst = export_dir / entry["file"], out_dir / entry["file"]
         bar.set_postfix_str(f"{part}: {entry['role']}")
-        if part in parts and precision == "w8a8" and part != "A":
-            rewritten[part] = quantize_dynamic_part(src, dst)
-        elif part in parts:  # w8a8's A: the 8-bit embedding gather, as int8's
-            rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
-            entry["data"] = dst.name + ".data" if (out_dir / (dst.name + ".data")).exists() else None
+        if part in parts:
+            if precision == "w8a8" and part != "A":
+                rewritten[part] = quantize_dynamic_part(src, dst)
+            else:  # w8a8's A: the 8-bit embedding gather, as int8's
+                rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
+            entry["data"] = _data_file(dst).name if _data_file(dst).exists() else None
         else:
             for name in (entry["file"], entry.get("data")):
                 if name:

@@ -20,6 +20,7 @@ from slimm.cli import main as slimm_main
         (["--size", "7b"], "invalid choice: '7b'"),
         (["--image-size", "big"], "is not HEIGHTxWIDTH"),
         (["--decode-steps", "0"], "must be at least 1"),
+        (["--block-size", "48"], "block size 48 must be a power of two >= 16"),
     ],
 )
 def test_bad_options_are_clear_errors(argv, message, capsys):
