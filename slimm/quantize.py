@@ -2,8 +2,8 @@
 
 int8 and int4 are weight-only: MatMuls with constant weights become `MatMulNBits` (ONNX Runtime's
 `MatMulNBitsQuantizer`), activations stay float32 between operators; for decoding, which reads
-every weight once a step. w8a8 quantizes weights (int8, per output channel) and activations (uint8,
-one scale per tensor, computed at run time): MatMul -> `MatMulInteger` (ONNX Runtime's
+every weight once a step. w8a8 quantizes weights (int8 in a 7-bit range, per output channel) and
+activations (uint8, one scale per tensor, computed at run time): MatMul -> `MatMulInteger` (ONNX Runtime's
 `quantize_dynamic`, fused into `DynamicQuantizeMatMul` when a session loads it), int8 x int8 GEMMs
 for the compute-bound phases (vision encode, prefill), the vision tower included. In all three the
 token embedding's Gather becomes `GatherBlockQuantized`. The result is another export directory
@@ -34,9 +34,19 @@ DEFAULT_PARTS = {"int8": ("A", "F"), "int4": ("A", "F"), "w8a8": ("A", "B", "F")
 METHODS = {
     "int8": "weight-only, asymmetric blocks, ONNX Runtime MatMulNBits / GatherBlockQuantized",
     "int4": "weight-only, asymmetric blocks, ONNX Runtime MatMulNBits / GatherBlockQuantized",
-    "w8a8": "int8 weights per output channel (symmetric), uint8 activations per tensor quantized at "
-    "run time: ONNX Runtime MatMulInteger (DynamicQuantizeMatMul); embedding GatherBlockQuantized 8-bit",
+    "w8a8": "int8 weights per output channel (symmetric, 7-bit range), uint8 activations per tensor "
+    "quantized at run time: ONNX Runtime MatMulInteger (DynamicQuantizeMatMul); embedding "
+    "GatherBlockQuantized 8-bit",
 }
+# w8a8 weights use 7 of their 8 bits (quantize_dynamic's reduce_range). Without VNNI, MLAS's u8 x s8
+# kernels (AVX2, AVX-512 without VNNI) add pairs of products in int16 with saturation: 255 x 127 x 2
+# overflows, and full-range weights gave logits errors of 0.21-0.28 (cosine 0.989) on an AVX2 EPYC
+# against 0.026 on a VNNI Xeon. With 7-bit weights no pair can overflow, so the int32 results are
+# exact on every x86-64 CPU and the export gives the same logits everywhere (measured: 0.046-0.057,
+# cosine 0.9986-0.9990, on AVX2 and AVX-512 VNNI alike). uint8 weights (MLAS's u8 x u8 kernel, no
+# saturation) were as CPU-independent and more accurate (0.030-0.034) but ran the int8 GEMM 2.3x
+# slower on the VNNI machine: w8a8 exists for speed, so 7-bit int8 it is.
+W8A8_REDUCE_RANGE = True
 
 
 def check_block_size(block_size: int) -> None:
@@ -192,9 +202,15 @@ def quantize_dynamic_part(path: Path, out: Path) -> dict[str, int]:
     root.setLevel(logging.ERROR)  # the quantizer advises shape pre-processing on the root logger
     try:
         quantize_dynamic(
-            str(path), str(out), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-            per_channel=True, use_external_data_format=True, extra_options={"MatMulConstBOnly": True},
-        )  # fmt: skip
+            str(path),
+            str(out),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            reduce_range=W8A8_REDUCE_RANGE,
+            use_external_data_format=True,
+            extra_options={"MatMulConstBOnly": True},
+        )
     finally:
         root.setLevel(level)
     _finish_files(out)
@@ -262,6 +278,7 @@ def quantize_export(
         "bits": bits,
         "block_size": block_size,
         "accuracy_level": accuracy_level,
+        **({"weight_range_bits": 7 if W8A8_REDUCE_RANGE else 8} if precision == "w8a8" else {}),
         "rewritten": rewritten,
         "source": str(export_dir.resolve()),
     }

@@ -13,6 +13,27 @@ if importlib.util.find_spec("mindspore") and importlib.util.find_spec("paddle"):
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 
+# the SIMD extensions that decide which kernels ONNX Runtime (MLAS), oneDNN, XLA and torch pick:
+# tolerances are set from measurements on AVX2-only and AVX-512 VNNI machines (tests/test_quantize.py)
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
+
+
+def cpu_summary() -> str:
+    try:
+        info = open("/proc/cpuinfo").read()
+    except OSError:
+        import platform
+
+        return f"cpu: {platform.processor() or platform.machine()} (no /proc/cpuinfo)"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?"
+    )
+    flags = next(
+        (line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []
+    )
+    present = [f for f in CPU_FLAGS if f in flags]
+    return f"cpu: {model}; SIMD: {' '.join(present) or 'none of ' + ', '.join(CPU_FLAGS)}"
+
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
@@ -93,3 +114,12 @@ def converted(exported, tmp_path_factory):
         return made[key]
 
     return get
+
+
+def pytest_report_header(config):
+    return cpu_summary()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # also under -q, which hides the header: a failure report says which CPU it ran on
+    terminalreporter.write_line(f"ran on {cpu_summary()}")

@@ -1,15 +1,26 @@
 """slimm.quantize: int8 / int4 weight-only and w8a8 exports load, generate, stay close to fp32,
 shrink F.
 
-Tolerances (max |quantized - fp32| / max |fp32| over prefill and teacher-forced decode logits of the
-tiny random-weight model), measured on the cases below: int8 0.015-0.021, int4 0.22-0.29. Why int4
-is that far: asymmetric 4-bit blocks of 32 Gaussian weights have a step of range/15 (range ~4.1
-sigma), an RMS error of ~8% of each weight; random weights give the logits no structure to hide it
-in, and 6 layers x 7 projections + lm_head add it up. int8's step is 17x smaller; its remaining
-error is mostly accuracy_level 4's int8 activations. A broken rewrite (wrong axis, scale or zero
-point) gives errors above 1 and cosine near 0, far outside both bounds. w8a8 (int8 weights per
-output channel, activations per tensor, B quantized too) measured 0.026-0.028, cosine 0.9996;
-its vision features 0.01-0.02 (test_w8a8_vision_features_close_to_fp32).
+Tolerances: max |quantized - fp32| / max |fp32| over prefill and teacher-forced decode logits of the
+tiny random-weight model, and the per-position cosine. Measured on both kinds of x86-64 CPU this
+suite meets (a VNNI AMD EPYC / Intel Xeon with AVX-512, and an AVX2-only EPYC-Rome, the latter under
+`qemu-x86_64 -cpu EPYC-Rome`, which reproduces the AVX2 kernels' results bit for bit):
+
+| precision | max rel. error (AVX-512 VNNI / AVX2) | min cosine | limit |
+| int8 | 0.016-0.019 / 0.015-0.019 | 0.9998 / 0.9998 | 0.05, 0.999 |
+| int4 | 0.22-0.29 / 0.22-0.29 | 0.961 / 0.961 | 0.45, 0.9 |
+| int4, blocks of 64 | 0.32-0.33 / 0.32-0.33 | 0.959 / 0.959 | 0.45 |
+| w8a8 | 0.046-0.057 / 0.046-0.057 | 0.9986 / 0.9986 | 0.08, 0.998 |
+| w8a8 vision features | 0.022 / 0.022 | 0.9994 / 0.9994 | 0.035, 0.999 |
+
+Why int4 is that far: asymmetric 4-bit blocks of 32 Gaussian weights have a step of range/15 (range
+~4.1 sigma), an RMS error of ~8% of each weight; random weights give the logits no structure to hide
+it in, and 6 layers x 7 projections + lm_head add it up. int8's step is 17x smaller; its remaining
+error is mostly accuracy_level 4's int8 activations. w8a8's weights use a 7-bit range (see
+slimm.quantize: full 8-bit weights saturate AVX2's int16 pair sums), which doubles its step. The
+limits also catch the known failures: a broken rewrite (wrong axis, scale or zero point) gives errors
+above 1 and cosine near 0; full-range w8a8 weights on an AVX2 CPU gave 0.21-0.28 and cosine 0.989
+(logits) and cosine 0.9985 (vision features).
 """
 
 from __future__ import annotations
@@ -22,8 +33,8 @@ from prompts import CASES, make_inputs
 
 pytest.importorskip("onnxruntime")
 
-TOLERANCE = {"int8": 5e-2, "int4": 0.45, "w8a8": 6e-2}  # max relative error of logits vs fp32
-MIN_COSINE = {"int8": 0.999, "int4": 0.9, "w8a8": 0.999}  # per position, quantized vs fp32 logits
+TOLERANCE = {"int8": 5e-2, "int4": 0.45, "w8a8": 8e-2}  # max relative error of logits vs fp32
+MIN_COSINE = {"int8": 0.999, "int4": 0.9, "w8a8": 0.998}  # per position, quantized vs fp32 logits
 # SliMM_F weights as a fraction of fp32's (measured 0.29, 0.16, 0.26)
 F_SIZE = {"int8": 0.35, "int4": 0.2, "w8a8": 0.35}
 MATMUL_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "w8a8": "MatMulInteger"}
@@ -95,6 +106,7 @@ def test_manifest_and_files(exported, quantized, precision):
     assert after["export_id"] == before["export_id"]  # parts keep their stamps: still one export
     q = after["quantization"]
     assert q["bits"] == {"int8": 8, "int4": 4, "w8a8": 8}[precision] and q["block_size"] == 32
+    assert q.get("weight_range_bits") == (7 if precision == "w8a8" else None)
     op = MATMUL_OP[precision]
 
     def weight_matmuls(part):
@@ -125,6 +137,28 @@ def test_manifest_and_files(exported, quantized, precision):
         assert (out / name).exists()
 
 
+def test_w8a8_weights_use_seven_bits(quantized):
+    """The AVX2-safe range: every int8 weight of a MatMulInteger within [-64, 64] (symmetric 7-bit),
+    so u8 x s8 pair sums (255 x 64 x 2 = 32640) never saturate int16 on CPUs without VNNI."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = quantized("w8a8")
+    for part in "BF":
+        model = onnx.load(str(out / f"SliMM_{part}.onnx"))
+        weights = {i.name: i for i in model.graph.initializer}
+        mm = [n for n in model.graph.node if n.op_type == "MatMulInteger"]
+        assert mm
+        for node in mm:
+            w = numpy_helper.to_array(weights[node.input[1]])
+            assert w.dtype == np.int8 and np.abs(w.astype(np.int16)).max() <= 64, (
+                part,
+                node.name,
+                w.min(),
+                w.max(),
+            )
+
+
 def test_w8a8_vision_features_close_to_fp32(exported, quantized):
     """w8a8 quantizes the vision tower too: its merged visual tokens stay close to fp32's."""
     import slimm
@@ -135,7 +169,7 @@ def test_w8a8_vision_features_close_to_fp32(exported, quantized):
     b, _ = got.encode_visual(inputs["pixel_values"], inputs["image_grid_thw"])
     err = float(np.abs(b - a).max() / np.abs(a).max())
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-    assert a.shape == b.shape and err < 5e-2 and cos.min() > 0.999, (err, cos.min())
+    assert a.shape == b.shape and err < 0.035 and cos.min() > 0.999, (err, cos.min())
 
 
 def test_quantized_exports_do_not_convert(quantized, tmp_path):
