@@ -14,6 +14,7 @@ from PIL import Image
 
 from slimm.config import PreprocessorConfig
 from slimm.errors import CheckpointError, InputError
+from slimm.host.positions import get_rope_index
 from slimm.processing import (
     QWEN2_VL_CHAT_TEMPLATE,
     ImageProcessor,
@@ -22,7 +23,6 @@ from slimm.processing import (
     apply_chat_template,
     default_tokenizer_dir,
     expand_vision_placeholders,
-    get_rope_index,
     smart_resize,
 )
 
