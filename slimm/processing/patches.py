@@ -19,8 +19,9 @@ from slimm.processing.video import load_video_frames, split_videos
 class ImageProcessor:
     """Qwen2-VL preprocessing: resize, rescale, CLIP-normalise, cut into patches in merge-window order."""
 
-    def __init__(self, config: PreprocessorConfig | None = None):
+    def __init__(self, config: PreprocessorConfig | None = None, *, exif_transpose: bool = False):
         self.config = config if config is not None else PreprocessorConfig()
+        self.exif_transpose = exif_transpose
         c = self.config
         if c.patch_size <= 0 or c.merge_size <= 0 or c.temporal_patch_size <= 0:
             raise CheckpointError(
@@ -63,7 +64,9 @@ class ImageProcessor:
                 raise InputError("images: empty list; pass None for no images")
             rows, grids = [], []
             for i, image in enumerate(flat):
-                frames = load_rgb(image, f"image {i} ({describe(image)})")[None]
+                frames = load_rgb(
+                    image, f"image {i} ({describe(image)})", exif_transpose=self.exif_transpose
+                )[None]
                 patches, grid = self._patchify_frames(frames, f"image {i}")
                 rows.append(patches)
                 grids.append(grid)
@@ -75,7 +78,7 @@ class ImageProcessor:
                 raise InputError("videos: empty list; pass None for no videos")
             rows, grids = [], []
             for i, video in enumerate(split):
-                frames = load_video_frames(video, f"video {i}")
+                frames = load_video_frames(video, f"video {i}", exif_transpose=self.exif_transpose)
                 patches, grid = self._patchify_frames(frames, f"video {i}")
                 rows.append(patches)
                 grids.append(grid)

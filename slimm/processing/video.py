@@ -1,9 +1,10 @@
 """One video to frames: a frame list, a T x H x W x C array or a T x C x H x W torch tensor to
-T x H x W x 3 uint8, and telling one video from a list of videos.
+T x H x W x 3 uint8; sampled frames of a video file (PyAV); telling one video from a list of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ from PIL import Image
 
 from slimm.errors import InputError
 from slimm.host.arrays import is_torch_tensor
-from slimm.processing.image import load_rgb, rgb_from_hwc
+from slimm.processing.image import load_rgb, no_network, rgb_from_hwc
 
 
 def is_frame(x: Any) -> bool:
@@ -34,7 +35,7 @@ def split_videos(videos: Any) -> list[Any]:
     )
 
 
-def load_video_frames(video: Any, what: str = "video") -> np.ndarray:
+def load_video_frames(video: Any, what: str = "video", *, exif_transpose: bool = True) -> np.ndarray:
     """One video (frame list, T x H x W x C array, T x C x H x W torch tensor) as T x H x W x 3 uint8."""
     if is_torch_tensor(video):
         arr = video.detach().cpu().numpy()
@@ -46,7 +47,9 @@ def load_video_frames(video: Any, what: str = "video") -> np.ndarray:
             raise InputError(f"{what}: expected a T x H x W x C array, got shape {video.shape}")
         frames = [rgb_from_hwc(f, f"{what} frame {i}") for i, f in enumerate(video)]
     elif isinstance(video, list | tuple):
-        frames = [load_rgb(f, f"{what} frame {i}") for i, f in enumerate(video)]
+        frames = [
+            load_rgb(f, f"{what} frame {i}", exif_transpose=exif_transpose) for i, f in enumerate(video)
+        ]
     else:
         raise InputError(f"{what}: expected a list of frames or a 4-D array, got {type(video).__name__}")
     if not frames:
@@ -55,3 +58,66 @@ def load_video_frames(video: Any, what: str = "video") -> np.ndarray:
     if len(sizes) > 1:
         raise InputError(f"{what}: frames differ in size {sorted(sizes)}; all frames of a video must match")
     return np.stack(frames)
+
+
+def read_video_file(
+    path: str | Path,
+    choose: Callable[[int, float], list[int]],
+    start: float | None = None,
+    end: float | None = None,
+) -> np.ndarray:
+    """Frames of a video file as T x H x W x 3 uint8. `choose(total, fps)` picks which of the `total`
+    frames between `start` and `end` (seconds) to keep, by index in time order, repeats allowed."""
+    try:
+        import av
+    except ImportError:
+        raise InputError("reading video files needs PyAV: pip install av (or slimm[video])") from None
+    path = str(path)
+    if path.startswith(("http://", "https://")):
+        raise no_network(path, "video")
+    if path.startswith("file://"):
+        path = path[7:]
+    try:
+        # first pass, demux only: the presentation times of all frames, to count and place them
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise InputError(f"video {path}: the file has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate
+            time_base = float(stream.time_base) if stream.time_base else None
+            pts = sorted(p.pts for p in container.demux(stream) if p.pts is not None and p.size)
+        if time_base is None or not pts:
+            raise InputError(f"video {path}: no decodable frames found")
+        times = [p * time_base for p in pts]
+        keep = [(start is None or t >= start) and (end is None or t <= end) for t in times]
+        total = sum(keep)
+        if total == 0:
+            raise InputError(f"video {path}: no frames between video_start {start} and video_end {end}")
+        fps = float(rate) if rate else total / max(times[-1] - times[0], 1e-6)
+        wanted = choose(total, fps)
+        slots: dict[int, list[int]] = {}
+        for slot, idx in enumerate(wanted):
+            slots.setdefault(idx, []).append(slot)
+        out: list[np.ndarray | None] = [None] * len(wanted)
+        last = None
+        with av.open(path) as container:
+            k = 0
+            for frame in container.decode(video=0):
+                t = frame.time
+                if t is not None and ((start is not None and t < start) or (end is not None and t > end)):
+                    continue
+                if k in slots:
+                    last = frame.to_ndarray(format="rgb24")
+                    for slot in slots[k]:
+                        out[slot] = last
+                k += 1
+                if k > max(wanted):
+                    break
+    except (OSError, ValueError, av.FFmpegError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"video {path}: cannot read it ({e})") from None
+    if last is None:
+        raise InputError(f"video {path}: no frames could be decoded")
+    # a container that promised more frames than it decodes: repeat the last one decoded
+    return np.stack([f if f is not None else last for f in out])
