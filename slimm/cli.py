@@ -101,7 +101,7 @@ def _vision_message(args) -> list[dict]:
 def cmd_generate(args) -> int:
     import slimm
     from slimm.generate import stream_generate
-    from slimm.model.utils_vl import process_vision_info
+    from slimm.processing.messages import process_vision_info
 
     onnx_like = args.backend == "onnx" or args.backend.endswith("-ort")
     if args.model:

@@ -563,6 +563,33 @@ def test_processor_left_pads_and_expands(tokenizer):
         proc(text=texts[1], images=[chelsea])
 
 
+def _sideways_jpeg(path):
+    """A 280x140 (w x h) JPEG whose EXIF orientation 6 says: turn 90 degrees clockwise to show it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(PHOTOS["chelsea"][:140, :280]).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_turns_images_upright(tmp_path):
+    from slimm.processing.messages import process_vision_info
+
+    path = _sideways_jpeg(tmp_path / "phone.jpg")
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    upright = ImageProcessor()(images=np.rot90(stored, k=-1))  # turned clockwise by hand
+    np.testing.assert_array_equal(upright["image_grid_thw"], [[1, 20, 10]])  # 280 high, 140 wide
+    for image in (str(path), path, Image.open(path), path.read_bytes()):
+        out = ImageProcessor()(images=[image])
+        np.testing.assert_array_equal(out["image_grid_thw"], upright["image_grid_thw"])
+        np.testing.assert_array_equal(out["pixel_values"], upright["pixel_values"])
+    as_stored = ImageProcessor(exif_transpose=False)(images=[str(path)])
+    np.testing.assert_array_equal(as_stored["image_grid_thw"], [[1, 10, 20]])
+    # the CLI's loader (message items) turns it upright too, and the Processor does not turn it again
+    images, _ = process_vision_info([_user({"type": "image", "image": str(path)})])
+    assert images[0].size == (140, 280)
+    np.testing.assert_array_equal(ImageProcessor()(images=images)["image_grid_thw"], [[1, 20, 10]])
+
+
 def test_processor_without_tokenizer_processes_images():
     proc = Processor(None)
     out = proc(images=[PHOTOS["rocket"]])

@@ -285,4 +285,3 @@ class SliMMForConditionalGeneration(nn.Module):
         from slimm.backends.torch import TorchBackend
 
         return TorchBackend.from_model(self).generate(input_ids=input_ids, **kwargs)
-

@@ -26,6 +26,7 @@ from slimm.processing.messages import (  # noqa: F401
     IMAGE_FACTOR,
     MAX_PIXELS,
     MIN_PIXELS,
+    ORIGINAL_EXIF_TRANSPOSE,
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
     VIDEO_TOTAL_PIXELS,
@@ -52,15 +53,9 @@ def smart_resize(
     return _image.smart_resize(height, width, factor, min_pixels, max_pixels, rounding=messages.ROUNDING)
 
 
-# The original's fetch_image (qwen-vl-utils) opens the image and calls convert("RGB"): it never
-# applies the EXIF orientation (transformers' load_image does). The original API keeps that, so a
-# phone photo comes out as stored; slimm.processing (CLI, `prepare`) turns it upright.
-EXIF_TRANSPOSE = False
-
-
 def fetch_image(ele: dict[str, Any], size_factor: int = IMAGE_FACTOR) -> Image.Image:
     """Open the image of one content item, convert to RGB and resize it to the smart_resize grid."""
-    return messages.fetch_image(ele, size_factor, exif_transpose=EXIF_TRANSPOSE)
+    return messages.fetch_image(ele, size_factor, exif_transpose=ORIGINAL_EXIF_TRANSPOSE)
 
 
 def _torch_linspace_indices(total: int, nframes: int) -> list[int]:
@@ -82,7 +77,7 @@ def fetch_video(ele: dict[str, Any], image_factor: int = IMAGE_FACTOR) -> torch.
     """A video file -> float T x C x H x W tensor (0..255); a list of frames -> list of PIL images."""
     source = ele["video"]
     if not isinstance(source, str | Path):
-        return messages.fetch_frames(ele, image_factor, exif_transpose=EXIF_TRANSPOSE)
+        return messages.fetch_frames(ele, image_factor, exif_transpose=ORIGINAL_EXIF_TRANSPOSE)
     frames = messages.read_video({**ele, "video": str(source)}, _torch_linspace_indices)
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
     nframes, _, height, width = video.shape
@@ -94,5 +89,5 @@ def process_vision_info(
 ) -> tuple[list[Image.Image] | None, list[torch.Tensor | list[Image.Image]] | None]:
     """Open every image and video the messages name; None for a kind that does not occur."""
     return messages.process_vision_info(
-        conversations, exif_transpose=EXIF_TRANSPOSE, video_loader=fetch_video
+        conversations, exif_transpose=ORIGINAL_EXIF_TRANSPOSE, video_loader=fetch_video
     )

@@ -32,6 +32,11 @@ FPS_MAX_FRAMES = 768
 DECORD_MAX_FRAMES = 32
 
 ROUNDING = "qwen-vl-utils"  # smart_resize's rounding for everything sized here
+# The original's fetch_image (qwen-vl-utils) opens the image and calls convert("RGB"): it never
+# applies the EXIF orientation (transformers' load_image does). The original-API layer
+# (slimm.model.utils_vl, SliMMQwen2VLProcessor) keeps that, so a phone photo comes out as stored;
+# this module's own default, used by the CLI, turns it upright.
+ORIGINAL_EXIF_TRANSPOSE = False
 
 
 def round_by_factor(number: float, factor: int) -> int:
@@ -58,7 +63,12 @@ def fetch_image(
     image = load_image(source, exif_transpose=exif_transpose)
     if "resized_height" in ele and "resized_width" in ele:
         height, width = smart_resize(
-            int(ele["resized_height"]), int(ele["resized_width"]), factor=size_factor, rounding=ROUNDING
+            int(ele["resized_height"]),
+            int(ele["resized_width"]),
+            size_factor,
+            MIN_PIXELS,
+            MAX_PIXELS,
+            rounding=ROUNDING,
         )
     else:
         height, width = smart_resize(
@@ -117,7 +127,9 @@ def video_size(ele: dict[str, Any], nframes: int, height: int, width: int, facto
     max_pixels = max(min(VIDEO_MAX_PIXELS, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
     max_pixels = ele.get("max_pixels", max_pixels)
     if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor, rounding=ROUNDING)
+        # the original sizes resized_height/width within the image bounds, not the video budget
+        rh, rw = int(ele["resized_height"]), int(ele["resized_width"])
+        return smart_resize(rh, rw, factor, MIN_PIXELS, MAX_PIXELS, rounding=ROUNDING)
     return smart_resize(height, width, factor, min_pixels, max_pixels, rounding=ROUNDING)
 
 

@@ -17,9 +17,13 @@ from slimm.processing.video import load_video_frames, split_videos
 
 
 class ImageProcessor:
-    """Qwen2-VL preprocessing: resize, rescale, CLIP-normalise, cut into patches in merge-window order."""
+    """Qwen2-VL preprocessing: resize, rescale, CLIP-normalise, cut into patches in merge-window order.
 
-    def __init__(self, config: PreprocessorConfig | None = None, *, exif_transpose: bool = False):
+    `exif_transpose`: turn images and frames (files and PIL images) upright by their EXIF
+    orientation, as transformers' load_image does; phone photos are stored sideways without it.
+    """
+
+    def __init__(self, config: PreprocessorConfig | None = None, *, exif_transpose: bool = True):
         self.config = config if config is not None else PreprocessorConfig()
         self.exif_transpose = exif_transpose
         c = self.config

@@ -51,8 +51,12 @@ class Processor:
         tokenizer_dir: str | Path | None = None,
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        *,
+        exif_transpose: bool = True,
     ) -> Processor:
-        """Read tokenizer, preprocessor settings, chat template and token ids from a checkpoint."""
+        """Read tokenizer, preprocessor settings, chat template and token ids from a checkpoint.
+
+        `exif_transpose`: turn images upright by their EXIF orientation (see ImageProcessor)."""
         ckpt_dir = Path(ckpt_dir)
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
@@ -74,7 +78,7 @@ class Processor:
             pad = pad[0] if pad else None
         return cls(
             tokenizer,
-            ImageProcessor(pcfg),
+            ImageProcessor(pcfg, exif_transpose=exif_transpose),
             load_chat_template(ckpt_dir),
             pad_token_id=int(pad) if pad is not None else DEFAULT_PAD_TOKEN_ID,
             **ids,
