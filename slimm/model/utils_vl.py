@@ -7,7 +7,6 @@ Videos are read with PyAV instead of decord/torchvision; no network access: down
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -74,11 +73,10 @@ def _resize_video(video: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def fetch_video(ele: dict[str, Any], image_factor: int = IMAGE_FACTOR) -> torch.Tensor | list[Image.Image]:
-    """A video file -> float T x C x H x W tensor (0..255); a list of frames -> list of PIL images."""
-    source = ele["video"]
-    if not isinstance(source, str | Path):
+    """A video file -> float T x C x H x W tensor (0..255); a list or folder of frames -> PIL images."""
+    if messages.frame_list(ele) is not None:
         return messages.fetch_frames(ele, image_factor, exif_transpose=ORIGINAL_EXIF_TRANSPOSE)
-    frames = messages.read_video({**ele, "video": str(source)}, _torch_linspace_indices)
+    frames = messages.read_video({**ele, "video": str(ele["video"])}, _torch_linspace_indices)
     video = torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
     nframes, _, height, width = video.shape
     return _resize_video(video, *messages.video_size(ele, nframes, height, width, image_factor))

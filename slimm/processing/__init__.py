@@ -4,11 +4,12 @@
 """
 
 from slimm.processing.chat_template import QWEN2_VL_CHAT_TEMPLATE, apply_chat_template
-from slimm.processing.image import load_rgb, smart_resize
+from slimm.processing.image import as_image_list, load_image, load_rgb, smart_resize
 from slimm.processing.patches import ImageProcessor
 from slimm.processing.placeholders import IMAGE_PAD, VIDEO_PAD, expand_vision_placeholders
 from slimm.processing.processor import Processor
 from slimm.processing.tokenizer import Tokenizer, clean_up_tokenization, default_tokenizer_dir
+from slimm.processing.video import as_video_list, list_frames
 
 __all__ = [
     "IMAGE_PAD",
@@ -18,9 +19,13 @@ __all__ = [
     "Processor",
     "Tokenizer",
     "apply_chat_template",
+    "as_image_list",
+    "as_video_list",
     "clean_up_tokenization",
     "default_tokenizer_dir",
     "expand_vision_placeholders",
+    "list_frames",
+    "load_image",
     "load_rgb",
     "smart_resize",
 ]

@@ -187,3 +187,10 @@ def flatten_images(images: Any) -> list[Any]:
             flat.extend(item if isinstance(item, list | tuple) else [item])
         return flat
     return [images]
+
+
+def as_image_list(images: Any) -> list[Any]:
+    """`images` as given to prepare / stream: None, one image (a path, PIL image, array) or a list."""
+    if images is None:
+        return []
+    return list(images) if isinstance(images, list | tuple) else [images]

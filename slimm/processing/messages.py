@@ -15,7 +15,7 @@ from PIL import Image
 
 from slimm.errors import InputError
 from slimm.processing.image import load_image, smart_resize
-from slimm.processing.video import read_video_file
+from slimm.processing.video import list_frames, read_video_file
 
 IMAGE_FACTOR = 28
 MIN_PIXELS = 4 * 28 * 28
@@ -96,6 +96,9 @@ def smart_nframes(ele: dict[str, Any], total_frames: int, video_fps: int | float
         nframes = total_frames / video_fps * fps
         nframes = min(max(nframes, min_frames), max_frames)
         nframes = round_by_factor(nframes, FRAME_FACTOR)
+    if total_frames < FRAME_FACTOR and "nframes" not in ele:
+        # a one-frame video: its frame twice, as a one-frame folder is padded (the original refused it)
+        return FRAME_FACTOR
     if not FRAME_FACTOR <= nframes <= total_frames:
         raise InputError(
             f"video: {nframes} frames requested but the video has {total_frames}; "
@@ -133,13 +136,26 @@ def video_size(ele: dict[str, Any], nframes: int, height: int, width: int, facto
     return smart_resize(height, width, factor, min_pixels, max_pixels, rounding=ROUNDING)
 
 
+def frame_list(ele: dict[str, Any]) -> list[Any] | None:
+    """The frames a content item's video names (its list, or the images of its folder); None for a file."""
+    source = ele["video"]
+    if isinstance(source, str | Path):
+        folder = Path(source[7:] if isinstance(source, str) and source.startswith("file://") else source)
+        return list_frames(folder) if folder.is_dir() else None
+    if not isinstance(source, list | tuple):
+        raise InputError(
+            f"video: expected a file path, a folder or a list of frames, got {type(source).__name__}"
+        )
+    return list(source)
+
+
 def fetch_frames(
     ele: dict[str, Any], factor: int = IMAGE_FACTOR, *, exif_transpose: bool = True
 ) -> list[Image.Image]:
-    """A content item's list of frames: each through fetch_image, padded to an even count."""
-    source = ele["video"]
-    if not isinstance(source, list | tuple):
-        raise InputError(f"video: expected a file path or a list of frames, got {type(source).__name__}")
+    """A content item's frames (a list or a folder): each through fetch_image, padded to an even count."""
+    source = frame_list(ele)
+    if source is None:
+        raise InputError(f"video {ele['video']}: a video file, not a list or folder of frames")
     if not source:
         raise InputError("video: the frame list is empty")
     # each frame goes through fetch_image with the item's own options (the image pixel bounds)
@@ -156,11 +172,11 @@ def fetch_frames(
 def fetch_video(
     ele: dict[str, Any], factor: int = IMAGE_FACTOR, *, exif_transpose: bool = True
 ) -> np.ndarray | list[Image.Image]:
-    """A video file -> T x H x W x 3 uint8 frames resized with PIL's bicubic; a list of frames -> PIL list."""
-    source = ele["video"]
-    if not isinstance(source, str | Path):
+    """A video file -> T x H x W x 3 uint8 frames resized with PIL's bicubic; a list or folder of
+    frames -> list of PIL images."""
+    if frame_list(ele) is not None:
         return fetch_frames(ele, factor, exif_transpose=exif_transpose)
-    video = read_video({**ele, "video": str(source)})
+    video = read_video({**ele, "video": str(ele["video"])})
     nframes, height, width, _ = video.shape
     rh, rw = video_size(ele, nframes, height, width, factor)
     if (rh, rw) == (height, width):

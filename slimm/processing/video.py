@@ -4,6 +4,7 @@ T x H x W x 3 uint8; sampled frames of a video file (PyAV); telling one video fr
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,31 @@ from PIL import Image
 from slimm.errors import InputError
 from slimm.host.arrays import is_torch_tensor
 from slimm.processing.image import load_rgb, no_network, rgb_from_hwc
+
+FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+def list_frames(folder: str | Path) -> list[str]:
+    """The image files of a frame folder in order: numbers in names compare as numbers, so
+    frame_2 comes before frame_10."""
+    folder = Path(folder)
+
+    def key(path: Path) -> tuple[list[Any], str]:
+        # re.split with a group alternates text and digit runs, so the pieces compare type by type
+        parts = re.split(r"(\d+)", path.name)
+        return [int(p) if i % 2 else p for i, p in enumerate(parts)], path.name
+
+    frames = sorted((f for f in folder.iterdir() if f.suffix.lower() in FRAME_SUFFIXES), key=key)
+    if not frames:
+        raise InputError(f"{folder}: directory holds no {'/'.join(FRAME_SUFFIXES)} frames")
+    return [str(f) for f in frames]
+
+
+def as_video_list(videos: Any) -> list[Any]:
+    """`videos` as given to prepare / stream: None, one video, or a list of videos."""
+    if videos is None or (isinstance(videos, list | tuple) and not videos):
+        return []
+    return split_videos(videos)
 
 
 def is_frame(x: Any) -> bool:
