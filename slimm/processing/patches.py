@@ -4,6 +4,7 @@ CLIP-normalised and cut into patch rows in merge-window order (`pixel_values` + 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,32 +64,36 @@ class ImageProcessor:
     def __call__(self, images: Any = None, videos: Any = None) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if images is not None:
-            flat = flatten_images(images)
-            if not flat:
-                raise InputError("images: empty list; pass None for no images")
-            rows, grids = [], []
-            for i, image in enumerate(flat):
-                frames = load_rgb(
-                    image, f"image {i} ({describe(image)})", exif_transpose=self.exif_transpose
-                )[None]
-                patches, grid = self._patchify_frames(frames, f"image {i}")
-                rows.append(patches)
-                grids.append(grid)
-            out["pixel_values"] = np.concatenate(rows, axis=0)
-            out["image_grid_thw"] = np.asarray(grids, dtype=np.int64)
+            items = flatten_images(images)
+            out["pixel_values"], out["image_grid_thw"] = self._patchify_all(
+                items, self._image_frames, "image"
+            )
         if videos is not None:
-            split = split_videos(videos)
-            if not split:
-                raise InputError("videos: empty list; pass None for no videos")
-            rows, grids = [], []
-            for i, video in enumerate(split):
-                frames = load_video_frames(video, f"video {i}", exif_transpose=self.exif_transpose)
-                patches, grid = self._patchify_frames(frames, f"video {i}")
-                rows.append(patches)
-                grids.append(grid)
-            out["pixel_values_videos"] = np.concatenate(rows, axis=0)
-            out["video_grid_thw"] = np.asarray(grids, dtype=np.int64)
+            items = split_videos(videos)
+            out["pixel_values_videos"], out["video_grid_thw"] = self._patchify_all(
+                items, self._video_frames, "video"
+            )
         return out
+
+    def _image_frames(self, i: int, image: Any) -> np.ndarray:
+        what = f"image {i} ({describe(image)})"
+        return load_rgb(image, what, exif_transpose=self.exif_transpose)[None]
+
+    def _video_frames(self, i: int, video: Any) -> np.ndarray:
+        return load_video_frames(video, f"video {i}", exif_transpose=self.exif_transpose)
+
+    def _patchify_all(
+        self, items: list[Any], frames_of: Callable[[int, Any], np.ndarray], kind: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every image or video: patch rows stacked, one grid row each."""
+        if not items:
+            raise InputError(f"{kind}s: empty list; pass None for no {kind}s")
+        rows, grids = [], []
+        for i, item in enumerate(items):
+            patches, grid = self._patchify_frames(frames_of(i, item), f"{kind} {i}")
+            rows.append(patches)
+            grids.append(grid)
+        return np.concatenate(rows, axis=0), np.asarray(grids, dtype=np.int64)
 
     def _patchify_frames(self, frames: np.ndarray, what: str) -> tuple[np.ndarray, list[int]]:
         """T x H x W x 3 uint8 -> rows [grid_t*grid_h*grid_w, C*T*P*P] float32 and (grid_t, grid_h, grid_w)."""
