@@ -102,7 +102,7 @@ def print_ops(ops: list, nodes: list, kernels: float, top: int) -> None:
 def profile_vision(backend, args) -> int:
     """Part B on one synthetic image, through ONNX Runtime's profiler (3 calls after a warm-up)."""
     from benchmarks.measure import synthetic_image
-    from slimm.vision_index import vision_host_inputs
+    from slimm.host.vision_index import vision_host_inputs
 
     h, w = (int(x) for x in args.vision.lower().split("x"))
     cfg = backend.config

@@ -84,24 +84,15 @@ def _vision_message(args) -> list[dict]:
     if args.max_pixels:
         opts["max_pixels"] = args.max_pixels
     items = [{"type": "image", "image": str(p), **opts} for p in args.image]
-    for v in args.video:
-        p = Path(v)
-        if p.is_dir():  # a directory of frames, in name order
-            frames = sorted(
-                str(f) for f in p.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp")
-            )
-            if not frames:
-                raise InputError(f"{p}: directory holds no .png/.jpg frames")
-            items.append({"type": "video", "video": frames, **opts})
-        else:
-            items.append({"type": "video", "video": str(p), **opts})
+    # a video file or a folder of frames: slimm.processing.messages tells them apart
+    items += [{"type": "video", "video": str(v), **opts} for v in args.video]
     return items
 
 
 def cmd_generate(args) -> int:
     import slimm
     from slimm.generate import stream_generate
-    from slimm.model.utils_vl import process_vision_info
+    from slimm.processing.messages import process_vision_info
 
     onnx_like = args.backend == "onnx" or args.backend.endswith("-ort")
     if args.model:

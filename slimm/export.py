@@ -20,9 +20,9 @@ from torch import nn
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
 from slimm.errors import InputError
+from slimm.host.vision_index import vision_host_inputs
 from slimm.manifest import MANIFEST, MANIFEST_VERSION, PART_ROLES, PARTS, Tensor, io_spec, part_file
 from slimm.model.slimm import SliMMForConditionalGeneration
-from slimm.vision_index import vision_host_inputs
 
 DEFAULT_OPSET = 20
 PRECISIONS = ("fp32", "fp16")

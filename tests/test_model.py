@@ -159,9 +159,9 @@ def test_efficient_repatching_equals_direct_14px_patches():
     """Cutting the 28-px processor patches into 2x2 tower patches must give exactly the rows a
     14-px processor makes of the same image, in merge-window order of the doubled grid."""
     from slimm.config import PreprocessorConfig
+    from slimm.host.vision_index import efficient_pixel_index
     from slimm.model.merger import efficient_split_patches
     from slimm.processing import ImageProcessor
-    from slimm.vision_index import efficient_pixel_index
 
     rng = np.random.default_rng(0)
     img = rng.integers(0, 256, (112, 168, 3), dtype=np.uint8)  # multiples of 56: no resize either way
@@ -175,7 +175,7 @@ def test_efficient_repatching_equals_direct_14px_patches():
 
 
 def test_vision_attention_per_frame_equals_block_mask(torch_model):
-    from slimm.vision_index import vision_chunks, vision_frame_ids, vision_rotary_ids
+    from slimm.host.vision_index import vision_chunks, vision_frame_ids, vision_rotary_ids
 
     model = torch_model("plain")
     grids = np.array([[1, 4, 6], [2, 4, 4]])

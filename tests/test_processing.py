@@ -14,6 +14,7 @@ from PIL import Image
 
 from slimm.config import PreprocessorConfig
 from slimm.errors import CheckpointError, InputError
+from slimm.host.positions import get_rope_index
 from slimm.processing import (
     QWEN2_VL_CHAT_TEMPLATE,
     ImageProcessor,
@@ -22,7 +23,6 @@ from slimm.processing import (
     apply_chat_template,
     default_tokenizer_dir,
     expand_vision_placeholders,
-    get_rope_index,
     smart_resize,
 )
 
@@ -561,6 +561,92 @@ def test_processor_left_pads_and_expands(tokenizer):
         proc(text=texts, images=[chelsea], padding=False)
     with pytest.raises(InputError, match="placeholder"):
         proc(text=texts[1], images=[chelsea])
+
+
+def _sideways_jpeg(path):
+    """A 280x140 (w x h) JPEG whose EXIF orientation 6 says: turn 90 degrees clockwise to show it."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(PHOTOS["chelsea"][:140, :280]).save(path, exif=exif.tobytes())
+    return path
+
+
+def test_exif_orientation_turns_images_upright(tmp_path):
+    from slimm.processing.messages import process_vision_info
+
+    path = _sideways_jpeg(tmp_path / "phone.jpg")
+    stored = np.asarray(Image.open(path).convert("RGB"))
+    upright = ImageProcessor()(images=np.rot90(stored, k=-1))  # turned clockwise by hand
+    np.testing.assert_array_equal(upright["image_grid_thw"], [[1, 20, 10]])  # 280 high, 140 wide
+    for image in (str(path), path, Image.open(path), path.read_bytes()):
+        out = ImageProcessor()(images=[image])
+        np.testing.assert_array_equal(out["image_grid_thw"], upright["image_grid_thw"])
+        np.testing.assert_array_equal(out["pixel_values"], upright["pixel_values"])
+    as_stored = ImageProcessor(exif_transpose=False)(images=[str(path)])
+    np.testing.assert_array_equal(as_stored["image_grid_thw"], [[1, 10, 20]])
+    # the CLI's loader (message items) turns it upright too, and the Processor does not turn it again
+    images, _ = process_vision_info([_user({"type": "image", "image": str(path)})])
+    assert images[0].size == (140, 280)
+    np.testing.assert_array_equal(ImageProcessor()(images=images)["image_grid_thw"], [[1, 20, 10]])
+
+
+def test_frame_folder_sorts_numerically(tmp_path):
+    from slimm.processing.messages import process_vision_info
+
+    for i in range(1, 11):  # frame i is flat red 20*i: string order would put frame_10 second
+        Image.fromarray(np.full((56, 56, 3), (20 * i, 0, 0), np.uint8)).save(tmp_path / f"frame_{i}.png")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    _, videos = process_vision_info([_user({"type": "video", "video": str(tmp_path)})])
+    assert [int(np.asarray(f)[0, 0, 0]) for f in videos[0]] == [20 * i for i in range(1, 11)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no .png"):
+        process_vision_info([_user({"type": "video", "video": str(tmp_path / "empty")})])
+
+
+def test_one_frame_video_file_is_like_a_one_frame_folder(tmp_path):
+    av = pytest.importorskip("av")
+    from slimm.processing.messages import process_vision_info
+
+    frame = np.ascontiguousarray(PHOTOS["chelsea"][:96, :128])
+    (tmp_path / "frames").mkdir()
+    Image.fromarray(frame).save(tmp_path / "frames" / "0.png")
+    path = tmp_path / "one.mkv"
+    with av.open(str(path), "w") as container:  # lossless FFV1: the decoded frame is the PNG's
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "bgr0"
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    size = {"resized_height": 112, "resized_width": 140}
+    outs = []
+    for source in (str(path), str(tmp_path / "frames")):
+        _, videos = process_vision_info([_user({"type": "video", "video": source, **size})])
+        outs.append(ImageProcessor()(videos=[np.stack([np.asarray(f) for f in videos[0]])]))
+    np.testing.assert_array_equal(outs[0]["video_grid_thw"], [[1, 8, 10]])
+    np.testing.assert_array_equal(outs[0]["video_grid_thw"], outs[1]["video_grid_thw"])
+    np.testing.assert_array_equal(outs[0]["pixel_values_videos"], outs[1]["pixel_values_videos"])
+
+
+def test_one_string_is_one_image(tmp_path, tokenizer):
+    from slimm.backends.base import Backend
+
+    class Stub(Backend):  # prepare only: no model behind it
+        name, load, prefill, decode = "stub", None, None, None
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(PHOTOS["chelsea"]).save(path)
+    proc = Processor(tokenizer)
+    want = proc(images=[str(path)])["image_grid_thw"]
+    for images in (str(path), path, [str(path)]):
+        out = Stub(None, proc).prepare("What is this?", images=images)
+        np.testing.assert_array_equal(out["image_grid_thw"], want)
+        assert (out["input_ids"] == IMG).sum() == int(want.prod()) // 4
+    text = proc.apply_chat_template(_image_message())
+    np.testing.assert_array_equal(proc(text=text, images=str(path))["image_grid_thw"], want)
+    frames = [PHOTOS["chelsea"][:56, :56]] * 2
+    out = Stub(None, proc).prepare("And this?", videos=np.stack(frames))  # one video, not two frames
+    np.testing.assert_array_equal(out["video_grid_thw"], [[1, 4, 4]])
 
 
 def test_processor_without_tokenizer_processes_images():

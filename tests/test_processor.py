@@ -75,6 +75,18 @@ def test_readme_flow_returns_torch_tensors(processor, ckpt):
         _ = inputs.pixel_values_videos
 
 
+def test_original_api_keeps_exif_orientation_as_stored(processor, tmp_path):
+    # qwen-vl-utils' fetch_image and the transformers processor never apply EXIF orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show it
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(skdata.chelsea()[:140, :280]).save(path, exif=exif.tobytes())
+    images, _ = process_vision_info([{"role": "user", "content": [{"type": "image", "image": str(path)}]}])
+    assert images[0].size == (280, 140)
+    np.testing.assert_array_equal(processor(images=images)["image_grid_thw"], [[1, 10, 20]])
+    np.testing.assert_array_equal(processor(images=[Image.open(path)])["image_grid_thw"], [[1, 10, 20]])
+
+
 def test_return_tensors_and_call_forms(processor, ckpt):
     image = Image.open(ckpt / "cat.png")
     as_np = processor(

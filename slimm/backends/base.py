@@ -13,6 +13,7 @@ import numpy as np
 from slimm.config import SliMMConfig
 from slimm.errors import InputError
 from slimm.generate import GenerateOutput, GenerationConfig, generate, stream_generate
+from slimm.processing import as_image_list, as_video_list
 
 INPUT_NAMES = (
     "input_ids",
@@ -165,12 +166,13 @@ class Backend(abc.ABC):
             raise InputError(
                 "this model directory has no tokenizer files: pass token ids to generate() instead"
             )
+        images, videos = as_image_list(images), as_video_list(videos)  # one path is one image
         content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         content.append({"type": "text", "text": prompt})
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": content})
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(text=[text], images=list(images) or None, videos=list(videos) or None)
+        return self.processor(text=[text], images=images or None, videos=videos or None)
 
     def stream(self, prompt: str, images=(), videos=(), **gen_kwargs) -> Iterator[str]:
         """Answer one prompt about images / video frames, yielding text as it is produced."""

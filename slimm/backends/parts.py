@@ -14,9 +14,9 @@ import numpy as np
 
 from slimm.backends.base import Backend
 from slimm.errors import InputError
+from slimm.host.positions import model_rope_index
+from slimm.host.vision_index import vision_host_inputs
 from slimm.manifest import read_manifest
-from slimm.processing import get_rope_index
-from slimm.vision_index import vision_host_inputs
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -157,15 +157,8 @@ class PartsBackend(Backend):
             pos_all.append(pos)
             if slices is not None:
                 slices_all.append(slices)
-        position_ids, self.rope_deltas = get_rope_index(
-            ids,
-            inputs.get("image_grid_thw"),
-            inputs.get("video_grid_thw"),
-            mask,
-            spatial_merge_size=cfg.spatial_merge_size,
-            image_token_id=cfg.image_token_id,
-            video_token_id=cfg.video_token_id,
-            vision_start_token_id=cfg.vision_start_token_id,
+        position_ids, self.rope_deltas = model_rope_index(
+            cfg, ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask
         )
         if pos_all:
             cos, sin = self.run("D", {"position_ids": position_ids})

@@ -16,8 +16,8 @@ import numpy as np
 
 from slimm.convert import TARGETS, generate_source, get_target, import_generated
 from slimm.convert.graph import ConversionError
+from slimm.host.vision_index import vision_host_inputs
 from slimm.manifest import MANIFEST, MANIFEST_VERSION, PARTS, read_manifest
-from slimm.vision_index import vision_host_inputs
 
 VALIDATE_RTOL = 1e-5  # relative to the largest magnitude of the reference tensor
 SAMPLE_SIZES = {"batch": 2, "seq": 5, "capacity": 9, "tokens": 6}

@@ -1,7 +1,7 @@
 """Patch mergers: vision tokens -> LLM width, plus the DeepStack slices of each variant.
 
 Every merger returns (main tokens (L, d), DeepStack slices (K, L, d) or None). The
-`efficient` variant's row orderings are index arrays computed on the host (slimm/vision_index.py).
+`efficient` variant's row orderings are index arrays computed on the host (slimm/host/vision_index.py).
 """
 
 from __future__ import annotations

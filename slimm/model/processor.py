@@ -14,6 +14,7 @@ import numpy as np
 from slimm.config import read_json
 from slimm.errors import InputError
 from slimm.processing import ImageProcessor, Processor, Tokenizer
+from slimm.processing.messages import ORIGINAL_EXIF_TRANSPOSE
 
 
 class BatchFeature(dict):
@@ -63,6 +64,9 @@ class SliMMQwen2VLProcessor:
             tokenizer_dir=kwargs.get("tokenizer_dir"),
             min_pixels=kwargs.get("min_pixels"),
             max_pixels=kwargs.get("max_pixels"),
+            # the original's transformers processor takes the images process_vision_info opened as
+            # they are: no EXIF orientation applied (see ORIGINAL_EXIF_TRANSPOSE)
+            exif_transpose=ORIGINAL_EXIF_TRANSPOSE,
         )
         deepstack_type = kwargs.get("deepstack_type")
         if deepstack_type is None:

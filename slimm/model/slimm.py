@@ -15,10 +15,11 @@ from torch import nn
 
 from slimm.config import MIDLAYER_FEATURE_INDICES, SliMMConfig, load_config
 from slimm.errors import InputError
+from slimm.host.positions import model_rope_index
+from slimm.host.vision_index import vision_chunks, vision_host_inputs
 from slimm.model.language import KVCache, LanguageModel
 from slimm.model.merger import build_merger, efficient_split_patches
 from slimm.model.vision import VisionTower
-from slimm.vision_index import vision_chunks, vision_host_inputs
 
 # transformers-style keywords callers pass along that this model does not need
 HF_ACCEPTED_KWARGS = {"mm_token_type_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
@@ -189,19 +190,7 @@ class SliMMForConditionalGeneration(nn.Module):
         return h, torch.cat(slices_all, dim=1)[:, order], pos[order]
 
     def rope_index(self, input_ids, image_grid_thw=None, video_grid_thw=None, attention_mask=None):
-        from slimm.processing import get_rope_index
-
-        cfg = self.config
-        pos, deltas = get_rope_index(
-            _np(input_ids),
-            None if image_grid_thw is None else _np(image_grid_thw),
-            None if video_grid_thw is None else _np(video_grid_thw),
-            None if attention_mask is None else _np(attention_mask),
-            spatial_merge_size=cfg.spatial_merge_size,
-            image_token_id=cfg.image_token_id,
-            video_token_id=cfg.video_token_id,
-            vision_start_token_id=cfg.vision_start_token_id,
-        )
+        pos, deltas = model_rope_index(self.config, input_ids, image_grid_thw, video_grid_thw, attention_mask)
         return torch.from_numpy(pos).to(self.device), torch.from_numpy(deltas).to(self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -296,7 +285,3 @@ class SliMMForConditionalGeneration(nn.Module):
         from slimm.backends.torch import TorchBackend
 
         return TorchBackend.from_model(self).generate(input_ids=input_ids, **kwargs)
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)

@@ -1,7 +1,7 @@
 """The Qwen2-VL vision transformer (checkpoint prefix `visual.`), without its merger.
 
 Grid bookkeeping (2-D rotary positions, which frame a patch belongs to) is computed on the host
-from `grid_thw` (slimm/vision_index.py) and enters the tower as tensors, so the tower itself has
+from `grid_thw` (slimm/host/vision_index.py) and enters the tower as tensors, so the tower itself has
 no data-dependent Python control flow and exports with dynamic shapes.
 """
 
