@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from slimm import frameworks
 from slimm.config import SliMMConfig
 from slimm.errors import InputError
 from slimm.generate import GenerateOutput, GenerationConfig, generate, stream_generate
@@ -24,15 +25,6 @@ INPUT_NAMES = (
 )
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
 def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     """Model inputs as NumPy arrays with checked ranks and dtypes."""
     unknown = set(inputs) - set(INPUT_NAMES)
@@ -42,7 +34,7 @@ def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         )
     if inputs.get("input_ids") is None:
         raise InputError("input_ids is required")
-    out = {k: to_numpy(v) for k, v in inputs.items() if v is not None}
+    out = {k: frameworks.to_numpy(v) for k, v in inputs.items() if v is not None}
     ids = out["input_ids"]
     if ids.ndim == 1:
         ids = ids[None]
