@@ -348,7 +348,7 @@ def _check_options(o: dict[str, Any]) -> None:
         return InputError(f"ORTWrapper option {what}")
 
     if set(o) != _OPTION_KEYS:
-        raise bad(f"keys {sorted(o)} are not the expected ones")
+        raise bad(f"keys {sorted(map(repr, o))} are not the expected ones {sorted(_OPTION_KEYS)}")
     if not isinstance(o["model_path"], str) or not os.path.isabs(o["model_path"]):
         raise bad(f"model_path must be an absolute path string, got {o['model_path']!r}")
     check_session_options(

@@ -522,3 +522,44 @@ def test_mindspore_after_paddle_is_a_clear_error():
         or "import mindspore (or call slimm.frameworks.startup('mindspore' or 'paddle')) before paddle"
         in last
     )
+
+
+# ---- damaged files and out-of-range options ---------------------------------------------------------------
+
+
+def test_damaged_pkl_is_a_checkpoint_error_naming_the_file(models, tmp_path):
+    """Seeded random byte flips over every region of a saved wrapper: each load gives a wrapper (the
+    flip left a valid file, e.g. another thread count) or a CheckpointError naming the file; never
+    OverflowError, TypeError, MemoryError... from inside the unpickler or the option checks."""
+    good = NumpyWrapper(models.mix, device="cpu", intra_op_num_threads=1).save(tmp_path / "good.pkl")
+    data = good.read_bytes()
+    rng = np.random.default_rng(11)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(400):
+        damaged = bytearray(data)
+        for pos in rng.choice(len(data), size=int(rng.integers(1, 4)), replace=False):
+            damaged[pos] ^= int(rng.integers(1, 256))
+        path = tmp_path / f"flip{i}.pkl"
+        path.write_bytes(bytes(damaged))
+        try:
+            ORTWrapper.load(path)
+            outcomes["loaded"] += 1
+        except CheckpointError as e:
+            assert str(path) in str(e), f"message does not name the file: {e}"
+            outcomes["refused"] += 1
+        except Exception as e:  # noqa: BLE001 - the test's point: nothing else may come out
+            pytest.fail(f"flip {i}: {type(e).__name__}: {e} (bytes {bytes(damaged)!r})")
+    assert outcomes["refused"] > 300  # most flips break the file; the loop really exercised damage
+    # truncated at every length
+    for n in range(len(data)):
+        path = tmp_path / "cut.pkl"
+        path.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match="cut.pkl"):
+            ORTWrapper.load(path)
+
+
+def test_absurd_thread_count_is_an_option_error(models):
+    for n in (10**9, -1, 2.5, True):
+        with pytest.raises(InputError, match=r"option intra_op_num_threads must be an int from 0 .* to 1024"):
+            NumpyWrapper(models.mix, intra_op_num_threads=n)
+    assert NumpyWrapper(models.mix, intra_op_num_threads=0).session  # 0: ONNX Runtime decides
