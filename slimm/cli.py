@@ -127,7 +127,7 @@ def cmd_generate(args) -> int:
     text = model.processor.apply_chat_template(messages, add_generation_prompt=True)
     from slimm.backends.base import normalize_inputs
 
-    inputs = normalize_inputs(model.processor(text=[text], images=images, videos=videos))
+    inputs = normalize_inputs(model.processor(text=[text], images=images, videos=videos), model.config)
     gen = model.generation_config(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
