@@ -17,16 +17,21 @@ from typing import Any
 
 import numpy as np
 
-# framework each backend needs -> its import name (a missing one is a skipped row, not a crash)
+from slimm.backends import BACKENDS
+from slimm.frameworks import FRAMEWORKS as ALL_FRAMEWORKS
+from slimm.frameworks import TARGETS
+
+# each benchmarked backend -> the import name of the framework it needs (a missing one is a skipped
+# row, not a crash): slimm's own backends from its registry, and transformers as the peer
 FRAMEWORKS = {
-    "torch": "torch",
-    "onnx": "onnxruntime",
-    "jax": "jax",
-    "paddle": "paddle",
-    "mindspore": "mindspore",
+    **{b: ALL_FRAMEWORKS[BACKENDS[b].framework].module for b in ("torch", "onnx", *TARGETS)},
     "transformers": "transformers",
 }
-JIT_BACKENDS = ("jax", "paddle", "mindspore")  # compile per input shape on the first call
+PACKAGES = {  # the same backends -> the pip package whose version a report names
+    **{b: ALL_FRAMEWORKS[BACKENDS[b].framework].package for b in ("torch", "onnx", *TARGETS)},
+    "transformers": "transformers",
+}
+JIT_BACKENDS = TARGETS  # compile per input shape on the first call
 PHASES = ("prefill", "decode", "vision", "ttft")
 
 
@@ -227,12 +232,6 @@ def worker(spec: dict[str, Any], result_path: str) -> None:
         tmp.replace(result_path)
 
     try:
-        if spec["backend"] == "paddle":
-            import importlib.util
-
-            # MindSpore and Paddle each ship a libdnnl; MindSpore only loads if its copy comes first
-            if importlib.util.find_spec("mindspore"):
-                import mindspore  # noqa: F401
         out["phase"] = "load"
         t0 = time.perf_counter()
         runner = load_runner(spec["backend"], Path(spec["path"]), spec["precision"], spec["threads"])

@@ -6,7 +6,6 @@ Errors a user can cause print one line (`error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -119,7 +118,7 @@ def cmd_generate(args) -> int:
     text = model.processor.apply_chat_template(messages, add_generation_prompt=True)
     from slimm.backends.base import normalize_inputs
 
-    inputs = normalize_inputs(model.processor(text=[text], images=images, videos=videos))
+    inputs = normalize_inputs(model.processor(text=[text], images=images, videos=videos), model.config)
     gen = model.generation_config(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.temperature > 0,
@@ -177,11 +176,6 @@ def cmd_convert(args) -> int:
     from slimm.convert.convert import convert_export
 
     targets = list(TARGETS) if args.to == "all" else [args.to]
-    if {"paddle", "mindspore"} <= set(targets) and importlib.util.find_spec("mindspore"):
-        # both wheels ship a libdnnl.so.3 and MindSpore only loads if its copy comes first
-        from slimm.wrappers import mindspore_startup
-
-        mindspore_startup()
     for target in targets:
         out = args.out / target if args.to == "all" else args.out
         convert_export(args.export_dir, target, out, validate=args.validate)

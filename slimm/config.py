@@ -24,6 +24,7 @@ QWEN2_SPECIAL_TOKENS = {
     "video_token_id": 151656,
 }
 DEEPSTACK_TYPES = ("v1", "midlayers", "efficient")
+VARIANTS = ("plain", *DEEPSTACK_TYPES)  # the model variants: no DeepStack, or one of its three kinds
 MIDLAYER_FEATURE_INDICES = (8, 16, 24, 30)  # vision blocks whose INPUT midlayers stacks (hard-coded upstream)
 DEFAULT_MAX_SEQ_LEN = 4096
 

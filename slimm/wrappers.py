@@ -1,25 +1,22 @@
 """ONNX Runtime wrappers: run one ONNX model file in ONNX Runtime with the tensors of another framework
 (NumPy, PyTorch, MindSpore, PaddlePaddle, JAX) going in and out, and save/load the wrapper as a small `.pkl`.
-Each framework is imported only when its wrapper is made; `mindspore_startup` gets MindSpore past NumPy 2.
+Sessions come from slimm.backends.onnx, tensor conversion and framework start-up from slimm.frameworks;
+this module checks and feeds the inputs, and owns the `.pkl` format.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import io
 import os
 import pickle
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any, ClassVar
 
 import numpy as np
 
-from slimm.errors import BackendUnavailable, CheckpointError, InputError
+from slimm import frameworks
+from slimm.errors import CheckpointError, InputError
 
 # ONNX tensor element types as ONNX Runtime spells them -> the NumPy dtype it wants fed. Types NumPy
 # cannot hold natively (bfloat16, float8, int4) are absent: such inputs are passed on uncast.
@@ -41,102 +38,11 @@ _ORT_DTYPES: dict[str, np.dtype] = {
     }.items()
 }
 
-_OPT_LEVELS = ("disable", "basic", "extended", "layout", "all")
-_DEVICES = ("auto", "cpu", "cuda")
-_CUDA = "CUDAExecutionProvider"
-_CPU = "CPUExecutionProvider"
-
 # The .pkl format: a dict of plain types only, read back with an unpickler that refuses every class.
 _PKL_FORMAT = "slimm.wrappers.ORTWrapper"
 _PKL_VERSION = 1
 _PKL_MAX_BYTES = 1 << 20  # a wrapper file is a few hundred bytes; anything large is not one of ours
-
-
-def _require(module: str, package: str, who: str) -> ModuleType:
-    """Import `module` for wrapper `who`, or raise BackendUnavailable naming the pip package."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as e:
-        raise BackendUnavailable(
-            f"{who} needs {module!r}, which is not importable here ({e}); install it with `pip install {package}`"
-        ) from e
-
-
-# ---- MindSpore start-up ---------------------------------------------------------------------------------
-
-_mindspore_lock = threading.Lock()
-_mindspore_numpy_checked = False
-
-
-def mindspore_startup(launch_blocking: bool = False) -> ModuleType:
-    """Import MindSpore, take its one-time NumPy 2 start-up error on purpose, and return the module.
-
-    Why: MindSpore 2.10 is compiled against the NumPy 1.x C API. The first op that parses an argument
-    which might be a NumPy scalar (the shape tuple of `ops.reshape`, say) calls NumPy's `_import_array()`
-    once, from a function-local static (`IsNumpyAvailable` in pynative/py_parse.cc). NumPy 2 refuses
-    modules built for the 1.x ABI, so that import fails; MindSpore logs "Numpy init failed.", remembers
-    the failure, but leaves the ImportError set, and that one op call raises
-    `SystemError: ... returned a result with an exception set`. Later calls work, except that NumPy
-    scalars and 0-d arrays are no longer accepted as op arguments (pass Python ints/floats or Tensors).
-    NumPy 2 rejects the 1.x ABI by design and jax/jaxlib 0.10 require NumPy>=2, so the cause cannot be removed from
-    outside: we trigger the failure here, check it is exactly that one, and check that the retry works.
-
-    `launch_blocking=True` also makes eager (PyNative) ops synchronous: on CPU a small op read back
-    with `.asnumpy()` took ~2.3 ms asynchronously and ~0.1 ms blocking here. MindSpore cannot turn it
-    off again, so it is opt-in; the wrappers themselves run no MindSpore ops and leave it off.
-    """
-    global _mindspore_numpy_checked
-    try:
-        ms = importlib.import_module("mindspore")
-    except ImportError as e:
-        if "paddle" in sys.modules and "dnnl" in str(e):
-            # Both wheels ship a libdnnl.so.3 (oneDNN 3.10 threadpool build in MindSpore, 3.6 OpenMP
-            # build in Paddle); the loader keeps whichever is loaded first, and MindSpore's plugin needs
-            # symbols only its own has. Paddle works with MindSpore's, so MindSpore must come first.
-            raise BackendUnavailable(
-                "MindSpore cannot be imported after Paddle in one process: both ship libdnnl.so.3 and "
-                f"Paddle's lacks symbols MindSpore needs ({e}); import mindspore (or call "
-                "slimm.wrappers.mindspore_startup()) before paddle"
-            ) from e
-        raise BackendUnavailable(
-            f"MindSpore is not importable here ({e}); install it with `pip install mindspore`"
-        ) from e
-    with _mindspore_lock:
-        if not _mindspore_numpy_checked:
-            _take_numpy_init_failure(ms)
-            _mindspore_numpy_checked = True
-        if launch_blocking:
-            ms.runtime.launch_blocking()
-    return ms
-
-
-def _take_numpy_init_failure(ms: ModuleType) -> None:
-    def probe():
-        return ms.ops.reshape(ms.Tensor(np.array([7], np.int64)), (1, 1))
-
-    # NumPy writes a long "compiled using NumPy 1.x" banner to sys.stderr before raising; it is the
-    # failure we expect, so keep it out of the user's terminal unless something else goes wrong.
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            probe()
-        return  # NumPy 1.x, or the static was already settled by an earlier op
-    except SystemError as e:
-        cause = e.__cause__
-        if not (isinstance(cause, ImportError) and "numpy" in str(cause).lower()):
-            sys.stderr.write(captured.getvalue())
-            raise
-    except BaseException:
-        sys.stderr.write(captured.getvalue())
-        raise
-    out = probe()  # must work now; if it does not, that error is real and propagates
-    if tuple(out.shape) != (1, 1) or int(out.asnumpy()[0, 0]) != 7:
-        raise BackendUnavailable(
-            f"MindSpore start-up check failed: reshape gave {out.shape} {out.asnumpy()!r}, expected [[7]]"
-        )
-
-
-# ---- the wrappers ---------------------------------------------------------------------------------------
+_OPTION_KEYS = {"model_path", "providers", "device", "intra_op_num_threads", "graph_optimization_level"}
 
 
 def _class_key(cls: type) -> str:
@@ -167,12 +73,11 @@ def _castable(src: np.dtype, dst: np.dtype) -> bool:
 
 
 class ORTWrapper:
-    """Runs one ONNX model in ONNX Runtime; NumPy arrays in and out (subclasses change `to_numpy` and
-    `from_numpy`). Call with inputs positionally in model order, by name, or both."""
+    """Runs one ONNX model in ONNX Runtime; NumPy arrays in and out (subclasses name their framework in
+    `framework`, or override `to_numpy`, `from_numpy` and `input_device`). Call with inputs positionally
+    in model order, by name, or both."""
 
-    framework: ClassVar[str] = "numpy"
-    # Set by subclasses that move outputs back to the device the inputs came from.
-    _tracks_device: ClassVar[bool] = False
+    framework: ClassVar[str] = "numpy"  # a name in slimm.frameworks.FRAMEWORKS
     _registry: ClassVar[dict[str, type[ORTWrapper]]] = {}
 
     def __init_subclass__(cls, **kwargs):
@@ -199,41 +104,21 @@ class ORTWrapper:
 
     # ---- construction ---------------------------------------------------------------------------------
     def _setup(self, options: dict[str, Any]) -> None:
+        from slimm.backends.onnx import make_session
+
         _check_options(options)
         self._options = options
         self.model_path = Path(options["model_path"])
-        self._import_framework()
-        if not self.model_path.is_file():
-            raise CheckpointError(f"ONNX model {self.model_path} does not exist")
-        ort = _require("onnxruntime", "onnxruntime", type(self).__name__)  # onnxruntime-gpu for CUDA
-        providers = _pick_providers(ort, options["providers"], options["device"])
-        so = ort.SessionOptions()
-        so.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel,
-            {
-                "disable": "ORT_DISABLE_ALL",
-                "basic": "ORT_ENABLE_BASIC",
-                "extended": "ORT_ENABLE_EXTENDED",
-                "layout": "ORT_ENABLE_LAYOUT",
-                "all": "ORT_ENABLE_ALL",
-            }[options["graph_optimization_level"]],
+        self._fw = frameworks.get(self.framework)
+        self._fw.startup()
+        frameworks.require("onnxruntime", type(self).__name__)  # onnxruntime-gpu for CUDA
+        session = make_session(
+            self.model_path,
+            device=options["device"],
+            threads=options["intra_op_num_threads"],
+            opt_level=options["graph_optimization_level"],
+            providers=options["providers"],
         )
-        if options["intra_op_num_threads"] is not None:
-            so.intra_op_num_threads = options["intra_op_num_threads"]
-        try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=so, providers=providers)
-        except Exception as e:
-            # ONNX Runtime's own errors (bad protobuf, unsupported op...) do not always say which file;
-            # anything else (MemoryError...) goes up unchanged.
-            if type(e).__module__.startswith("onnxruntime"):
-                raise CheckpointError(f"ONNX Runtime could not load {self.model_path}: {e}") from e
-            raise
-        if options["device"] == "cuda" and _CUDA not in session.get_providers():
-            # ONNX Runtime falls back to CPU with only a warning when the CUDA libraries do not load.
-            raise BackendUnavailable(
-                f"device='cuda' was asked for {self.model_path.name}, but ONNX Runtime could not start "
-                f"CUDAExecutionProvider here (session runs on {session.get_providers()})"
-            )
         self._session = session
         self._run = session.run
         self.inputs: tuple[InputSpec, ...] = tuple(_input_spec(i) for i in session.get_inputs())
@@ -242,9 +127,6 @@ class ORTWrapper:
         self._output_list = list(self.output_names)
         self._by_name = {s.name: s for s in self.inputs}
         self._single_output = len(self.output_names) == 1
-
-    def _import_framework(self) -> None:
-        """Import this wrapper's framework (and keep what the conversions need on self)."""
 
     @property
     def providers(self) -> list[str]:
@@ -259,15 +141,16 @@ class ORTWrapper:
     # ---- conversion hooks -----------------------------------------------------------------------------
     def to_numpy(self, x: Any) -> np.ndarray:
         """One input of this wrapper's framework (or anything array-like) as a NumPy array."""
-        return np.asarray(x)
+        return self._fw.to_numpy(x)
 
     def from_numpy(self, array: np.ndarray, device: Any = None) -> Any:
         """One output as this wrapper's framework tensor, on `device` (None: the host/default)."""
-        return array
+        return self._fw.from_numpy(array, device)
 
     def input_device(self, x: Any) -> Any:
-        """The accelerator device an input tensor lives on, or None for host memory."""
-        return None
+        """The accelerator device an input tensor lives on, or None for host memory: the outputs go
+        to the device of the first input that has one."""
+        return self._fw.device_of(x)
 
     # ---- running --------------------------------------------------------------------------------------
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -293,20 +176,19 @@ class ORTWrapper:
         device = None
         for spec, x in zip(specs, args, strict=False):  # stops at the last positional one
             feeds[spec.name] = self._prepare(spec, x)
-            if self._tracks_device and device is None:
+            if device is None:
                 device = self.input_device(x)
-        if kwargs:
-            for name, x in kwargs.items():
-                spec = self._by_name.get(name)
-                if spec is None:
-                    raise InputError(
-                        f"{self.model_path.name} has no input {name!r}; its inputs are {', '.join(self.input_names)}"
-                    )
-                if name in feeds:
-                    raise InputError(f"{self.model_path.name}: input {name!r} given positionally and by name")
-                feeds[name] = self._prepare(spec, x)
-                if self._tracks_device and device is None:
-                    device = self.input_device(x)
+        for name, x in kwargs.items():
+            spec = self._by_name.get(name)
+            if spec is None:
+                raise InputError(
+                    f"{self.model_path.name} has no input {name!r}; its inputs are {', '.join(self.input_names)}"
+                )
+            if name in feeds:
+                raise InputError(f"{self.model_path.name}: input {name!r} given positionally and by name")
+            feeds[name] = self._prepare(spec, x)
+            if device is None:
+                device = self.input_device(x)
         if len(feeds) != len(specs):
             missing = [s.name for s in specs if s.name not in feeds]
             raise InputError(
@@ -374,12 +256,7 @@ class ORTWrapper:
         size = path.stat().st_size
         if size > _PKL_MAX_BYTES:
             raise CheckpointError(f"{path} is {size} bytes; a saved wrapper is a few hundred")
-        data = path.read_bytes()
-        try:
-            state = _PlainUnpickler(io.BytesIO(data)).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a saved ORTWrapper: {e}") from e
-        state = _check_state(state, source=str(path))
+        state = _check_state(_read_plain_pickle(path), source=str(path))
         target = ORTWrapper._registry.get(state["class"])
         if target is None:
             raise CheckpointError(
@@ -409,77 +286,18 @@ class TorchWrapper(ORTWrapper):
     """torch.Tensor in and out; outputs go to the CUDA device of the first CUDA input, else the CPU."""
 
     framework = "torch"
-    _tracks_device = True
-
-    def _import_framework(self) -> None:
-        self._torch = _require("torch", "torch", type(self).__name__)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        torch = self._torch
-        if isinstance(x, torch.Tensor):
-            if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every value exactly
-                x = x.float()
-            return x.numpy(force=True)  # detaches, copies off the GPU, resolves conj/neg views
-        return np.asarray(x)
-
-    def input_device(self, x: Any) -> Any:
-        if isinstance(x, self._torch.Tensor) and x.device.type != "cpu":
-            return x.device
-        return None
-
-    def from_numpy(self, array: np.ndarray, device: Any = None) -> Any:
-        t = self._torch.from_numpy(array)  # shares the buffer ONNX Runtime just handed over
-        return t if device is None else t.to(device)
 
 
 class MindSporeWrapper(ORTWrapper):
-    """mindspore.Tensor in and out."""
+    """mindspore.Tensor in and out (building one starts MindSpore past its NumPy 2 start-up error)."""
 
     framework = "mindspore"
-
-    def _import_framework(self) -> None:
-        # Through mindspore_startup so that code run after building a wrapper does not meet the
-        # one-time NumPy error (the wrapper's own conversions never trigger it).
-        self._ms = mindspore_startup()
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        ms = self._ms
-        if isinstance(x, ms.Tensor):
-            if x.dtype == ms.bfloat16:  # asnumpy() refuses bfloat16 under this NumPy
-                x = x.float()
-            return x.asnumpy()
-        return np.asarray(x)
-
-    def from_numpy(self, array: np.ndarray, device: Any = None) -> Any:
-        return self._ms.from_numpy(array)  # zero-copy; the array is ours alone
 
 
 class PaddlePaddleWrapper(ORTWrapper):
     """paddle.Tensor in and out; outputs go to the GPU place of the first GPU input, else the CPU."""
 
     framework = "paddle"
-    _tracks_device = True
-
-    def _import_framework(self) -> None:
-        self._paddle = _require("paddle", "paddlepaddle", type(self).__name__)
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        paddle = self._paddle
-        if isinstance(x, paddle.Tensor):
-            if x.dtype == paddle.bfloat16:  # .numpy() would hand back the raw bits as uint16
-                x = x.astype("float32")
-            return x.numpy()
-        return np.asarray(x)
-
-    def input_device(self, x: Any) -> Any:
-        if isinstance(x, self._paddle.Tensor) and not x.place.is_cpu_place():
-            return x.place
-        return None
-
-    def from_numpy(self, array: np.ndarray, device: Any = None) -> Any:
-        if device is None:
-            return self._paddle.from_dlpack(array)  # zero-copy, a little cheaper than to_tensor
-        return self._paddle.to_tensor(array, place=device)
 
 
 class JAXWrapper(ORTWrapper):
@@ -487,41 +305,17 @@ class JAXWrapper(ORTWrapper):
     Outputs follow jax's dtype rules: without `jax_enable_x64`, int64/float64 come back 32-bit."""
 
     framework = "jax"
-    _tracks_device = True
-
-    def _import_framework(self) -> None:
-        self._jax = _require("jax", "jax", type(self).__name__)
-        self._jnp = importlib.import_module("jax.numpy")
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        return np.asarray(x)  # zero-copy for CPU jax arrays; copies from accelerators
-
-    def input_device(self, x: Any) -> Any:
-        if isinstance(x, self._jax.Array):
-            (dev,) = x.devices()  # a sharded array would have several; we never get one from a decode loop
-            if dev.platform != "cpu":
-                return dev
-        return None
-
-    def from_numpy(self, array: np.ndarray, device: Any = None) -> Any:
-        if device is None:
-            return self._jnp.asarray(array)
-        return self._jax.device_put(array, device)
-
-
-WRAPPERS: dict[str, type[ORTWrapper]] = {
-    "numpy": NumpyWrapper,
-    "torch": TorchWrapper,
-    "mindspore": MindSporeWrapper,
-    "paddle": PaddlePaddleWrapper,
-    "jax": JAXWrapper,
-}
-
-
-# ---- helpers --------------------------------------------------------------------------------------------
 
 
 ORTWrapper._registry[_class_key(ORTWrapper)] = ORTWrapper
+# framework name -> its wrapper, in slimm.frameworks' order
+WRAPPERS: dict[str, type[ORTWrapper]] = {
+    w.framework: w for w in (NumpyWrapper, TorchWrapper, JAXWrapper, PaddlePaddleWrapper, MindSporeWrapper)
+}
+assert tuple(WRAPPERS) == frameworks.TENSOR_FRAMEWORKS, "a framework with tensors has no wrapper"
+
+
+# ---- helpers --------------------------------------------------------------------------------------------
 
 
 def _input_spec(arg) -> InputSpec:
@@ -546,51 +340,24 @@ def _plain_providers(providers) -> list | None:
     return [p if isinstance(p, str) else [p[0], dict(p[1])] for p in providers]
 
 
-def _pick_providers(ort: ModuleType, providers: list | None, device: str) -> list:
-    available = ort.get_available_providers()
-    if providers is not None:
-        unknown = [p if isinstance(p, str) else p[0] for p in providers]
-        unknown = [p for p in unknown if p not in available]
-        if unknown:
-            # ONNX Runtime would only warn and fall back to CPU.
-            raise BackendUnavailable(
-                f"execution provider(s) {', '.join(unknown)} not available in this onnxruntime; "
-                f"available: {', '.join(available)}"
-            )
-        return [p if isinstance(p, str) else (p[0], p[1]) for p in providers]
-    if device == "cuda":
-        if _CUDA not in available:
-            raise BackendUnavailable(
-                f"device='cuda' needs CUDAExecutionProvider, which this onnxruntime lacks "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu"
-            )
-        return [_CUDA, _CPU]
-    if device == "auto" and _CUDA in available:
-        return [_CUDA, _CPU]
-    return [_CPU]
-
-
 def _check_options(o: dict[str, Any]) -> None:
     """Options are checked the same whether they come from a caller, a .pkl or pickle.loads."""
+    from slimm.backends.onnx import check_session_options
 
     def bad(what: str) -> InputError:
         return InputError(f"ORTWrapper option {what}")
 
-    if set(o) != {"model_path", "providers", "device", "intra_op_num_threads", "graph_optimization_level"}:
-        raise bad(f"keys {sorted(o)} are not the expected ones")
+    if set(o) != _OPTION_KEYS:
+        raise bad(f"keys {sorted(map(repr, o))} are not the expected ones {sorted(_OPTION_KEYS)}")
     if not isinstance(o["model_path"], str) or not os.path.isabs(o["model_path"]):
         raise bad(f"model_path must be an absolute path string, got {o['model_path']!r}")
-    if o["device"] not in _DEVICES:
-        raise bad(f"device must be one of {', '.join(_DEVICES)}, got {o['device']!r}")
-    if o["graph_optimization_level"] not in _OPT_LEVELS:
-        raise bad(
-            f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}, got {o['graph_optimization_level']!r}"
-        )
-    n = o["intra_op_num_threads"]
-    if n is not None and (type(n) is not int or n < 0):
-        raise bad(
-            f"intra_op_num_threads must be a non-negative int or None (0: ONNX Runtime decides), got {n!r}"
-        )
+    check_session_options(
+        o["intra_op_num_threads"],
+        o["graph_optimization_level"],
+        o["device"],
+        "ORTWrapper",
+        ("intra_op_num_threads", "graph_optimization_level"),
+    )
     p = o["providers"]
     if p is not None:
         ok = isinstance(p, list) and all(
@@ -630,6 +397,21 @@ def _check_state(state: Any, source: str) -> dict[str, Any]:
     except InputError as e:
         raise CheckpointError(f"{source}: {e}") from e
     return state
+
+
+def _read_plain_pickle(path: Path) -> Any:
+    """The plain values in a .pkl: a damaged file is a CheckpointError naming it, whatever the pickle
+    machine makes of the damage (a flipped byte can turn into an opcode that overflows, asks for
+    memory it cannot have, or builds a value of the wrong type)."""
+    data = path.read_bytes()
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} is not a saved ORTWrapper: {e}") from e
+    except (Exception, RecursionError) as e:  # noqa: BLE001 - see the docstring
+        raise CheckpointError(
+            f"{path} is not a saved ORTWrapper (unreadable: {type(e).__name__}: {e})"
+        ) from None
 
 
 class _PlainUnpickler(pickle.Unpickler):

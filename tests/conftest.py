@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-# MindSpore and Paddle each ship a libdnnl.so.3; MindSpore only loads if its copy comes first
-# (Paddle runs fine on it). Import order must not depend on which test happens to run first.
-if importlib.util.find_spec("mindspore") and importlib.util.find_spec("paddle"):
-    import mindspore  # noqa: F401
+from slimm.frameworks import FRAMEWORKS
+from slimm.frameworks.paddle import preload_mindspore_onednn
 
-VARIANTS = ("plain", "v1", "midlayers", "efficient")
+# tests import paddle directly too (pytest.importorskip): MindSpore's oneDNN must be loaded first
+# whichever test runs first (see slimm.frameworks.paddle)
+preload_mindspore_onednn()
 
 # the SIMD extensions that decide which kernels ONNX Runtime (MLAS), oneDNN, XLA and torch pick:
 # tolerances are set from measurements on AVX2-only and AVX-512 VNNI machines (tests/test_quantize.py)
@@ -96,11 +94,9 @@ def converted(exported, tmp_path_factory):
     made = {}
 
     def get(target, variant="plain"):
-        from prompts import FRAMEWORK
-
         from slimm.convert import get_target
 
-        pytest.importorskip(FRAMEWORK[target])
+        pytest.importorskip(FRAMEWORKS[target].module)
         from slimm.convert.convert import convert_export
 
         try:

@@ -8,7 +8,6 @@ import numpy as np
 from slimm.config import SliMMConfig
 
 IM_START, IM_END, NL, PAD = 151644, 151645, 198, 151643
-FRAMEWORK = {"jax": "jax", "paddle": "paddle", "mindspore": "mindspore"}  # conversion target -> module
 
 # named cases shared by the backend parity tests: lists of prompts; items are text lengths (int)
 # or ("image" | "video", (t, h, w)) with the processor grid (Efficient counts 28-px patches)

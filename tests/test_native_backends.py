@@ -10,14 +10,14 @@ import sys
 
 import numpy as np
 import pytest
-from prompts import CASES, FRAMEWORK, make_inputs, rel_err
+from prompts import CASES, make_inputs, rel_err
 
 pytest.importorskip("onnxruntime")
 
 from slimm.backends.torch import TorchBackend  # noqa: E402
+from slimm.config import VARIANTS  # noqa: E402
 from slimm.errors import CheckpointError  # noqa: E402
-
-VARIANTS = ("plain", "v1", "midlayers", "efficient")
+from slimm.frameworks import FRAMEWORKS, TARGETS  # noqa: E402
 
 
 def load(target, path):
@@ -26,7 +26,7 @@ def load(target, path):
     return slimm_load(path, backend=target)
 
 
-@pytest.mark.parametrize("target", list(FRAMEWORK))
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_native_backend_matches_torch(converted, torch_model, target, variant):
     backend = load(target, converted(target, variant))
@@ -121,8 +121,8 @@ def test_validate_names_the_first_diverging_node(exported, tmp_path, monkeypatch
 def test_operators_doc_is_generated_from_the_registries():
     from pathlib import Path
 
-    for fw in FRAMEWORK.values():
-        pytest.importorskip(fw)
+    for target in TARGETS:
+        pytest.importorskip(FRAMEWORKS[target].module)
     from slimm.convert.optable import operators_markdown
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "operators.md"

@@ -3,7 +3,6 @@ framework's tensors, checked against NumPy; plus saving, error messages and the 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pickle
 import subprocess
@@ -17,14 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from slimm import frameworks
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
-from slimm.wrappers import (
-    WRAPPERS,
-    NumpyWrapper,
-    ORTWrapper,
-    TorchWrapper,
-    _take_numpy_init_failure,
-)
+from slimm.frameworks.mindspore import take_numpy_init_failure
+from slimm.wrappers import WRAPPERS, NumpyWrapper, ORTWrapper, TorchWrapper
 
 # The wrappers exist to run ONNX models: without onnx (to build them) and onnxruntime there is nothing to test.
 onnx = pytest.importorskip("onnx", reason="onnx is not installed")
@@ -126,9 +121,7 @@ def _torch() -> Framework:
 
 def _mindspore() -> Framework:
     pytest.importorskip("mindspore", reason="MindSpore is not installed")
-    from slimm.wrappers import mindspore_startup
-
-    ms = mindspore_startup()
+    ms = frameworks.startup("mindspore")
     return Framework(
         "mindspore",
         WRAPPERS["mindspore"],
@@ -140,11 +133,8 @@ def _mindspore() -> Framework:
 
 
 def _paddle() -> Framework:
-    # MindSpore has to be loaded before Paddle (both ship libdnnl.so.3; see mindspore_startup), so load
-    # it first when it is installed: then the order the tests run in does not matter.
-    if importlib.util.find_spec("mindspore") is not None:
-        importlib.import_module("mindspore")
-    paddle = pytest.importorskip("paddle", reason="PaddlePaddle is not installed")
+    pytest.importorskip("paddle", reason="PaddlePaddle is not installed")
+    paddle = frameworks.startup("paddle")  # MindSpore's oneDNN first: then test order does not matter
     return Framework(
         "paddle",
         WRAPPERS["paddle"],
@@ -471,24 +461,24 @@ def _numpy_init_error() -> SystemError:
 
 def test_startup_takes_the_numpy_error_once():
     ms, calls = _fake_mindspore(_numpy_init_error(), _FakeOut([[7]]))
-    _take_numpy_init_failure(ms)
+    take_numpy_init_failure(ms)
     assert len(calls) == 2
 
     ms, calls = _fake_mindspore(_FakeOut([[7]]))  # NumPy 1.x, or already settled: one call
-    _take_numpy_init_failure(ms)
+    take_numpy_init_failure(ms)
     assert len(calls) == 1
 
 
 def test_startup_lets_other_errors_through():
     ms, _ = _fake_mindspore(SystemError("something else"))
     with pytest.raises(SystemError, match="something else"):
-        _take_numpy_init_failure(ms)
+        take_numpy_init_failure(ms)
     ms, _ = _fake_mindspore(_numpy_init_error(), RuntimeError("still broken"))
     with pytest.raises(RuntimeError, match="still broken"):
-        _take_numpy_init_failure(ms)
+        take_numpy_init_failure(ms)
     ms, _ = _fake_mindspore(_numpy_init_error(), _FakeOut([[8]]))
     with pytest.raises(BackendUnavailable, match="start-up check failed"):
-        _take_numpy_init_failure(ms)
+        take_numpy_init_failure(ms)
 
 
 def _run_python(code: str) -> subprocess.CompletedProcess:
@@ -501,8 +491,8 @@ def test_mindspore_startup_in_a_fresh_process():
     # A fresh process: the failure happens once per process, and this one has seen it already.
     out = _run_python(
         "import numpy as np\n"
-        "from slimm.wrappers import mindspore_startup\n"
-        "ms = mindspore_startup()\n"
+        "from slimm import frameworks\n"
+        "ms = frameworks.startup('mindspore')\n"
         "print(ms.ops.reshape(ms.Tensor(np.arange(6.0)), (2, 3)).shape)\n"
     )
     assert out.returncode == 0, out.stderr
@@ -516,9 +506,9 @@ def test_mindspore_after_paddle_is_a_clear_error():
     out = _run_python(
         "import paddle\n"
         "from slimm.errors import BackendUnavailable\n"
-        "from slimm.wrappers import mindspore_startup\n"
+        "from slimm import frameworks\n"
         "try:\n"
-        "    mindspore_startup()\n"
+        "    frameworks.startup('mindspore')\n"
         "    print('imported')\n"
         "except BackendUnavailable as e:\n"
         "    print('BackendUnavailable:', e)\n"
@@ -529,5 +519,47 @@ def test_mindspore_after_paddle_is_a_clear_error():
     last = out.stdout.strip().splitlines()[-1]
     assert (
         last == "imported"
-        or "import mindspore (or call slimm.wrappers.mindspore_startup()) before paddle" in last
+        or "import mindspore (or call slimm.frameworks.startup('mindspore' or 'paddle')) before paddle"
+        in last
     )
+
+
+# ---- damaged files and out-of-range options ---------------------------------------------------------------
+
+
+def test_damaged_pkl_is_a_checkpoint_error_naming_the_file(models, tmp_path):
+    """Seeded random byte flips over every region of a saved wrapper: each load gives a wrapper (the
+    flip left a valid file, e.g. another thread count) or a CheckpointError naming the file; never
+    OverflowError, TypeError, MemoryError... from inside the unpickler or the option checks."""
+    good = NumpyWrapper(models.mix, device="cpu", intra_op_num_threads=1).save(tmp_path / "good.pkl")
+    data = good.read_bytes()
+    rng = np.random.default_rng(11)
+    outcomes = {"loaded": 0, "refused": 0}
+    for i in range(400):
+        damaged = bytearray(data)
+        for pos in rng.choice(len(data), size=int(rng.integers(1, 4)), replace=False):
+            damaged[pos] ^= int(rng.integers(1, 256))
+        path = tmp_path / f"flip{i}.pkl"
+        path.write_bytes(bytes(damaged))
+        try:
+            ORTWrapper.load(path)
+            outcomes["loaded"] += 1
+        except CheckpointError as e:
+            assert str(path) in str(e), f"message does not name the file: {e}"
+            outcomes["refused"] += 1
+        except Exception as e:  # noqa: BLE001 - the test's point: nothing else may come out
+            pytest.fail(f"flip {i}: {type(e).__name__}: {e} (bytes {bytes(damaged)!r})")
+    assert outcomes["refused"] > 300  # most flips break the file; the loop really exercised damage
+    # truncated at every length
+    for n in range(len(data)):
+        path = tmp_path / "cut.pkl"
+        path.write_bytes(data[:n])
+        with pytest.raises(CheckpointError, match="cut.pkl"):
+            ORTWrapper.load(path)
+
+
+def test_absurd_thread_count_is_an_option_error(models):
+    for n in (10**9, -1, 2.5, True):
+        with pytest.raises(InputError, match=r"option intra_op_num_threads must be an int from 0 .* to 1024"):
+            NumpyWrapper(models.mix, intra_op_num_threads=n)
+    assert NumpyWrapper(models.mix, intra_op_num_threads=0).session  # 0: ONNX Runtime decides

@@ -7,20 +7,30 @@ framework X's tensors in and out (slimm.wrappers).
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 
+from slimm import frameworks
 from slimm.errors import BackendUnavailable, InputError
 
-# name -> (module, class, the pip package that provides the framework, fixed keyword arguments)
-BACKENDS: dict[str, tuple[str, str, str, dict]] = {
-    "torch": ("slimm.backends.torch", "TorchBackend", "torch", {}),
-    "onnx": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {}),
-    "jax": ("slimm.backends.native", "JaxBackend", "jax", {}),
-    "paddle": ("slimm.backends.native", "PaddleBackend", "paddlepaddle", {}),
-    "mindspore": ("slimm.backends.native", "MindSporeBackend", "mindspore", {}),
-    "torch-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "torch"}),
-    "jax-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "jax"}),
-    "paddle-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "paddle"}),
-    "mindspore-ort": ("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": "mindspore"}),
+
+@dataclass(frozen=True)
+class BackendSpec:
+    module: str
+    cls: str
+    framework: str  # the slimm.frameworks name whose package it needs to load at all
+    options: dict = field(default_factory=dict)  # fixed keyword arguments of `cls.load`
+
+
+BACKENDS: dict[str, BackendSpec] = {
+    "torch": BackendSpec("slimm.backends.torch", "TorchBackend", "torch"),
+    "onnx": BackendSpec("slimm.backends.onnx", "OnnxBackend", "onnxruntime"),
+    **{
+        t: BackendSpec("slimm.backends.native", "NativeBackend", t, {"target": t}) for t in frameworks.TARGETS
+    },
+    **{
+        f"{fw}-ort": BackendSpec("slimm.backends.onnx", "OnnxBackend", "onnxruntime", {"wrapper": fw})
+        for fw in ("torch", *frameworks.TARGETS)
+    },
 }
 
 
@@ -28,11 +38,12 @@ def load_backend(name: str, path, **kwargs):
     """Load the model directory `path` with backend `name`; returns a `slimm.backends.base.Backend`."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
-    module, cls, package, fixed = BACKENDS[name]
+    spec = BACKENDS[name]
     try:
-        mod = importlib.import_module(module)
+        mod = importlib.import_module(spec.module)
     except ImportError as e:
+        package = frameworks.FRAMEWORKS[spec.framework].package
         raise BackendUnavailable(
             f"backend {name!r} needs the {package!r} package, which is not importable here ({e})"
         ) from None
-    return getattr(mod, cls).load(path, **fixed, **kwargs)
+    return getattr(mod, spec.cls).load(path, **spec.options, **kwargs)

@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numpy as np
 
+from slimm import frameworks
 from slimm.config import SliMMConfig
 from slimm.errors import InputError
 from slimm.generate import GenerateOutput, GenerationConfig, generate, stream_generate
@@ -25,17 +27,10 @@ INPUT_NAMES = (
 )
 
 
-def to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
-
-
-def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Model inputs as NumPy arrays with checked ranks and dtypes."""
+def normalize_inputs(inputs: dict[str, Any], config: SliMMConfig | None = None) -> dict[str, np.ndarray]:
+    """Model inputs as NumPy arrays with checked ranks and dtypes, and, given the model's config,
+    checked against it: the one validation every backend shares, so that a bad input is the same
+    InputError on all of them before any framework sees it."""
     unknown = set(inputs) - set(INPUT_NAMES)
     if unknown:
         raise InputError(
@@ -43,11 +38,11 @@ def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
         )
     if inputs.get("input_ids") is None:
         raise InputError("input_ids is required")
-    out = {k: to_numpy(v) for k, v in inputs.items() if v is not None}
+    out = {k: frameworks.to_numpy(v) for k, v in inputs.items() if v is not None}
     ids = out["input_ids"]
     if ids.ndim == 1:
         ids = ids[None]
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or ids.shape[1] == 0:
         raise InputError(
             f"input_ids must be integer token ids of shape (batch, seq), got {ids.dtype} {ids.shape}"
         )
@@ -58,14 +53,90 @@ def normalize_inputs(inputs: dict[str, Any]) -> dict[str, np.ndarray]:
     mask = mask.reshape(ids.shape) if mask.size == ids.size else mask
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask has shape {mask.shape}, input_ids {ids.shape}")
+    if not (mask.dtype.kind in "biuf" and np.isin(mask, (0, 1)).all()):
+        raise InputError(f"attention_mask must hold 0 and 1 only, got values {np.unique(mask)[:8].tolist()}")
+    empty = np.flatnonzero(~mask.astype(bool).any(1))
+    if empty.size:
+        raise InputError(
+            f"attention_mask row(s) {empty.tolist()} are all 0: a sequence needs a token to attend to"
+        )
     out["attention_mask"] = mask.astype(np.int64)
     for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if pix in out and grid not in out:
+            raise InputError(f"{pix} given without {grid}")
+        if grid in out and pix not in out:
+            raise InputError(f"{grid} given without {pix}")
         if pix in out:
-            if grid not in out:
-                raise InputError(f"{pix} given without {grid}")
-            out[pix] = out[pix].astype(np.float32)
-            out[grid] = out[grid].astype(np.int64).reshape(-1, 3)
+            out[pix], out[grid] = _check_visual(pix, out[pix], grid, out[grid])
+    if config is not None:
+        check_against_config(out, config)
     return out
+
+
+def _check_visual(pix: str, pixels: np.ndarray, grid_name: str, grid: np.ndarray):
+    if grid.dtype.kind not in "iu" or grid.size == 0 or grid.size % 3 or grid.ndim > 2:
+        raise InputError(
+            f"{grid_name} must be integer (t, h, w) rows, one per image/video, got {grid.dtype} {grid.shape}"
+        )
+    grid = grid.astype(np.int64).reshape(-1, 3)
+    if (grid <= 0).any():
+        raise InputError(f"{grid_name} {grid.tolist()} has a zero or negative size")
+    if pixels.ndim != 2 or pixels.dtype.kind not in "biuf":
+        raise InputError(
+            f"{pix} must be real patch rows of shape (rows, width), got {pixels.dtype} {pixels.shape}"
+        )
+    rows = int(grid.prod(1).sum())
+    if pixels.shape[0] != rows:
+        raise InputError(
+            f"{pix} has {pixels.shape[0]} patch rows but {grid_name} {grid.tolist()} describes {rows}"
+        )
+    pixels = pixels.astype(np.float32, copy=False)
+    if not np.isfinite(pixels).all():
+        raise InputError(f"{pix} holds NaN or infinite values")
+    return pixels, grid
+
+
+def check_against_config(inputs: dict[str, np.ndarray], cfg: SliMMConfig) -> None:
+    """Token ids inside the vocabulary; patch rows as wide as the vision tower takes; grids the
+    merger can group; one placeholder token per merged patch."""
+    ids = inputs["input_ids"]
+    vocab = cfg.text.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        raise InputError(
+            f"input_ids hold {bad[:4].tolist()}: token ids must be in 0..{vocab - 1} (vocabulary size)"
+        )
+    v, merge = cfg.vision, cfg.spatial_merge_size
+    patch = v.patch_size * (2 if cfg.deepstack_type == "efficient" else 1)  # Efficient: 2x2 tower patches
+    width = v.in_channels * v.temporal_patch_size * patch * patch
+    for pix, grid_name, token, what in (
+        ("pixel_values", "image_grid_thw", cfg.image_token_id, "image"),
+        ("pixel_values_videos", "video_grid_thw", cfg.video_token_id, "video"),
+    ):
+        n_tokens = int((ids == token).sum())
+        if pix not in inputs:
+            if n_tokens:
+                raise InputError(
+                    f"the prompt holds {n_tokens} <|{what}_pad|> tokens but no {what}s were given ({pix})"
+                )
+            continue
+        pixels, grid = inputs[pix], inputs[grid_name]
+        if pixels.shape[1] != width:
+            raise InputError(
+                f"{pix} rows have {pixels.shape[1]} values; this model takes {width} "
+                f"(C={v.in_channels} x T={v.temporal_patch_size} x {patch}x{patch} patches)"
+            )
+        if (grid[:, 1:] % merge).any():
+            raise InputError(
+                f"{grid_name} {grid.tolist()}: heights and widths must be multiples of {merge} "
+                "(the merger groups that many patches per side)"
+            )
+        want = int(grid.prod(1).sum()) // (merge * merge)
+        if n_tokens != want:
+            raise InputError(
+                f"the prompt holds {n_tokens} <|{what}_pad|> tokens but the {what}s give {want} "
+                f"({grid_name} {grid.tolist()}); expand each <|{what}_pad|> to match"
+            )
 
 
 class Backend(abc.ABC):
@@ -76,6 +147,10 @@ class Backend(abc.ABC):
     def __init__(self, config: SliMMConfig, processor=None) -> None:
         self.config = config
         self.processor = processor  # slimm.processing.Processor, or None without tokenizer files
+        # held for one prompt's prefill and decode steps: the KV cache and its position live on
+        # the object, so calls from several threads take turns (generate and stream take it; code
+        # driving prefill/decode itself takes it too)
+        self.lock = threading.Lock()
 
     @classmethod
     @abc.abstractmethod
@@ -149,7 +224,9 @@ class Backend(abc.ABC):
             max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
             eos_token_id, pad_token_id, max_seq_len, seed,
         )  # fmt: skip
-        out = generate(self, normalize_inputs({"input_ids": input_ids, **inputs}), gen)
+        checked = normalize_inputs({"input_ids": input_ids, **inputs}, self.config)
+        with self.lock:
+            out = generate(self, checked, gen)
         if as_torch:
             import torch
 
@@ -176,7 +253,8 @@ class Backend(abc.ABC):
 
     def stream(self, prompt: str, images=(), videos=(), **gen_kwargs) -> Iterator[str]:
         """Answer one prompt about images / video frames, yielding text as it is produced."""
-        inputs = normalize_inputs(self.prepare(prompt, images, videos))
-        yield from stream_generate(
-            self, inputs, self.processor.tokenizer, self.generation_config(**gen_kwargs)
-        )
+        inputs = normalize_inputs(self.prepare(prompt, images, videos), self.config)
+        gen = self.generation_config(**gen_kwargs)
+        # the lock is held until the answer is complete or the generator is closed
+        with self.lock:
+            yield from stream_generate(self, inputs, self.processor.tokenizer, gen)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from slimm import frameworks
 from slimm.backends.parts import PartsBackend
-from slimm.errors import BackendUnavailable, CheckpointError
+from slimm.errors import BackendUnavailable, CheckpointError, InputError
 from slimm.manifest import PARTS, read_manifest
 
 
@@ -22,17 +23,20 @@ def bucket(n: int, limit: int) -> int:
 
 
 class NativeBackend(PartsBackend):
+    """A converted directory of one target framework (`target`, a slimm.frameworks name)."""
+
     target = ""
 
     def __init__(self, converted_dir, **options) -> None:
         from slimm.convert import get_target
-        from slimm.convert.convert import converted_format, framework_version
+        from slimm.convert.convert import converted_format
 
         converted_dir = Path(converted_dir)
         manifest = read_manifest(converted_dir, fmt=converted_format(self.target))
+        self.framework = frameworks.get(self.target)
         try:
-            self.tgt = get_target(self.target)
-            have = framework_version(self.target)
+            self.tgt = get_target(self.target)  # starts the framework (slimm.frameworks)
+            have = frameworks.version(self.target)
         except ImportError as e:
             raise BackendUnavailable(f"backend {self.target!r} needs its framework installed ({e})") from None
         if manifest.get("framework_version") != have:
@@ -46,8 +50,14 @@ class NativeBackend(PartsBackend):
         self.order = {p: manifest["parts"][p]["input_order"] for p in PARTS}
 
     @classmethod
-    def load(cls, path, **options):
+    def load(cls, path, target: str | None = None, **options):
+        """`NativeBackend.load(path, target="paddle")` gives the target's own class."""
         options.pop("device", None)  # CPU here; the frameworks pick their device themselves
+        if target is not None and target != cls.target:
+            known = {c.target: c for c in NativeBackend.__subclasses__()}
+            if target not in known:
+                raise InputError(f"no converted backend for {target!r}; one of {', '.join(known)}")
+            cls = known[target]
         return cls(path, **options)
 
     def cache_feeds(self):
@@ -61,7 +71,7 @@ class NativeBackend(PartsBackend):
         return self.parts[part](*[feeds[n] for n in self.order[part]])
 
     def to_numpy(self, x):
-        return self.tgt.to_numpy(x)
+        return self.framework.to_numpy(x)
 
     def prefill(self, inputs, capacity):
         """Prompt lengths and cache sizes rounded up to buckets (left padding, masked): a handful

@@ -1,4 +1,5 @@
-"""ONNX Runtime backend: the six parts of an export directory, one InferenceSession each.
+"""ONNX Runtime: the one place sessions are built (`make_session`, used by OnnxBackend and by
+slimm.wrappers), and the backend over the six parts of an export directory, one session each.
 
 Needs onnxruntime, numpy, tokenizers and Pillow only (no torch). Every part file is checked
 against the manifest at load time: present, from the same export, with the declared inputs.
@@ -7,53 +8,118 @@ against the manifest at load time: present, from the same export, with the decla
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from slimm import frameworks
 from slimm.backends.parts import PartsBackend
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
 from slimm.manifest import PARTS, read_manifest
 
-OPT_LEVELS = ("disable", "basic", "extended", "all")
+# --opt-level / graph_optimization_level -> ONNX Runtime's GraphOptimizationLevel member
+OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+DEVICES = ("auto", "cpu", "cuda")
+# ONNX Runtime starts every intra-op thread it is asked for, at session creation: far more than
+# any machine has cores only exhausts memory, and then reads as a broken model file
+MAX_THREADS = 1024
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+
+
+def check_session_options(
+    threads: int | None = None,
+    opt_level: str = "all",
+    device: str = "auto",
+    who: str = "ONNX Runtime",
+    names: tuple[str, str] = ("threads", "opt_level"),
+) -> None:
+    """The options every session takes, checked the same wherever they come from (`names`: what the
+    caller calls the first two)."""
+    if threads is not None and (type(threads) is not int or not 0 <= threads <= MAX_THREADS):
+        raise InputError(
+            f"{who} option {names[0]} must be an int from 0 (ONNX Runtime decides) to {MAX_THREADS}, "
+            f"or None; got {threads!r}"
+        )
+    if not isinstance(opt_level, str) or opt_level not in OPT_LEVELS:
+        raise InputError(f"{who} option {names[1]} must be one of {', '.join(OPT_LEVELS)}, got {opt_level!r}")
+    if not isinstance(device, str) or device not in DEVICES:
+        raise InputError(f"{who} option device must be one of {', '.join(DEVICES)}, got {device!r}")
 
 
 def session_options(threads: int | None = None, opt_level: str = "all"):
-    import onnxruntime as ort
-
-    if opt_level not in OPT_LEVELS:
-        raise InputError(f"graph optimisation level {opt_level!r} is not one of {', '.join(OPT_LEVELS)}")
+    """`onnxruntime.SessionOptions` for `threads` intra-op threads (None or 0: ONNX Runtime's
+    choice) at graph optimisation level `opt_level`."""
+    check_session_options(threads, opt_level)
+    ort = frameworks.startup("onnxruntime")
     so = ort.SessionOptions()
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[opt_level]
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, OPT_LEVELS[opt_level])
     if threads:
         so.intra_op_num_threads = threads
-    so.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    if not frameworks.quiet.verbose():
+        so.log_severity_level = 3  # errors only: warnings about unused initializers are noise here
     return so
 
 
-def providers_for(device: str) -> list[str]:
-    import onnxruntime as ort
-
+def providers_for(device: str = "auto", providers: list | None = None) -> list:
+    """Execution providers for `device`, or the caller's own list checked against this onnxruntime
+    (it would only warn and fall back to CPU for one it lacks)."""
+    ort = frameworks.startup("onnxruntime")
     available = ort.get_available_providers()
-    if device == "cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise InputError(
-                f"--device cuda: onnxruntime here has no CUDAExecutionProvider (has {available})"
+    if providers is not None:
+        unknown = [p if isinstance(p, str) else p[0] for p in providers]
+        unknown = [p for p in unknown if p not in available]
+        if unknown:
+            raise BackendUnavailable(
+                f"execution provider(s) {', '.join(unknown)} not available in this onnxruntime; "
+                f"available: {', '.join(available)}"
             )
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device == "auto":
-        return (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if "CUDAExecutionProvider" in available
-            else ["CPUExecutionProvider"]
+        return [p if isinstance(p, str) else (p[0], p[1]) for p in providers]
+    if device == "cuda":
+        if CUDA not in available:
+            raise BackendUnavailable(
+                f"device='cuda' needs CUDAExecutionProvider, which this onnxruntime lacks "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu"
+            )
+        return [CUDA, CPU]
+    if device == "auto" and CUDA in available:
+        return [CUDA, CPU]
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    return [CPU]
+
+
+def make_session(path: str | Path, device: str = "auto", threads: int | None = None, opt_level: str = "all",
+                 providers: list | None = None):  # fmt: skip
+    """The one way an `onnxruntime.InferenceSession` is made here: options checked, the file's own
+    errors a CheckpointError naming it, and device='cuda' really on CUDA (ONNX Runtime falls back
+    to CPU with only a warning when the CUDA libraries do not load)."""
+    check_session_options(threads, opt_level, device)
+    ort = frameworks.startup("onnxruntime")
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"ONNX model {path} does not exist")
+    so = session_options(threads, opt_level)
+    chosen = providers_for(device, providers)
+    try:
+        session = ort.InferenceSession(str(path), sess_options=so, providers=chosen)
+    except Exception as e:
+        # ONNX Runtime's own errors (bad protobuf, unsupported op...) do not always say which file;
+        # anything else (MemoryError...) goes up unchanged
+        if type(e).__module__.startswith("onnxruntime"):
+            raise CheckpointError(f"ONNX Runtime could not load {path}: {e}") from None
+        raise
+    if device == "cuda" and CUDA not in session.get_providers():
+        raise BackendUnavailable(
+            f"device='cuda' was asked for {path.name}, but ONNX Runtime could not start "
+            f"CUDAExecutionProvider here (session runs on {session.get_providers()})"
         )
-    raise InputError(f"device {device!r} is not one of auto, cpu, cuda")
+    return session
 
 
 def check_part_file(export_dir: Path, manifest: dict, part: str) -> Path:
@@ -83,26 +149,36 @@ def check_part_file(export_dir: Path, manifest: dict, part: str) -> Path:
 
 
 class OnnxBackend(PartsBackend):
+    """The parts in ONNX Runtime. With `wrapper="torch"` (or jax, paddle, mindspore: the `X-ort`
+    backends) every part runs through that framework's slimm.wrappers wrapper, its tensors going in
+    and out, on the same one session per part."""
+
     name = "onnx"
 
     def __init__(self, export_dir, device: str = "auto", threads: int | None = None, opt_level: str = "all",
                  wrapper: str | None = None) -> None:  # fmt: skip
         try:
-            import onnxruntime as ort
-        except ImportError as e:
+            frameworks.startup("onnxruntime")
+        except BackendUnavailable as e:
             raise BackendUnavailable(f"backend 'onnx' needs the 'onnxruntime' package ({e})") from None
+        check_session_options(threads, opt_level, device)
+        if wrapper is not None and wrapper not in frameworks.TENSOR_FRAMEWORKS:
+            raise InputError(f"unknown wrapper {wrapper!r}; one of {', '.join(frameworks.TENSOR_FRAMEWORKS)}")
         export_dir = Path(export_dir)
         manifest = read_manifest(export_dir)
         super().__init__(export_dir, manifest)
-        so = session_options(threads, opt_level)
-        providers = providers_for(device)
         self.sessions = {}
+        self.wrapped = {}
         for part in PARTS:
             path = check_part_file(export_dir, manifest, part)
-            try:
-                sess = ort.InferenceSession(str(path), so, providers=providers)
-            except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
-                raise CheckpointError(f"{path}: ONNX Runtime cannot load part {part}: {e}") from None
+            if wrapper is None:
+                sess = make_session(path, device=device, threads=threads, opt_level=opt_level)
+            else:
+                from slimm.wrappers import WRAPPERS
+
+                w = WRAPPERS[wrapper](path, device=device, intra_op_num_threads=threads,
+                                      graph_optimization_level=opt_level)  # fmt: skip
+                self.wrapped[part], sess = w, w.session
             got = [i.name for i in sess.get_inputs()]
             want = [t["name"] for t in manifest["parts"][part]["inputs"]]
             if sorted(got) != sorted(want):
@@ -110,15 +186,9 @@ class OnnxBackend(PartsBackend):
                     f"{path}: inputs {got} do not match manifest.json's {want} for part {part}"
                 )
             self.sessions[part] = sess
-        self.wrapper = None
+        self.wrapper = wrapper
         if wrapper is not None:
-            from slimm.wrappers import WRAPPERS
-
-            if wrapper not in WRAPPERS:
-                raise InputError(f"unknown wrapper {wrapper!r}; one of {', '.join(WRAPPERS)}")
-            self.wrapper = WRAPPERS[wrapper]
-            self.wrapped = {p: self.wrapper(str(export_dir / manifest["parts"][p]["file"]), device=device,
-                                            intra_op_num_threads=threads) for p in PARTS}  # fmt: skip
+            self.framework = frameworks.get(wrapper)
             self.name = f"{wrapper}-ort"
 
     @classmethod
@@ -134,7 +204,7 @@ class OnnxBackend(PartsBackend):
         )
         return [outs[n] for n in self.out_names[part]]
 
-    def to_numpy(self, x):
+    def to_numpy(self, x: Any) -> np.ndarray:
         if self.wrapper is None or isinstance(x, np.ndarray):
             return x
-        return self.wrapped["A"].to_numpy(x)
+        return self.framework.to_numpy(x)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from slimm import frameworks
 from slimm.convert.graph import ConversionError, Program, load_program
 
 TARGETS = {  # name -> module that defines `TARGET` (a codegen.Target) and its registry
@@ -25,6 +26,7 @@ TARGETS = {  # name -> module that defines `TARGET` (a codegen.Target) and its r
 def get_target(name: str):
     if name not in TARGETS:
         raise ConversionError(f"unknown conversion target {name!r}; one of {', '.join(TARGETS)}")
+    frameworks.startup(name)  # start-up quirks and quiet logs, before the target imports it
     return importlib.import_module(TARGETS[name]).TARGET
 
 

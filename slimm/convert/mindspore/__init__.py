@@ -153,10 +153,10 @@ def _remove(path: Path) -> None:
 
 
 def startup():
-    """MindSpore, past its NumPy 2 start-up error (see slimm.wrappers.mindspore_startup)."""
-    from slimm.wrappers import mindspore_startup
+    """MindSpore, past its NumPy 2 start-up error (see slimm.frameworks.mindspore)."""
+    from slimm.frameworks import mindspore
 
-    return mindspore_startup()
+    return mindspore.startup()
 
 
 def load_mindir(out_dir: Path, name: str):
