@@ -53,7 +53,7 @@ def demo_export_dir(variant: str = "plain", size: str = "tiny") -> Path:
 
 def demo_converted_dir(target: str, variant: str = "plain", size: str = "tiny") -> Path:
     """The demo export converted to `target`, written once into the cache directory."""
-    from slimm.convert.convert import convert_export
+    from slimm.convert.driver import convert_export
 
     path = cache_dir() / f"demo-{size}-{variant}-{target}"
     if not (path / "manifest.json").exists():
@@ -183,7 +183,7 @@ def cmd_export(args) -> int:
 
 def cmd_convert(args) -> int:
     from slimm.convert import TARGETS
-    from slimm.convert.convert import convert_export
+    from slimm.convert.driver import convert_export
 
     targets = list(TARGETS) if args.to == "all" else [args.to]
     if {"paddle", "mindspore"} <= set(targets) and importlib.util.find_spec("mindspore"):
