@@ -61,6 +61,7 @@ def artifact_files(out_dir: Path, name: str) -> list[Path]:
 
 def _artifact_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
     """(program, params) of a saved part; CheckpointError naming what is missing."""
+    name = plain_name(name, out_dir, "part name")
     if not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: directory not found")
     program = next((p for s in PROGRAM_SUFFIXES if (p := out_dir / f"{name}{s}").exists()), None)
