@@ -57,6 +57,17 @@ class Target:
         raise NotImplementedError
 
 
+def _is(d, k: int) -> bool:
+    return not isinstance(d, Sym) and int(d) == k
+
+
+def _same(a, b) -> bool:
+    """Equal at conversion time (ints, or the same run-time expression)."""
+    if isinstance(a, Sym) or isinstance(b, Sym):
+        return isinstance(a, Sym) and isinstance(b, Sym) and a.code == b.code
+    return int(a) == int(b)
+
+
 def np_literal(arr: np.ndarray) -> str:
     """A NumPy expression that rebuilds a small numeric array exactly."""
     arr = np.asarray(arr)
@@ -135,7 +146,16 @@ class Emitter:
         """Sizes of a tensor as ints / Syms (sizes unknown here are read at run time)."""
         if v.is_static:
             return list(v.static.shape)
-        return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape or [])]
+        self.rank(v)  # a clear error when even the rank is unknown
+        return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape)]
+
+    def known(self, v: Value) -> list:
+        """Sizes known at conversion time (ints), None where only the run time knows."""
+        return [d if isinstance(d, int | np.integer) else None for d in self.dims(v)]
+
+    def axis(self, v: Value, axis: int) -> int:
+        """An axis attribute of `v` made non-negative."""
+        return axis + self.rank(v) if axis < 0 else axis
 
     def same_size(self, a: Value, i: int, b: Value, j: int) -> bool:
         """Size i of `a` equals size j of `b` whatever the inputs: equal ints, or the same symbolic
@@ -211,12 +231,87 @@ class Emitter:
             idx[a] = f"{s_code}:{en_code}" + (f":{st}" if st != 1 else "")
         return ", ".join(idx)
 
-    def reduce_axes(self) -> list | None:
-        """Reduce* axes: an input from opset 18 (ReduceSum from 13), an attribute before; None
-        means every axis (or none, with noop_with_empty_axes)."""
-        if self.has(1):
-            return self.ints(self.node.inputs[1], "reduction axes")
-        return self.node.attrs.get("axes")
+    def reduce(self, write) -> None:
+        """Reduce*: axes from an input (opset 18, ReduceSum 13) or an attribute before; no axes
+        reduces every axis, or returns the input with noop_with_empty_axes. `write(x, axes, keepdims)`
+        is the target's expression, axes a tuple of ints or None for every axis."""
+        node = self.node
+        axes = self.ints(node.inputs[1], "reduction axes") if self.has(1) else node.attrs.get("axes")
+        x = self.t(node.inputs[0])
+        if not axes and node.attrs.get("noop_with_empty_axes", 0):
+            self.out(x)
+            return
+        self.out(write(x, tuple(int(a) for a in axes) if axes else None, bool(node.attrs.get("keepdims", 1))))
+
+    def arg_extreme(self, write, flip) -> None:
+        """ArgMax / ArgMin as int64: `write(x, axis, keepdims)` gives the first index of the extreme
+        value; with select_last_index it runs on `flip(x, axis)` and the index is mirrored back."""
+        node = self.node
+        v = node.inputs[0]
+        axis, keep = self.axis(v, node.attrs.get("axis", 0)), bool(node.attrs.get("keepdims", 1))
+        x = self.t(v)
+        if node.attrs.get("select_last_index", 0):
+            self.line(f"_r = {flip(x, axis)}")
+            self.out(f"({self.sym(self.dims(v)[axis] - 1)} - {write('_r', axis, keep)})")
+        else:
+            self.out(write(x, axis, keep))
+
+    def gemm(self, matmul) -> tuple[str, str | None]:
+        """Gemm as (alpha * op(A) @ op(B), beta * C or None): `matmul(a, b, trans_a, trans_b)` is the
+        target's product; the caller adds the two (targets broadcast C differently)."""
+        node = self.node
+        ta, tb = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        expr = matmul(self.t(node.inputs[0]), self.t(node.inputs[1]), ta, tb)
+        if alpha != 1.0:
+            expr = f"({expr} * {alpha!r})"
+        if not self.has(2):
+            return expr, None
+        c = self.t(node.inputs[2])
+        return expr, (c if beta == 1.0 else f"({beta!r} * {c})")
+
+    def nary(self, fn, args: list[str] | None = None, mean: bool = False) -> str:
+        """Max / Min / Sum of any number of inputs folded left through the binary `fn(a, b)`; with
+        `mean` (and `fn` adding) the sum divided by the count (ONNX Mean: float inputs only)."""
+        args = args if args is not None else [self.t(v) for v in self.node.inputs]
+        expr = args[0]
+        for a in args[1:]:
+            expr = fn(expr, a)
+        return f"({expr} / {len(args)})" if mean and len(args) > 1 else expr
+
+    def reshape_target(self) -> list:
+        """Reshape's target with each 0 replaced by the input's size there (unless allowzero)."""
+        node = self.node
+        target = self.ints(node.inputs[1], "Reshape's target shape")
+        if node.attrs.get("allowzero", 0) or not any(_is(t, 0) for t in target):
+            return target
+        dims = self.dims(node.inputs[0])
+        return [dims[i] if _is(t, 0) else t for i, t in enumerate(target)]
+
+    def expand_shape(self) -> list | None:
+        """Expand's target with ONNX's two-way broadcast resolved: per output axis an int or a run-time
+        size, or None for "the input's own size on this axis". None (the whole list) when it depends
+        on two sizes only the run time knows (either may be 1)."""
+        x = self.node.inputs[0]
+        target = self.ints(self.node.inputs[1], "Expand's target shape")
+        dims = self.dims(x)
+        rank = max(len(dims), len(target))
+        new = rank - len(dims)  # leading axes the input does not have: the target's sizes as they are
+        dims = [1] * new + dims
+        target = [1] * (rank - len(target)) + target
+        out = []
+        for i, (d, t) in enumerate(zip(dims, target, strict=True)):
+            if i < new:
+                out.append(t)
+            elif _is(t, 1) or _same(d, t):
+                out.append(None)
+            elif not isinstance(t, Sym) or _is(d, 1):
+                out.append(t)  # a fixed target size not 1: the input's is 1 or the same
+            elif not isinstance(d, Sym):
+                out.append(None)  # a fixed input size not 1: the target's is 1 or the same
+            else:
+                return None
+        return out
 
     def split_sizes(self) -> tuple[int, list]:
         """Split (opset >= 18): (axis, sizes); without sizes, num_outputs parts of ceil(n/k), the last
@@ -263,6 +358,7 @@ class Emitter:
 def generate(target: Target, prog: Program, trace: bool = False) -> str:
     """Source code of the module for `prog` in `target`'s framework. With `trace`, the module also
     returns every runtime node's outputs after the real outputs (for `--validate`)."""
+    target = type(target)()  # a fresh one per conversion: targets may keep per-module state
     em = Emitter(target, prog)
     for node in prog.nodes:
         handler = target.registry.lookup(node.op, prog.opset, node.name)

@@ -73,6 +73,9 @@ def ramp_cases() -> list[Case]:
     cases = []
     for op in ("Add", "Sub", "Mul", "Div", "Max", "Min"):
         cases.append(Case(op, [x, f32(3, 4)], name=f"{op}-broadcast"))
+    for op in ("Max", "Min", "Sum", "Mean"):  # any number of inputs, broadcast together
+        cases.append(Case(op, [x, f32(3, 4), f32(4)], name=f"{op}-three"))
+    cases.append(Case("Sum", [x], name="Sum-one"))
     cases += [
         Case("Div", [i64(7, -7, 9), i64(2, 2, -4)], name="Div-int-truncates"),
         Case("Pow", [pos, np.array(2.0, np.float32)], static=[1]),

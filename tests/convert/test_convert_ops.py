@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
@@ -18,6 +19,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from convert_cases import CASES, Case, f32, shape_fold_model  # noqa: E402
 from convert_helpers import check, run_target  # noqa: E402
+from onnx import helper, numpy_helper  # noqa: E402
 from prompts import FRAMEWORK  # noqa: E402
 
 from slimm.convert import TARGETS, generate_source, get_target  # noqa: E402
@@ -103,3 +105,26 @@ def test_floor_lookup_picks_the_newest_version_not_above_the_opset():
     reg2.register("Op", since=18)(v13)
     with pytest.raises(ConversionError, match="handlers exist from opset 18"):
         reg2.lookup("Op", 17, "n")
+
+
+def test_a_conversion_leaves_no_state_on_the_shared_target(tmp_path):
+    """Per-module state (MindSpore's constants) lives in a target instance of one conversion: a
+    conversion that fails half-way leaves nothing on the shared TARGET for the next one."""
+    pytest.importorskip("mindspore")
+    from slimm.convert.ir import ConversionError
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["a", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Gather", ["x", "i"], ["g"], axis=1),  # a static index: a constant
+        helper.make_node("Celu", ["g"], ["y"]),  # no handler: the conversion stops here
+    ]
+    idx = numpy_helper.from_array(np.array([3, 1], np.int64), "i")
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], [idx]), opset_imports=[helper.make_opsetid("", 20)]
+    )
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(ConversionError, match="Celu"):
+        generate_source(tmp_path / "m.onnx", "mindspore")
+    assert get_target("mindspore")._consts == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from slimm.convert.ir import ONNX_TO_NP
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
-BINARY = {"Add": "jnp.add", "Sub": "jnp.subtract", "Mul": "jnp.multiply", "Pow": "jnp.power",
+BINARY = {"Add": "jnp.add", "Sub": "jnp.subtract", "Mul": "jnp.multiply", "Sum": "jnp.add", "Mean": "jnp.add",
           "Equal": "jnp.equal", "Less": "jnp.less", "LessOrEqual": "jnp.less_equal", "Greater": "jnp.greater",
           "GreaterOrEqual": "jnp.greater_equal", "And": "jnp.logical_and", "Or": "jnp.logical_or",
           "Xor": "jnp.logical_xor", "Max": "jnp.maximum", "Min": "jnp.minimum"}  # fmt: skip
@@ -15,18 +15,14 @@ UNARY = {"Neg": "jnp.negative", "Sqrt": "jnp.sqrt", "Reciprocal": "jnp.reciproca
          "Relu": "jax.nn.relu", "Floor": "jnp.floor", "Ceil": "jnp.ceil", "Identity": ""}  # fmt: skip
 
 
-def _binary(e, node):
+def _binary(e, node):  # Max / Min / Sum / Mean take any number of inputs
+    e.out(e.nary(lambda x, y: f"{BINARY[node.op]}({x}, {y})", mean=node.op == "Mean"))
+
+
+@R.register("Pow", since=1)
+def _pow(e, node):
     a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
-    if node.op == "Pow":  # ONNX: the result has the base's type
-        e.out(f"jnp.power({a}, {b}).astype({a}.dtype)")
-    elif node.op in ("Max", "Min") and len(node.inputs) > 2:
-        fn = BINARY[node.op]
-        expr = a
-        for v in node.inputs[1:]:
-            expr = f"{fn}({expr}, {e.t(v)})"
-        e.out(expr)
-    else:
-        e.out(f"{BINARY[node.op]}({a}, {b})")
+    e.out(f"jnp.power({a}, {b}).astype({a}.dtype)")  # ONNX: the result has the base's type
 
 
 def _unary(e, node):

@@ -24,19 +24,11 @@ def _matmul(e, node):
 
 @R.register("Gemm", since=13)
 def _gemm(e, node):
-    a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
-    if node.attrs.get("transA", 0):
-        a = f"{a}.T"
-    if node.attrs.get("transB", 0):
-        b = f"{b}.T"
-    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-    expr = f"jnp.matmul({a}, {b}, {HIGHEST})"
-    if alpha != 1.0:
-        expr = f"({expr} * {alpha!r})"
-    if e.has(2):
-        c = e.t(node.inputs[2])
-        expr = f"({expr} + {c})" if beta == 1.0 else f"({expr} + {beta!r} * {c})"
-    e.out(expr)
+    def matmul(a, b, ta, tb):
+        return f"jnp.matmul({a}{'.T' if ta else ''}, {b}{'.T' if tb else ''}, {HIGHEST})"
+
+    product, c = e.gemm(matmul)
+    e.out(product if c is None else f"({product} + {c})")
 
 
 @R.register("Softmax", since=13)

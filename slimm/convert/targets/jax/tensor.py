@@ -9,32 +9,9 @@ from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
 
-def _rank(e, v) -> int:
-    if v.shape is None:
-        raise e.error(f"the rank of {v.name!r} is unknown at conversion time")
-    return len(v.shape)
-
-
-def _dims(e, v) -> list:
-    """Sizes of a runtime tensor as ints / Syms (unknown ones read at run time)."""
-    from slimm.convert.ir import DIM_CALL
-
-    if v.is_static:
-        return list(v.static.shape)
-    return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape or [])]
-
-
 @R.register("Reshape", since=5)
 def _reshape(e, node):
-    x = node.inputs[0]
-    target = e.ints(node.inputs[1], "Reshape's target shape")
-    allowzero = node.attrs.get("allowzero", 0)
-    dims = _dims(e, x) if any((not isinstance(t, Sym)) and t == 0 for t in target) and not allowzero else None
-    out = [
-        dims[i] if (dims is not None and not isinstance(t, Sym) and t == 0) else t
-        for i, t in enumerate(target)
-    ]
-    e.out(f"jnp.reshape({e.t(x)}, {e.shape_code(out)})")
+    e.out(f"jnp.reshape({e.t(node.inputs[0])}, {e.shape_code(e.reshape_target())})")
 
 
 @R.register("Transpose", since=1)
@@ -58,7 +35,7 @@ def _squeeze(e, node):
 @R.register("Unsqueeze", since=13)
 def _unsqueeze(e, node):
     axes = e.ints(node.inputs[1], "Unsqueeze axes")
-    rank = _rank(e, node.inputs[0]) + len(axes)
+    rank = e.rank(node.inputs[0]) + len(axes)
     axes = sorted(a + rank if a < 0 else a for a in axes)
     e.out(f"jnp.expand_dims({e.t(node.inputs[0])}, {tuple(axes)!r})")
 
@@ -78,11 +55,16 @@ def _split(e, node):
 @R.register("Expand", since=8)
 def _expand(e, node):
     x = node.inputs[0]
-    shape = e.ints(node.inputs[1], "Expand's target shape")
-    # bidirectional broadcast, whatever is 1 on either side: multiply by ones of the target
-    e.out(
-        f"(lambda _x: jnp.broadcast_to(_x, jnp.broadcast_shapes(_x.shape, {e.shape_code(shape)})))({e.t(x)})"
-    )
+    shape = e.expand_shape()
+    if shape is not None:
+        own = e.dims(x)
+        own = [None] * (len(shape) - len(own)) + own
+        sizes = [o if s is None else s for s, o in zip(shape, own, strict=True)]
+        e.out(f"jnp.broadcast_to({e.t(x)}, {e.shape_code(sizes)})")
+        return
+    # sizes that may be 1 on either side: let the run time decide
+    target = e.shape_code(e.ints(node.inputs[1], "Expand's target shape"))
+    e.out(f"(lambda _x: jnp.broadcast_to(_x, jnp.broadcast_shapes(_x.shape, {target})))({e.t(x)})")
 
 
 @R.register("Gather", since=13)
@@ -90,7 +72,7 @@ def _gather(e, node):
     x, idx = node.inputs
     axis = node.attrs.get("axis", 0)
     if idx.is_static and idx.static.dtype != object:
-        n = _dims(e, x)[axis]
+        n = e.dims(x)[axis]
         ind = idx.static.astype(np.int64)
         if not isinstance(n, Sym):
             ind = np.where(ind < 0, ind + n, ind)

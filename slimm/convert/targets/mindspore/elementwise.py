@@ -6,7 +6,7 @@ from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 from slimm.convert.targets.mindspore.registry import ms_dtype
 
-BINARY = {"Add": "ops.add", "Sub": "ops.sub", "Mul": "ops.mul", "Equal": "ops.equal", "Less": "ops.less",
+BINARY = {"Add": "ops.add", "Sub": "ops.sub", "Mul": "ops.mul", "Sum": "ops.add", "Mean": "ops.add", "Equal": "ops.equal", "Less": "ops.less",
           "LessOrEqual": "ops.less_equal", "Greater": "ops.greater", "GreaterOrEqual": "ops.greater_equal",
           "And": "ops.logical_and", "Or": "ops.logical_or", "Xor": "ops.logical_xor", "Max": "ops.maximum",
           "Min": "ops.minimum"}  # fmt: skip
@@ -39,12 +39,8 @@ def operands(e, node, scalars: bool = True) -> list[str] | None:
 
 
 def _binary(e, node):
-    fn = BINARY[node.op]
-    args = operands(e, node) or [e.t(v) for v in node.inputs]
-    expr = args[0]
-    for a in args[1:]:  # Max / Min take any number of inputs
-        expr = f"{fn}({expr}, {a})"
-    e.out(expr)
+    # Max / Min / Sum / Mean take any number of inputs
+    e.out(e.nary(lambda x, y: f"{BINARY[node.op]}({x}, {y})", operands(e, node), mean=node.op == "Mean"))
 
 
 def _unary(e, node):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
-from slimm.convert.targets.mindspore.tensor import dims_of
 
 
 def _static_2d(v) -> bool:
@@ -22,7 +21,7 @@ def _matmul(e, node):
         if len(a.shape) == 2:
             e.out(f"ops.MatMul()({e.t(a)}, {e.t(b)})")
             return
-        lead = dims_of(a)[:-1]
+        lead = e.dims(a)[:-1]
         e.out(
             f"ops.reshape(ops.MatMul()(ops.reshape({e.t(a)}, (-1, {k})), {e.t(b)}), {e.shape_code(lead + [n])})"
         )
@@ -44,23 +43,14 @@ def _matmul(e, node):
 
 @R.register("Gemm", since=13)
 def _gemm(e, node):
-    a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
-    ta, tb = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
-    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-    expr = f"ops.MatMul({ta}, {tb})({a}, {b})"
-    if alpha != 1.0:
-        expr = f"({expr} * {alpha!r})"
-    if not e.has(2):
-        e.out(expr)
+    product, c = e.gemm(lambda a, b, ta, tb: f"ops.MatMul({ta}, {tb})({a}, {b})")
+    if c is None:
+        e.out(product)
         return
-    c = e.t(node.inputs[2])
-    if beta != 1.0:
-        c = f"({beta!r} * {c})"
     # C broadcast explicitly to the (M, N) product: CPU Add broadcasting a bias row keeps a full-size
     # temporary alive to the end of the graph (see elementwise.operands)
-    mm = f"{node.outputs[0].var}_mm"
-    e.line(f"{mm} = {expr}")
-    e.out(f"ops.add({mm}, ops.broadcast_to({c}, ({mm}.shape[0], {mm}.shape[1])))")
+    e.line(f"_mm = {product}")
+    e.out(f"ops.add(_mm, ops.broadcast_to({c}, (_mm.shape[0], _mm.shape[1])))")
 
 
 @R.register("Softmax", since=13)

@@ -5,50 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimm.convert.ir import DIM_CALL, ONNX_TO_NP, Sym
+from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 from slimm.convert.targets.mindspore.registry import ms_dtype
 
 
-def _rank(e, v) -> int:
-    if v.shape is None:
-        raise e.error(f"the rank of {v.name!r} is unknown at conversion time")
-    return len(v.shape)
-
-
-def dims_of(v) -> list:
-    """Sizes of a tensor as ints / Syms (unknown ones read at run time)."""
-    if v.is_static:
-        return list(v.static.shape)
-    return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape or [])]
-
-
-def _same(a, b) -> bool:
-    """Equal at conversion time (ints, or the same run-time expression)."""
-    if isinstance(a, Sym) or isinstance(b, Sym):
-        return isinstance(a, Sym) and isinstance(b, Sym) and a.code == b.code
-    return int(a) == int(b)
-
-
-def _is(d, k: int) -> bool:
-    return not isinstance(d, Sym) and int(d) == k
-
-
 @R.register("Reshape", since=5)
 def _reshape(e, node):
-    x = node.inputs[0]
-    target = e.ints(node.inputs[1], "Reshape's target shape")
-    if not node.attrs.get("allowzero", 0) and any(_is(t, 0) for t in target):
-        dims = dims_of(x)
-        target = [dims[i] if _is(t, 0) else t for i, t in enumerate(target)]
-    e.out(f"ops.reshape({e.t(x)}, {e.shape_code(target)})")
+    e.out(f"ops.reshape({e.t(node.inputs[0])}, {e.shape_code(e.reshape_target())})")
 
 
 @R.register("Transpose", since=1)
 def _transpose(e, node):
     perm = node.attrs.get("perm")
     if perm is None:
-        perm = list(reversed(range(_rank(e, node.inputs[0]))))
+        perm = list(reversed(range(e.rank(node.inputs[0]))))
     # mint.permute, not ops.transpose: MindSpore's CPU Transpose kernel keeps its output's memory to
     # the end of the graph (never reused; 4 GB over 64 transposes of 31 MB), mint.permute does not
     e.out(f"mint.permute({e.t(node.inputs[0])}, {tuple(perm)!r})")
@@ -70,7 +41,7 @@ def _squeeze(e, node):
 @R.register("Unsqueeze", since=13)
 def _unsqueeze(e, node):
     axes = e.ints(node.inputs[1], "Unsqueeze axes")
-    rank = _rank(e, node.inputs[0]) + len(axes)
+    rank = e.rank(node.inputs[0]) + len(axes)
     expr = e.t(node.inputs[0])
     for a in sorted(a + rank if a < 0 else a for a in axes):  # ascending: each axis is final
         expr = f"ops.expand_dims({expr}, {a})"
@@ -92,26 +63,17 @@ def _split(e, node):
 @R.register("Expand", since=8)
 def _expand(e, node):
     x = node.inputs[0]
-    shape = e.ints(node.inputs[1], "Expand's target shape")
-    dims = dims_of(x)
-    if len(dims) > len(shape):
-        shape = [1] * (len(dims) - len(shape)) + shape
-    dims = [1] * (len(shape) - len(dims)) + dims
-    out = []
-    for d, t in zip(dims, shape, strict=True):  # ONNX Expand broadcasts both ways
-        if _is(t, 1) or _same(d, t):
-            out.append(d)
-        elif _is(d, 1):
-            out.append(t)
-        else:  # two sizes only known at run time: either may be 1
-            out = None
-            break
-    if out is not None:
-        e.out(f"ops.broadcast_to({e.t(x)}, {e.shape_code(out)})")
+    shape = e.expand_shape()
+    if shape is not None:
+        own = e.dims(x)
+        own = [None] * (len(shape) - len(own)) + own
+        sizes = [o if s is None else s for s, o in zip(shape, own, strict=True)]
+        e.out(f"ops.broadcast_to({e.t(x)}, {e.shape_code(sizes)})")
         return
-    # let element-wise broadcasting decide at run time; `* 1` / `and True` keep every value bit-exact
+    # two sizes only known at run time, either may be 1: element-wise broadcasting decides at run
+    # time; `* 1` / `and True` keep every value bit-exact
     x_code = e.t(x)
-    e.line(f"_one = ops.ones({e.shape_code(shape)}, {x_code}.dtype)")
+    e.line(f"_one = ops.ones({e.shape_code(e.ints(node.inputs[1], 'Expand target'))}, {x_code}.dtype)")
     e.out(
         f"(ops.logical_and({x_code}, _one) if {x_code}.dtype == mindspore.bool_ else ops.mul({x_code}, _one))"
     )
@@ -127,9 +89,9 @@ def _fix_negative(e, idx: str, shape_of: str, k_code: str) -> str:
 def _gather(e, node):
     x, idx = node.inputs
     axis = node.attrs.get("axis", 0)
-    rank = _rank(e, x)
+    rank = e.rank(x)
     axis = axis + rank if axis < 0 else axis
-    n = dims_of(x)[axis]
+    n = e.dims(x)[axis]
     if idx.is_static and idx.static.dtype != object:
         ind = idx.static.astype(np.int64)
         if (ind < 0).any() and not isinstance(n, Sym):
@@ -148,7 +110,7 @@ def _nd_indices(e, node) -> str:
     k = idx.shape[-1] if idx.shape else None
     code = e.t(idx)
     if isinstance(k, int):
-        dims = dims_of(x)[:k]
+        dims = e.dims(x)[:k]
         n = e.target.sizes_tensor([e.sym(d) for d in dims], (k,)) if any(isinstance(d, Sym) for d in dims) else (
             e.target.constant(np.array(dims, np.int64)))  # fmt: skip
         return f"ops.where({code} < 0, {code} + {n}, {code})"

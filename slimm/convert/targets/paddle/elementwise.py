@@ -5,7 +5,7 @@ from __future__ import annotations
 from slimm.convert.ir import ONNX_TO_NP
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
-BINARY = {"Add": "paddle.add", "Sub": "paddle.subtract", "Mul": "paddle.multiply", "Pow": "paddle.pow",
+BINARY = {"Add": "paddle.add", "Sub": "paddle.subtract", "Mul": "paddle.multiply", "Sum": "paddle.add", "Mean": "paddle.add",
           "Equal": "paddle.equal", "Less": "paddle.less_than", "LessOrEqual": "paddle.less_equal",
           "Greater": "paddle.greater_than", "GreaterOrEqual": "paddle.greater_equal", "And": "paddle.logical_and",
           "Or": "paddle.logical_or", "Xor": "paddle.logical_xor", "Max": "paddle.maximum",
@@ -29,22 +29,18 @@ PADDLE_DTYPES = {
 }
 
 
-def _binary(e, node):
+def _binary(e, node):  # Max / Min / Sum / Mean take any number of inputs
+    e.out(e.nary(lambda x, y: f"{BINARY[node.op]}({x}, {y})", mean=node.op == "Mean"))
+
+
+@R.register("Pow", since=1)
+def _pow(e, node):  # ONNX: the result has the base's type
     a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
-    if node.op == "Pow":  # ONNX: the result has the base's type
-        y = node.inputs[1]
-        if y.is_static and y.static.size == 1 and y.static.dtype.kind == "f":
-            e.out(f"paddle.pow({a}, {float(y.static.reshape(-1)[0])!r})")  # a scalar exponent keeps x's type
-        else:
-            e.out(f"paddle.pow({a}, {b}).astype({a}.dtype)")
-    elif node.op in ("Max", "Min") and len(node.inputs) > 2:
-        fn = BINARY[node.op]
-        expr = a
-        for v in node.inputs[1:]:
-            expr = f"{fn}({expr}, {e.t(v)})"
-        e.out(expr)
+    y = node.inputs[1]
+    if y.is_static and y.static.size == 1 and y.static.dtype.kind == "f":
+        e.out(f"paddle.pow({a}, {float(y.static.reshape(-1)[0])!r})")  # a scalar exponent keeps x's type
     else:
-        e.out(f"{BINARY[node.op]}({a}, {b})")
+        e.out(f"paddle.pow({a}, {b}).astype({a}.dtype)")
 
 
 def _unary(e, node):

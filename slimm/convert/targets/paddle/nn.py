@@ -15,16 +15,8 @@ def _matmul(e, node):
 
 @R.register("Gemm", since=13)
 def _gemm(e, node):
-    a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
-    ta, tb = bool(node.attrs.get("transA", 0)), bool(node.attrs.get("transB", 0))
-    alpha, beta = node.attrs.get("alpha", 1.0), node.attrs.get("beta", 1.0)
-    expr = f"paddle.matmul({a}, {b}, transpose_x={ta}, transpose_y={tb})"
-    if alpha != 1.0:
-        expr = f"({expr} * {alpha!r})"
-    if e.has(2):
-        c = e.t(node.inputs[2])
-        expr = f"({expr} + {c})" if beta == 1.0 else f"({expr} + {beta!r} * {c})"
-    e.out(expr)
+    product, c = e.gemm(lambda a, b, ta, tb: f"paddle.matmul({a}, {b}, transpose_x={ta}, transpose_y={tb})")
+    e.out(product if c is None else f"({product} + {c})")
 
 
 @R.register("Softmax", since=13)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimm.convert.files import plain_name
 from slimm.errors import CheckpointError, InputError
 
 

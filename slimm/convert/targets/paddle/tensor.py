@@ -6,64 +6,30 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimm.convert.ir import DIM_CALL, Sym
+from slimm.convert.ir import Sym
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
 BIG = np.iinfo(np.int64).max // 2  # slice bounds beyond this mean "to the end"
-
-
-def _rank(e, v) -> int:
-    if v.is_static:
-        return v.static.ndim
-    if v.shape is None:
-        raise e.error(f"the rank of {v.name!r} is unknown at conversion time")
-    return len(v.shape)
-
-
-def _dims(e, v) -> list:
-    """Sizes of a tensor as ints / Syms (unknown ones read at run time)."""
-    if v.is_static:
-        return list(v.static.shape)
-    if v.shape is None:
-        raise e.error(f"the rank of {v.name!r} is unknown at conversion time")
-    return [Sym(f"{DIM_CALL}({v.var}, {i})") if d is None else d for i, d in enumerate(v.shape)]
-
-
-def _known(v) -> list:
-    """Sizes known at conversion time (ints), None where only the run time knows."""
-    if v.is_static:
-        return list(v.static.shape)
-    return [d if isinstance(d, int) else None for d in v.shape]
 
 
 def _list(e, dims) -> str:
     return "[" + ", ".join(e.sym(d) for d in dims) + "]"
 
 
-def _is(x, n: int) -> bool:
-    return not isinstance(x, Sym) and int(x) == n
-
-
 @R.register("Reshape", since=5)
 def _reshape(e, node):
-    x = node.inputs[0]
-    target = e.ints(node.inputs[1], "Reshape's target shape")
-    zeros = [i for i, t in enumerate(target) if _is(t, 0)]
-    if zeros and node.attrs.get("allowzero", 0):
+    if node.attrs.get("allowzero", 0) and 0 in e.ints(node.inputs[1], "Reshape's target shape"):
         raise e.error(
             "allowzero=1 with a 0 in the target shape is not supported (Paddle copies the input's size)"
         )
-    if zeros:  # ONNX (and Paddle): 0 copies the input's size at that axis; spelt out for readability
-        dims = _dims(e, x)
-        target = [dims[i] if i in zeros else t for i, t in enumerate(target)]
-    e.out(f"paddle.reshape({e.t(x)}, {_list(e, target)})")
+    e.out(f"paddle.reshape({e.t(node.inputs[0])}, {_list(e, e.reshape_target())})")
 
 
 @R.register("Transpose", since=1)
 def _transpose(e, node):
     perm = node.attrs.get("perm")
     if perm is None:
-        perm = list(range(_rank(e, node.inputs[0])))[::-1]
+        perm = list(range(e.rank(node.inputs[0])))[::-1]
     e.out(f"paddle.transpose({e.t(node.inputs[0])}, {list(perm)!r})")
 
 
@@ -78,7 +44,7 @@ def _squeeze(e, node):
     x = node.inputs[0]
     axes = e.ints(node.inputs[1], "Squeeze axes") if e.has(1) else None
     if not axes:
-        known = _known(x) if (x.is_static or x.shape is not None) else None
+        known = e.known(x) if (x.is_static or x.shape is not None) else None
         if known is None or None in known:
             raise e.error("Squeeze without axes needs every input size known at conversion time")
         axes = [i for i, d in enumerate(known) if d == 1]
@@ -88,7 +54,7 @@ def _squeeze(e, node):
 @R.register("Unsqueeze", since=13)
 def _unsqueeze(e, node):
     axes = e.ints(node.inputs[1], "Unsqueeze axes")
-    rank = _rank(e, node.inputs[0]) + len(axes)
+    rank = e.rank(node.inputs[0]) + len(axes)
     axes = sorted(a + rank if a < 0 else a for a in axes)  # inserted one by one, lowest first
     e.out(f"paddle.unsqueeze({e.t(node.inputs[0])}, {axes!r})")
 
@@ -111,45 +77,23 @@ def _split(e, node):
 @R.register("Expand", since=8)
 def _expand(e, node):
     x = node.inputs[0]
-    target = e.ints(node.inputs[1], "Expand's target shape")
-    known = _known(x) if (x.is_static or x.shape is not None) else None
-    shape = None if known is None else _expand_shape(known, target)
+    shape = e.expand_shape()
     if shape is None:  # sizes that may be 1 on either side: let the run time decide
-        e.out(f"_broadcast({e.t(x)}, {_list(e, target)})")
-    else:
-        e.out(f"paddle.expand({e.t(x)}, {_list(e, shape)})")
-
-
-def _expand_shape(known: list, target: list) -> list | None:
-    """paddle.expand's shape for ONNX's two-way broadcast (-1 keeps x's size), or None when it
-    depends on sizes only the run time knows."""
-    rank = max(len(known), len(target))
-    new_axes = rank - len(known)  # leading axes x does not have: the target's sizes, as they are
-    known = [1] * new_axes + list(known)
-    target = [1] * (rank - len(target)) + list(target)
-    out = []
-    for i, (d, t) in enumerate(zip(known, target, strict=True)):
-        if not isinstance(t, Sym):
-            out.append(-1 if (t == 1 and i >= new_axes) else int(t))
-        elif d == 1:
-            out.append(t)
-        elif d is not None:  # x's size is fixed and not 1: the target's is 1 or the same
-            out.append(-1)
-        else:
-            return None
-    return out
+        e.out(f"_broadcast({e.t(x)}, {_list(e, e.ints(node.inputs[1], 'Expand target'))})")
+    else:  # -1 keeps the input's size
+        e.out(f"paddle.expand({e.t(x)}, {_list(e, [-1 if s is None else s for s in shape])})")
 
 
 @R.register("Gather", since=13)
 def _gather(e, node):
     x, idx = node.inputs
-    rank = _rank(e, x)
+    rank = e.rank(x)
     axis = node.attrs.get("axis", 0)
     axis = axis + rank if axis < 0 else axis
     xc = e.t(x)
     if idx.is_static and idx.static.dtype != object:
         ind = idx.static.astype(np.int64)
-        n = _dims(e, x)[axis]
+        n = e.dims(x)[axis]
         if ind.ndim == 0:  # plain indexing; Python indexing takes negative indices as they are
             sel = [":"] * rank
             sel[axis] = str(int(ind))
@@ -166,7 +110,7 @@ def _gather(e, node):
         code = e.t(idx)
         e.line(f"_i = paddle.where({code} < 0, {code} + {xc}.shape[{axis}], {code})")
         code = "_i"
-    irank = _rank(e, idx)
+    irank = e.rank(idx)
     if axis == 0 and rank == 2 and x.weight:  # a lookup table: one op, any index rank
         e.out(f"F.embedding({code}, {xc})")
     elif irank == 1:
@@ -174,7 +118,7 @@ def _gather(e, node):
     elif irank == 0:  # Paddle's gather wants a 1-D index
         e.out(f"paddle.gather({xc}, {code}.reshape([1]), axis={axis}).squeeze({axis})")
     else:
-        xd, id_ = _dims(e, x), _dims(e, idx)
+        xd, id_ = e.dims(x), e.dims(idx)
         shape = xd[:axis] + id_ + xd[axis + 1 :]
         e.out(f"paddle.gather({xc}, {code}.reshape([-1]), axis={axis}).reshape({_list(e, shape)})")
 
@@ -196,7 +140,7 @@ def _scatter_nd(e, node):
     # x[idx[..., 0], ..., idx[..., k-1]] = / += updates. index_put also takes zero updates, which
     # scatter_nd_add rejects (a decode step has no visual tokens). Unbinding needs k, the index's last
     # size, when traced (Paddle aborts otherwise): exports fix it (visual_pos unsqueezed)
-    k = _dims(e, idx)[-1]
+    k = e.dims(idx)[-1]
     ind = f"tuple(paddle.unbind({e.t(idx)}, axis=-1))" if isinstance(k, int) else f"_index_tuple({e.t(idx)})"
     e.out(f"paddle.index_put({e.t(x)}, {ind}, {e.t(upd)}, accumulate={red == 'add'})")
 
@@ -250,7 +194,7 @@ def _trilu(e, node):
 @R.register("CumSum", since=14)
 def _cumsum(e, node):
     axis = e.ints(node.inputs[1], "CumSum axis")[0]
-    rank = _rank(e, node.inputs[0])
+    rank = e.rank(node.inputs[0])
     axis = int(axis) + rank if int(axis) < 0 else int(axis)
     x = e.t(node.inputs[0])
     src = f"paddle.flip({x}, axis=[{axis}])" if node.attrs.get("reverse", 0) else x
