@@ -30,18 +30,37 @@ from slimm.convert.ir import (
 WEIGHT_MIN_ELEMENTS = 64  # float constants at least this large are stored weights, smaller ones inlined
 
 
-def attributes(node) -> dict[str, Any]:
+def attributes(node, opset: int) -> dict[str, Any]:
+    """A node's attributes as Python values, each checked against the op's schema: a name the op
+    does not define, or a value of another type (a string where an int belongs), is refused, so what
+    handlers write into code is what ONNX says it is."""
+    import onnx
     from onnx import helper, numpy_helper
 
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, "")
+    except onnx.defs.SchemaError:
+        schema = None  # an unknown op: the registry names it
     out = {}
     for a in node.attribute:
+        if schema is not None:
+            want = schema.attributes.get(a.name)
+            if want is None or int(want.type) != a.type:
+                raise ConversionError(
+                    f"node {node.name!r} ({node.op_type}): attribute {a.name!r} "
+                    + (
+                        "is not defined for this op"
+                        if want is None
+                        else f"has the wrong type (not {want.type.name})"
+                    )
+                )
         v = helper.get_attribute_value(a)
         if a.type == a.TENSOR:
             v = numpy_helper.to_array(v)
         elif isinstance(v, bytes):
-            v = v.decode()
+            v = v.decode(errors="replace")
         elif isinstance(v, list) and v and isinstance(v[0], bytes):
-            v = [x.decode() for x in v]
+            v = [x.decode(errors="replace") for x in v]
         out[a.name] = v
     return out
 
@@ -73,7 +92,6 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
         if o.domain not in ("", "ai.onnx"):
             raise ConversionError(f"{path}: ops of domain {o.domain!r} are not supported")
 
-    taken: set[str] = set()
     values: dict[str, Value] = {}
     shapes, names = {}, {}
     for vi in list(g.value_info) + list(g.input) + list(g.output):
@@ -83,6 +101,7 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
             names[vi.name] = tuple(d.dim_param if d.HasField("dim_param") else None for d in t.shape.dim)
 
     prog = Program(name or path.stem, opset, [], [], {}, [])
+    taken = prog.taken
     init_names = {i.name for i in g.initializer}
     for inp in g.input:
         if inp.name in init_names:
@@ -97,6 +116,10 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
                 dvar = f"d_{var[2:]}_{axis}"
                 prog.dims[dvar] = (var, axis)
                 dims.append(Sym(dvar))
+        if t.elem_type not in ONNX_TO_NP:
+            raise ConversionError(
+                f"{path}: input {inp.name!r} has ONNX element type {t.elem_type}, not supported"
+            )
         v = Value(
             inp.name, var=var, dtype=ONNX_TO_NP[t.elem_type], shape=tuple(dims), dim_names=names.get(inp.name)
         )
@@ -113,7 +136,7 @@ def load_program(path: str | Path, name: str | None = None) -> Program:
                 raise ConversionError(
                     f"{path}: node {node.name or node.op_type} reads {n!r}, which nothing produces"
                 )
-        attrs = attributes(node)
+        attrs = attributes(node, opset)
         if node.op_type == "Constant":
             arr = next(iter(attrs.values()))
             values[node.output[0]] = _constant(node.output[0], np.asarray(arr), prog, taken)

@@ -119,6 +119,7 @@ class Program:
     weights: dict[str, np.ndarray]  # var -> array
     nodes: list[Node]
     dims: dict[str, tuple[str, int]] = field(default_factory=dict)  # dim variable -> (input var, axis)
+    taken: set[str] = field(default_factory=set)  # every variable name in use (see safe_var)
 
 
 ONNX_TO_NP = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
@@ -128,8 +129,14 @@ ONNX_TO_NP = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "i
 DIM_CALL = "__dim__"  # __dim__(var, axis): a target replaces it with its own way to read a size
 
 
-def safe_var(name: str, taken: set[str]) -> str:
-    base = "v_" + "".join(c if c.isalnum() else "_" for c in name)
+MAX_NAME = 48  # characters of an ONNX name kept in a variable name (the rest is dropped)
+
+
+def safe_var(name: str, taken: set[str], prefix: str = "v_") -> str:
+    """A new Python identifier for an ONNX name: `prefix` + its ASCII letters and digits (anything
+    else, non-ASCII letters included, becomes `_`), shortened, and numbered until unused in `taken`.
+    Never a keyword (the prefix), never two ONNX names on one variable."""
+    base = prefix + "".join(c if (c.isascii() and c.isalnum()) else "_" for c in str(name)[:MAX_NAME])
     var, i = base, 1
     while var in taken:
         i += 1

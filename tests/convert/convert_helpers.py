@@ -52,15 +52,16 @@ def ort_run(model, feeds: dict) -> list[np.ndarray]:
     return ort.InferenceSession(src, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def generated(target: str, model, tmp_path: Path, tag: str = "m"):
-    """(imported generated module, folded program) of an ONNX model for `target`."""
+def generated(target: str, model, tmp_path: Path, tag: str = "m", name: str | None = None):
+    """(imported generated module, folded program) of an ONNX model for `target`; `name` is the
+    part name the module is generated under (the file's stem by default)."""
     import onnx
 
     from slimm.convert import generate_source, import_generated
 
     path = tmp_path / f"{tag}.onnx"
     onnx.save(model, str(path))
-    src, prog = generate_source(path, target)
+    src, prog = generate_source(path, target, name=name)
     gen = tmp_path / f"gen_{tag}_{target}.py"
     gen.write_text(src)
     return import_generated(gen), prog
@@ -74,15 +75,25 @@ def run_target(target: str, model, feeds: dict, tmp_path: Path) -> list[np.ndarr
     return get_target(target).runner(module, prog.weights)(*[feeds[v.name] for v in prog.inputs])
 
 
-def run_saved(target: str, model, feed_sets: list[dict], tmp_path: Path, tag: str = "m") -> list[list]:
+def run_saved(
+    target: str, model, feed_sets: list[dict], tmp_path: Path, tag: str = "m", name: str | None = None
+) -> list[list]:
     """The model converted, saved with every input size dynamic, reloaded through the target's runtime
     and run on each feed set (NumPy outputs)."""
     from slimm.convert import get_runtime, get_target
 
-    module, prog = generated(target, model, tmp_path, tag)
-    first = feed_sets[0]
-    inputs = [(v.name, first[v.name].dtype.name, [None] * first[v.name].ndim) for v in prog.inputs]
-    get_target(target).save(module, prog.weights, inputs, tmp_path, tag)
+    module, prog = generated(target, model, tmp_path, tag, name)
+    tgt = get_target(target)
+
+    def dims(v):  # each size the ONNX input leaves open stays open: None, or its name for jax
+        names = v.dim_names or (None,) * len(v.shape)
+        return [
+            d if isinstance(d, int) else (names[i] or d.code) if tgt.symbolic_dims else None
+            for i, d in enumerate(v.shape)
+        ]
+
+    inputs = [(v.name, feed_sets[0][v.name].dtype.name, dims(v)) for v in prog.inputs]
+    tgt.save(module, prog.weights, inputs, tmp_path, tag)
     rt = get_runtime(target)
     run = rt.load(tmp_path, tag)
     return [[rt.to_numpy(o) for o in run(*(f[v.name] for v in prog.inputs))] for f in feed_sets]

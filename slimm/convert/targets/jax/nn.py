@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
 HIGHEST = "precision=lax.Precision.HIGHEST"  # float32 matmuls in float32, not bf16 passes
@@ -47,7 +48,7 @@ def _layer_norm(e, node):
     e.line(f"_x = {x}.astype(jnp.float32)")
     e.line(f"_m = jnp.mean(_x, axis={axes!r}, keepdims=True)")
     e.line(f"_v = jnp.mean(jnp.square(_x - _m), axis={axes!r}, keepdims=True)")
-    e.line(f"_inv = lax.rsqrt(_v + jnp.float32({eps!r}))")
+    e.line(f"_inv = lax.rsqrt(_v + jnp.float32({py_literal(eps)}))")
     y = f"((_x - _m) * _inv).astype({x}.dtype) * {e.t(node.inputs[1])}"
     if e.has(2):
         y = f"{y} + {e.t(node.inputs[2])}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
@@ -107,7 +108,7 @@ def _range(e, node):
     for v in node.inputs:
         if v.is_static:
             x = v.static.reshape(-1)[0]
-            args.append(repr(float(x)) if np.asarray(v.static).dtype.kind == "f" else e.sym(x))
+            args.append(py_literal(float(x)) if np.asarray(v.static).dtype.kind == "f" else e.sym(x))
         else:
             raise e.error("Range bounds must be known at conversion time (run-time sizes are fine)")
     dtype = (
@@ -121,7 +122,7 @@ def _constant_of_shape(e, node):
     shape = e.ints(node.inputs[0], "ConstantOfShape's shape")
     value = node.attrs.get("value", np.zeros(1, np.float32))
     value = np.asarray(value).reshape(-1)
-    e.out(f"jnp.full({e.shape_code(shape)}, {value[0].item()!r}, dtype=jnp.{value.dtype.name})")
+    e.out(f"jnp.full({e.shape_code(shape)}, {py_literal(value[0].item())}, dtype=jnp.{value.dtype.name})")
 
 
 @R.register("Shape", since=15)

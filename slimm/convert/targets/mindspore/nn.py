@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 
 
@@ -71,12 +72,14 @@ def _layer_norm(e, node):
     axis = axis + rank if axis < 0 else axis
     g = f"ops.cast({e.t(node.inputs[1])}, mindspore.float32)"
     b = f"ops.cast({e.t(node.inputs[2])}, mindspore.float32)" if e.has(2) else f"ops.zeros_like({g})"
-    e.line(f"_y, _m, _v = ops.LayerNorm({axis}, {axis}, {eps!r})(ops.cast({x}, mindspore.float32), {g}, {b})")
+    e.line(
+        f"_y, _m, _v = ops.LayerNorm({axis}, {axis}, {py_literal(eps)})(ops.cast({x}, mindspore.float32), {g}, {b})"
+    )
     e.out(f"ops.cast(_y, {x}.dtype)", 0)
     if len(node.outputs) > 1:
         e.out("_m", 1)
     if len(node.outputs) > 2:
-        e.out(f"ops.rsqrt(_v + {eps!r})", 2)
+        e.out(f"ops.rsqrt(_v + {py_literal(eps)})", 2)
 
 
 @R.register("Conv", since=11)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 from slimm.convert.targets.mindspore.registry import ms_dtype
@@ -143,7 +144,7 @@ def _range(e, node):
     if not isinstance(delta, Sym) and delta == 0:
         raise e.error("Range with step 0")  # MindSpore's kernel aborts the process on it
     if dtype.startswith("float"):  # float bounds never hold run-time sizes (those are ints)
-        args = [repr(float(x)) for x in (start, limit, delta)]
+        args = [py_literal(float(x)) for x in (start, limit, delta)]
     else:
         args = [e.sym(x) for x in (start, limit, delta)]
     e.out(f"ops.arange({', '.join(args)}, dtype={ms_dtype(dtype)})")
@@ -154,7 +155,7 @@ def _constant_of_shape(e, node):
     shape = e.ints(node.inputs[0], "ConstantOfShape's shape")
     value = np.asarray(node.attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
     # a Python scalar: NumPy scalars are refused as op arguments once MindSpore runs on NumPy 2
-    e.out(f"ops.fill({ms_dtype(value.dtype.name)}, {e.shape_code(shape)}, {value[0].item()!r})")
+    e.out(f"ops.fill({ms_dtype(value.dtype.name)}, {e.shape_code(shape)}, {py_literal(value[0].item())})")
 
 
 @R.register("Shape", since=15)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.ir import ONNX_TO_NP
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
@@ -38,7 +39,9 @@ def _pow(e, node):  # ONNX: the result has the base's type
     a, b = e.t(node.inputs[0]), e.t(node.inputs[1])
     y = node.inputs[1]
     if y.is_static and y.static.size == 1 and y.static.dtype.kind == "f":
-        e.out(f"paddle.pow({a}, {float(y.static.reshape(-1)[0])!r})")  # a scalar exponent keeps x's type
+        e.out(
+            f"paddle.pow({a}, {py_literal(float(y.static.reshape(-1)[0]))})"
+        )  # a scalar exponent keeps x's type
     else:
         e.out(f"paddle.pow({a}, {b}).astype({a}.dtype)")
 

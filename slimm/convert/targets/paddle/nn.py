@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
 
@@ -39,13 +40,13 @@ def _layer_norm(e, node):
         # Paddle's fused kernel normalises in float32 (ONNX's default stash_type)
         n = _length(scale)
         b = e.t(bias) if bias is not None else "None"
-        e.out(f"F.layer_norm({x}, [{n}], weight={e.t(scale)}, bias={b}, epsilon={eps!r})")
+        e.out(f"F.layer_norm({x}, [{n}], weight={e.t(scale)}, bias={b}, epsilon={py_literal(eps)})")
         return
     axes = list(range(axis, rank))
     e.line(f"_x = paddle.cast({x}, 'float32')")
     e.line(f"_m = paddle.mean(_x, axis={axes!r}, keepdim=True)")
     e.line(f"_v = paddle.mean(paddle.square(_x - _m), axis={axes!r}, keepdim=True)")
-    e.line(f"_inv = paddle.rsqrt(_v + {eps!r})")
+    e.line(f"_inv = paddle.rsqrt(_v + {py_literal(eps)})")
     y = f"paddle.cast((_x - _m) * _inv, {x}.dtype) * {e.t(scale)}"
     if bias is not None:
         y = f"{y} + {e.t(bias)}"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from slimm.convert.emitter import py_literal
 from slimm.convert.ir import Sym
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
@@ -154,7 +155,7 @@ def _range(e, node):
         x = v.static.reshape(-1)[0]
         if v.static.dtype.kind == "f":
             dtype = v.static.dtype.name
-            args.append(repr(float(x)))
+            args.append(py_literal(float(x)))
         else:
             if v.static.dtype != object:
                 dtype = v.static.dtype.name
@@ -166,7 +167,7 @@ def _range(e, node):
 def _constant_of_shape(e, node):
     shape = e.ints(node.inputs[0], "ConstantOfShape's shape")
     value = np.asarray(node.attrs.get("value", np.zeros(1, np.float32))).reshape(-1)
-    e.out(f"paddle.full({_list(e, shape)}, {value[0].item()!r}, dtype={value.dtype.name!r})")
+    e.out(f"paddle.full({_list(e, shape)}, {py_literal(value[0].item())}, dtype={value.dtype.name!r})")
 
 
 @R.register("Shape", since=15)
