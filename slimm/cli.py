@@ -193,7 +193,7 @@ def cmd_convert(args) -> int:
         mindspore_startup()
     for target in targets:
         out = args.out / target if args.to == "all" else args.out
-        convert_export(args.export_dir, target, out, validate=args.validate)
+        convert_export(args.export_dir, target, out, validate=args.validate, overwrite=args.overwrite)
         print(f"wrote {out} ({target})")
     return 0
 
@@ -321,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--validate", action="store_true",
                    help="check every intermediate tensor against ONNX Runtime and name the first that diverges")  # fmt: skip
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not a conversion")
     c.set_defaults(func=cmd_convert)
 
     o = sub.add_parser(

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from slimm.convert.emitter import Target, header, np_literal
+from slimm.convert.files import current_umask
 from slimm.convert.ir import Program
 from slimm.convert.targets.mindspore import elementwise, nn, reduce, tensor  # noqa: F401  (register the handlers)
 from slimm.convert.targets.mindspore.registry import REGISTRY, ms_name
@@ -120,11 +121,12 @@ def _artifact_files(out_dir: Path, name: str) -> list[str]:
 
 def _usual_permissions(out_dir: Path, files: list[str]) -> None:
     """MindSpore writes its files owner-read-only (0400, and 0700 for the variables folder); a model
-    directory is read by other users and copied around like any other, so make them 0644 / 0755."""
+    directory is read by other users and copied around like any other: modes as the umask says."""
+    mask = current_umask()
     for f in files:
-        (out_dir / f).chmod(0o644)
+        (out_dir / f).chmod(0o666 & ~mask)
         if "/" in f:
-            (out_dir / f).parent.chmod(0o755)
+            (out_dir / f).parent.chmod(0o777 & ~mask)
 
 
 def _remove(path: Path) -> None:
