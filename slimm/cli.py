@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--validate", action="store_true",
                    help="check every intermediate tensor against ONNX Runtime and name the first that diverges")  # fmt: skip
-    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not a conversion")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not ours")
     c.set_defaults(func=cmd_convert)
 
     o = sub.add_parser(

@@ -1,8 +1,6 @@
-"""MindSpore target end to end: every part of tiny exports of all four variants converted, saved as
-MINDIR with dynamic dims, reloaded as `nn.GraphCell` and run at two input shapes against ONNX Runtime
-on the same ONNX file; the artifact loads with onnx / onnxruntime / torch unimportable; broken
-.mindir files are clear errors.
-"""
+"""What only the MindSpore target has (the contract every target shares is test_convert_artifacts):
+saving over an older artifact, the split export of large graphs, weights as Parameters, every op
+case and the handler paths through MINDIR with dynamic dims, memory of broadcasting kernels."""
 
 from __future__ import annotations
 
@@ -18,28 +16,12 @@ ms = pytest.importorskip("mindspore")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
+from convert_helpers import SHAPES, check, io_names, make_feeds, ort_run, run_saved  # noqa: E402
+
 from slimm.convert import generate_source, import_generated  # noqa: E402
 from slimm.convert.targets.mindspore import runtime as RUNTIME  # noqa: E402
 from slimm.convert.targets.mindspore.codegen import TARGET  # noqa: E402
-from slimm.errors import CheckpointError  # noqa: E402
-from slimm.manifest import PARTS, part_file  # noqa: E402
-from slimm.vision_index import vision_host_inputs  # noqa: E402
-
-VARIANTS = ("plain", "v1", "midlayers", "efficient")
-# two shapes per part: batch, sequence, cache capacity, visual tokens, and the image grids of B
-# (two images in the second: B's block-diagonal attention across frames)
-SHAPES = (
-    {"batch": 1, "seq": 5, "capacity": 8, "visual_tokens": 3, "grids": [(1, 4, 6)]},
-    {"batch": 2, "seq": 11, "capacity": 16, "visual_tokens": 7, "grids": [(1, 4, 6), (1, 6, 4)]},
-)
-
-
-def io_names(manifest: dict, part: str) -> list[tuple[str, str, list]]:
-    """(name, dtype, dims with None for dynamic) of a part's inputs, as `save` wants them."""
-    return [
-        (t["name"], t["dtype"], [d if isinstance(d, int) else None for d in t["dims"]])
-        for t in manifest["parts"][part]["inputs"]
-    ]
+from slimm.manifest import part_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,129 +37,6 @@ def mindir(exported, converted):
     return get
 
 
-def make_feeds(manifest: dict, part: str, shape: dict, rng) -> dict[str, np.ndarray]:
-    """Inputs of one part at one shape, valid for what they mean (ids in range, masks, positions)."""
-    model = manifest["model"]
-    B, S = shape["batch"], shape["seq"]
-    if part == "B":
-        spec = manifest["parts"]["B"]["inputs"][0]
-        rows = sum(int(np.prod(g)) for g in shape["grids"])
-        host = vision_host_inputs(model["deepstack_type"], model["spatial_merge_size"], shape["grids"])
-        return {"pixel_values": rng.standard_normal((rows, spec["dims"][1])).astype(np.float32), **host}
-    feeds = {}
-    for t in manifest["parts"][part]["inputs"]:
-        name, dims = t["name"], [d if isinstance(d, int) else shape[d] for d in t["dims"]]
-        if name == "input_ids":
-            feeds[name] = rng.integers(0, model["text"]["vocab_size"], dims).astype(np.int64)
-        elif name == "visual_pos":  # distinct flat positions b*seq+s
-            feeds[name] = np.sort(rng.choice(B * S, dims[0], replace=False)).astype(np.int64)
-        elif name == "position_ids":
-            feeds[name] = rng.integers(0, 300, dims).astype(np.int64)
-        elif name == "past_mask":  # half-filled cache, one hole in the last row
-            mask = np.zeros(dims, np.int64)
-            mask[:, : dims[1] // 2] = 1
-            mask[-1, 0] = 0
-            feeds[name] = mask
-        elif name == "cur_mask":  # left padding in the last row of a batch
-            mask = np.ones(dims, np.int64)
-            if B > 1:
-                mask[-1, :2] = 0
-            feeds[name] = mask
-        else:
-            assert t["dtype"] == "float32", t
-            feeds[name] = rng.standard_normal(dims).astype(np.float32)
-    return feeds
-
-
-def rel_err(got, ref) -> float:
-    got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30)) if ref.size else 0.0
-
-
-def check(got: list, ref: list, names: list[str], what: str) -> None:
-    assert len(got) == len(ref), what
-    for g, r, name in zip(got, ref, names, strict=True):
-        assert g.shape == r.shape, f"{what} {name}: shape {g.shape} != {r.shape}"
-        if r.dtype.kind == "f":
-            assert g.dtype == r.dtype, f"{what} {name}: dtype {g.dtype} != {r.dtype}"
-            assert rel_err(g, r) <= 1e-5, f"{what} {name}: relative error {rel_err(g, r):.2e}"
-        else:
-            np.testing.assert_array_equal(g, r, err_msg=f"{what} {name}")
-
-
-@pytest.mark.parametrize("part", PARTS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_mindir_part_matches_onnxruntime_at_two_shapes(mindir, variant, part):
-    onnx_dir, out, manifest = mindir(variant)
-    run = RUNTIME.load(out, f"SliMM_{part}")
-    sess = ort.InferenceSession(str(onnx_dir / part_file(part)), providers=["CPUExecutionProvider"])
-    names = [name for name, _, _ in io_names(manifest, part)]
-    out_names = [t["name"] for t in manifest["parts"][part]["outputs"]]
-    for k, shape in enumerate(SHAPES):  # one GraphCell, new shapes: the dims really are dynamic
-        feeds = make_feeds(manifest, part, shape, np.random.default_rng(k))
-        got = run(*(feeds[n] for n in names))
-        check(got, sess.run(None, feeds), out_names, f"{variant} {part} shape {k}")
-
-
-# The load path as the runtime backend uses it, in a fresh interpreter where importing onnx,
-# onnxruntime or torch fails: the artifact must not need them.
-LOAD_WITHOUT_CONVERTER = """
-import sys
-for name in ("onnx", "onnxruntime", "torch"):
-    sys.modules[name] = None  # `import name` now raises ImportError
-import numpy as np
-from slimm.convert.targets.mindspore import runtime as RUNTIME
-feeds = np.load(sys.argv[1])
-run = RUNTIME.load(sys.argv[2], "SliMM_F")
-got = run(*(feeds[f"in{i}"] for i in range(len(feeds.files))))
-np.savez(sys.argv[3], *got)
-"""
-
-
-def test_mindir_loads_without_onnx_onnxruntime_torch(mindir, tmp_path):
-    onnx_dir, out, manifest = mindir("v1")
-    names = [name for name, _, _ in io_names(manifest, "F")]
-    feeds = make_feeds(manifest, "F", SHAPES[1], np.random.default_rng(5))
-    np.savez(tmp_path / "in.npz", **{f"in{i}": feeds[n] for i, n in enumerate(names)})
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            LOAD_WITHOUT_CONVERTER,
-            str(tmp_path / "in.npz"),
-            str(out),
-            str(tmp_path / "out.npz"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,  # MindSpore writes rank_0/ debug dumps into the working directory on failures
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    res = np.load(tmp_path / "out.npz")
-    got = [res[f"arr_{i}"] for i in range(len(res.files))]
-    sess = ort.InferenceSession(str(onnx_dir / part_file("F")), providers=["CPUExecutionProvider"])
-    check(got, sess.run(None, feeds), [t["name"] for t in manifest["parts"]["F"]["outputs"]], "subprocess F")
-
-
-@pytest.mark.parametrize(
-    "content",
-    [None, b"", b"not a model\n", "truncated", "random"],
-    ids=["missing", "empty", "text", "truncated", "random"],
-)
-def test_broken_mindir_is_a_checkpoint_error_naming_the_file(mindir, tmp_path, content):
-    _, out, _ = mindir("plain")
-    path = tmp_path / "SliMM_E.mindir"
-    if content == "truncated":
-        content = (out / "SliMM_E.mindir").read_bytes()[:3000]
-    elif content == "random":
-        content = np.random.default_rng(0).bytes(4096)
-    if content is not None:
-        path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=str(path).replace(".", r"\.")):
-        RUNTIME.load(tmp_path, "SliMM_E")
-
-
 def test_save_replaces_an_older_artifact_and_leaves_files_readable(mindir, tmp_path):
     onnx_dir, _, manifest = mindir("plain")
     src, prog = generate_source(onnx_dir / part_file("E"), "mindspore")
@@ -191,7 +50,7 @@ def test_save_replaces_an_older_artifact_and_leaves_files_readable(mindir, tmp_p
     feeds = make_feeds(manifest, "E", SHAPES[0], np.random.default_rng(0))
     sess = ort.InferenceSession(str(onnx_dir / part_file("E")), providers=["CPUExecutionProvider"])
     check(
-        RUNTIME.load(tmp_path, "SliMM_E")(feeds["position_ids"]), sess.run(None, feeds), ["cos", "sin"], "E"
+        RUNTIME.load(tmp_path, "SliMM_E")(feeds["position_ids"]), sess.run(None, feeds), "E", ["cos", "sin"]
     )
 
 
@@ -211,7 +70,7 @@ def test_graph_over_the_size_limit_is_saved_split_and_loads(mindir, tmp_path, mo
     feeds = make_feeds(manifest, "F", SHAPES[0], np.random.default_rng(3))
     sess = ort.InferenceSession(str(onnx_dir / part_file("F")), providers=["CPUExecutionProvider"])
     got = RUNTIME.load(tmp_path, "F")(*(feeds[n] for n in names))
-    check(got, sess.run(None, feeds), [t["name"] for t in manifest["parts"]["F"]["outputs"]], "split F")
+    check(got, sess.run(None, feeds), "split F", [t["name"] for t in manifest["parts"]["F"]["outputs"]])
 
 
 def test_generated_cell_holds_weights_as_parameters(mindir):
@@ -225,48 +84,24 @@ def test_generated_cell_holds_weights_as_parameters(mindir):
 
 
 # ---- every op through MINDIR: the per-op cases exported with every dim dynamic -----------------------
-def mindir_run(model, feeds: dict, tmp_path, shapes: list[dict] | None = None) -> list[list[np.ndarray]]:
-    """Convert an ONNX model, save it as MINDIR with all input dims dynamic, reload, run each feed set."""
-    import onnx
-
-    path = tmp_path / "m.onnx"
-    onnx.save(model, str(path))
-    src, prog = generate_source(path, "mindspore")
-    gen = tmp_path / "gen_m.py"
-    gen.write_text(src)
-    first = feeds if shapes is None else shapes[0]
-    inputs = [(v.name, first[v.name].dtype.name, [None] * first[v.name].ndim) for v in prog.inputs]
-    TARGET.save(import_generated(gen), prog.weights, inputs, tmp_path, "m")
-    run = RUNTIME.load(tmp_path, "m")
-    return [run(*(f[v.name] for v in prog.inputs)) for f in (shapes or [feeds])]
-
-
-def ort_run(model, feeds: dict) -> list[np.ndarray]:
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-        None, feeds
-    )
-
-
 def _op_cases():
-    from test_convert_ops import CASES
+    from convert_cases import CASES
 
     return CASES
 
 
 @pytest.mark.parametrize("case", _op_cases(), ids=lambda c: c.name)
 def test_op_case_through_mindir_with_dynamic_dims(case, tmp_path):
-    from test_convert_ops import compare
-
     model = case.model()
-    (got,) = mindir_run(model, case.feeds(), tmp_path)
-    compare(got, ort_run(model, case.feeds()), f"mindir {case.name}")
+    (got,) = run_saved("mindspore", model, [case.feeds()], tmp_path)
+    check(got, ort_run(model, case.feeds()), f"mindir {case.name}")
 
 
 # ---- handler paths the one-node cases do not reach, at two shapes through MINDIR --------------------
 def graph(nodes, inputs, outputs, inits=()):
     """A small opset-20 model; inputs/outputs as (name, numpy dtype, rank) with every dim dynamic."""
+    from convert_cases import NP_TO_ONNX, OPSET
     from onnx import helper, numpy_helper
-    from test_convert_ops import NP_TO_ONNX, OPSET
 
     def vi(name, dtype, rank):
         return helper.make_tensor_value_info(
@@ -387,11 +222,9 @@ PATH_CASES = {
 
 @pytest.mark.parametrize("name", list(PATH_CASES))
 def test_handler_path_through_mindir_at_two_shapes(name, tmp_path):
-    from test_convert_ops import compare
-
     model, feed_sets = PATH_CASES[name]
-    for k, got in enumerate(mindir_run(model, feed_sets[0], tmp_path, feed_sets)):
-        compare(got, ort_run(model, feed_sets[k]), f"mindir {name} shape {k}")
+    for k, got in enumerate(run_saved("mindspore", model, feed_sets, tmp_path)):
+        check(got, ort_run(model, feed_sets[k]), f"mindir {name} shape {k}")
 
 
 # ---- memory: temporaries of broadcasting and transposing kernels are reused ------------------------
