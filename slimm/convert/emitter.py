@@ -315,6 +315,15 @@ class Emitter:
         dims = self.dims(node.inputs[0])
         return [dims[i] if _is(t, 0) else t for i, t in enumerate(target)]
 
+    def expand_sizes(self) -> list | None:
+        """expand_shape with the input's own sizes written in (for broadcast_to-style ops)."""
+        shape = self.expand_shape()
+        if shape is None:
+            return None
+        own = self.dims(self.node.inputs[0])
+        own = [None] * (len(shape) - len(own)) + own
+        return [o if s is None else s for s, o in zip(shape, own, strict=True)]
+
     def expand_shape(self) -> list | None:
         """Expand's target with ONNX's two-way broadcast resolved: per output axis an int or a run-time
         size, or None for "the input's own size on this axis". None (the whole list) when it depends
@@ -380,6 +389,18 @@ class Emitter:
     def error(self, msg: str) -> ConversionError:
         n = self.node
         return ConversionError(f"{self.target.name}: {n.op} node {n.name!r} (opset {self.prog.opset}): {msg}")
+
+
+def slice_handler(e: Emitter, node: Node) -> None:
+    """Slice (opset >= 13) as a Python subscript, which every target's tensors take."""
+    e.out(f"{e.t(node.inputs[0])}[{e.slice_subscript()}]")
+
+
+def split_handler(e: Emitter, node: Node) -> None:
+    """Split (opset >= 18) as one Python subscript per output."""
+    x = e.t(node.inputs[0])
+    for i, sub in enumerate(e.split_subscripts()):
+        e.out(f"{x}[{sub}]", i)
 
 
 def generate(target: Target, prog: Program, trace: bool = False) -> str:

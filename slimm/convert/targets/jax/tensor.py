@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimm.convert.emitter import py_literal
+from slimm.convert.emitter import py_literal, slice_handler, split_handler
 from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
@@ -41,26 +41,15 @@ def _unsqueeze(e, node):
     e.out(f"jnp.expand_dims({e.t(node.inputs[0])}, {tuple(axes)!r})")
 
 
-@R.register("Slice", since=13)
-def _slice(e, node):
-    e.out(f"{e.t(node.inputs[0])}[{e.slice_subscript()}]")
-
-
-@R.register("Split", since=18)
-def _split(e, node):
-    x = e.t(node.inputs[0])
-    for i, sub in enumerate(e.split_subscripts()):
-        e.out(f"{x}[{sub}]", i)
+R.register("Slice", since=13)(slice_handler)
+R.register("Split", since=18)(split_handler)
 
 
 @R.register("Expand", since=8)
 def _expand(e, node):
     x = node.inputs[0]
-    shape = e.expand_shape()
-    if shape is not None:
-        own = e.dims(x)
-        own = [None] * (len(shape) - len(own)) + own
-        sizes = [o if s is None else s for s, o in zip(shape, own, strict=True)]
+    sizes = e.expand_sizes()
+    if sizes is not None:
         e.out(f"jnp.broadcast_to({e.t(x)}, {e.shape_code(sizes)})")
         return
     # sizes that may be 1 on either side: let the run time decide

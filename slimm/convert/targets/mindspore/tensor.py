@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimm.convert.emitter import py_literal
+from slimm.convert.emitter import py_literal, slice_handler, split_handler
 from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 from slimm.convert.targets.mindspore.registry import ms_dtype
@@ -49,26 +49,15 @@ def _unsqueeze(e, node):
     e.out(expr)
 
 
-@R.register("Slice", since=13)
-def _slice(e, node):
-    e.out(f"{e.t(node.inputs[0])}[{e.slice_subscript()}]")
-
-
-@R.register("Split", since=18)
-def _split(e, node):
-    x = e.t(node.inputs[0])
-    for i, sub in enumerate(e.split_subscripts()):
-        e.out(f"{x}[{sub}]", i)
+R.register("Slice", since=13)(slice_handler)
+R.register("Split", since=18)(split_handler)
 
 
 @R.register("Expand", since=8)
 def _expand(e, node):
     x = node.inputs[0]
-    shape = e.expand_shape()
-    if shape is not None:
-        own = e.dims(x)
-        own = [None] * (len(shape) - len(own)) + own
-        sizes = [o if s is None else s for s, o in zip(shape, own, strict=True)]
+    sizes = e.expand_sizes()
+    if sizes is not None:
         e.out(f"ops.broadcast_to({e.t(x)}, {e.shape_code(sizes)})")
         return
     # two sizes only known at run time, either may be 1: element-wise broadcasting decides at run

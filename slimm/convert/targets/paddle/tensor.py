@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slimm.convert.emitter import py_literal
+from slimm.convert.emitter import py_literal, slice_handler, split_handler
 from slimm.convert.ir import Sym
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
@@ -60,9 +60,7 @@ def _unsqueeze(e, node):
     e.out(f"paddle.unsqueeze({e.t(node.inputs[0])}, {axes!r})")
 
 
-@R.register("Slice", since=13)
-def _slice(e, node):
-    e.out(f"{e.t(node.inputs[0])}[{e.slice_subscript()}]")
+R.register("Slice", since=13)(slice_handler)
 
 
 @R.register("Split", since=18)
@@ -70,9 +68,8 @@ def _split(e, node):
     axis, sizes = e.split_sizes()
     if not any(isinstance(s, Sym) for s in sizes):
         e.outs(f"paddle.split({e.t(node.inputs[0])}, {[int(s) for s in sizes]!r}, axis={axis})")
-        return
-    for i, sub in enumerate(e.split_subscripts()):
-        e.out(f"{e.t(node.inputs[0])}[{sub}]", i)
+    else:  # sizes known only at run time
+        split_handler(e, node)
 
 
 @R.register("Expand", since=8)
