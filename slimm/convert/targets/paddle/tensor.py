@@ -19,7 +19,9 @@ def _list(e, dims) -> str:
 
 @R.register("Reshape", since=5)
 def _reshape(e, node):
-    if node.attrs.get("allowzero", 0) and 0 in e.ints(node.inputs[1], "Reshape's target shape"):
+    if node.attrs.get("allowzero", 0) and any(
+        isinstance(t, int) and t == 0 for t in e.ints(node.inputs[1], "Reshape's target")
+    ):
         raise e.error(
             "allowzero=1 with a 0 in the target shape is not supported (Paddle copies the input's size)"
         )
