@@ -219,7 +219,7 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
                 spec["src"], spec["tmp"], spec["precision"], block_size=spec["block_size"], progress=False
             )
         elif kind == "convert":
-            from slimm.convert.convert import convert_export
+            from slimm.convert.driver import convert_export
 
             convert_export(spec["src"], spec["target"], spec["tmp"], progress=False)
         elif kind == "workload":

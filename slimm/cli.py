@@ -52,7 +52,7 @@ def demo_export_dir(variant: str = "plain", size: str = "tiny") -> Path:
 
 def demo_converted_dir(target: str, variant: str = "plain", size: str = "tiny") -> Path:
     """The demo export converted to `target`, written once into the cache directory."""
-    from slimm.convert.convert import convert_export
+    from slimm.convert.driver import convert_export
 
     path = cache_dir() / f"demo-{size}-{variant}-{target}"
     if not (path / "manifest.json").exists():
@@ -173,12 +173,12 @@ def cmd_export(args) -> int:
 
 def cmd_convert(args) -> int:
     from slimm.convert import TARGETS
-    from slimm.convert.convert import convert_export
+    from slimm.convert.driver import convert_export
 
     targets = list(TARGETS) if args.to == "all" else [args.to]
     for target in targets:
         out = args.out / target if args.to == "all" else args.out
-        convert_export(args.export_dir, target, out, validate=args.validate)
+        convert_export(args.export_dir, target, out, validate=args.validate, overwrite=args.overwrite)
         print(f"wrote {out} ({target})")
     return 0
 
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--validate", action="store_true",
                    help="check every intermediate tensor against ONNX Runtime and name the first that diverges")  # fmt: skip
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not ours")
     c.set_defaults(func=cmd_convert)
 
     o = sub.add_parser(

@@ -97,7 +97,7 @@ def converted(exported, tmp_path_factory):
         from slimm.convert import get_target
 
         pytest.importorskip(FRAMEWORKS[target].module)
-        from slimm.convert.convert import convert_export
+        from slimm.convert.driver import convert_export
 
         try:
             get_target(target)

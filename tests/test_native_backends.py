@@ -102,9 +102,9 @@ def test_converted_dir_runs_without_onnx_or_torch(converted):
 def test_validate_names_the_first_diverging_node(exported, tmp_path, monkeypatch):
     """Break one JAX handler on purpose: --validate must point at the node it produced."""
     pytest.importorskip("jax")
-    from slimm.convert.convert import convert_export
-    from slimm.convert.graph import ConversionError
-    from slimm.convert.jax import REGISTRY
+    from slimm.convert.driver import convert_export
+    from slimm.convert.ir import ConversionError
+    from slimm.convert.targets.jax.registry import REGISTRY
 
     versions = REGISTRY.handlers["Sigmoid"]
     real = versions[0][1]

@@ -173,8 +173,8 @@ def test_w8a8_vision_features_close_to_fp32(exported, quantized):
 
 
 def test_quantized_exports_do_not_convert(quantized, tmp_path):
-    from slimm.convert.convert import convert_export
-    from slimm.convert.graph import ConversionError
+    from slimm.convert.driver import convert_export
+    from slimm.convert.ir import ConversionError
 
     with pytest.raises(ConversionError, match="a w8a8 export runs on ONNX Runtime only"):
         convert_export(quantized("w8a8"), "jax", tmp_path / "jax", progress=False)

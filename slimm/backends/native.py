@@ -28,14 +28,13 @@ class NativeBackend(PartsBackend):
     target = ""
 
     def __init__(self, converted_dir, **options) -> None:
-        from slimm.convert import get_target
-        from slimm.convert.convert import converted_format
+        from slimm.convert import converted_format, get_runtime
 
         converted_dir = Path(converted_dir)
         manifest = read_manifest(converted_dir, fmt=converted_format(self.target))
         self.framework = frameworks.get(self.target)
         try:
-            self.tgt = get_target(self.target)  # starts the framework (slimm.frameworks)
+            self.tgt = get_runtime(self.target)  # starts the framework (slimm.frameworks)
             have = frameworks.version(self.target)
         except ImportError as e:
             raise BackendUnavailable(f"backend {self.target!r} needs its framework installed ({e})") from None

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from slimm.convert.graph import FoldError, Sym
+from slimm.convert.ir import ONNX_TO_NP, FoldError, Sym
 
 MAX_FOLDED_ELEMENTS = 4096  # bigger results are computed at run time instead of stored
 FOLDERS: dict[str, Callable] = {}
@@ -106,8 +106,6 @@ def _slice(ins, attrs):
 
 @folder("Cast")
 def _cast(ins, attrs):
-    from slimm.convert.graph import ONNX_TO_NP
-
     x = ins[0].static
     if _has_sym(x):
         if ONNX_TO_NP[attrs["to"]] not in ("int64", "int32"):

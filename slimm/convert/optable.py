@@ -6,13 +6,11 @@ import importlib.util
 
 from slimm.convert import TARGETS, get_target
 
-FRAMEWORK = {"jax": "jax", "paddle": "paddle", "mindspore": "mindspore"}
-
 
 def operators_markdown() -> str:
     tables = {}
     for name in TARGETS:
-        if importlib.util.find_spec(FRAMEWORK[name]) is None:
+        if importlib.util.find_spec(name) is None:  # a target is named after its framework module
             continue
         try:
             tables[name] = get_target(name).registry.table()
@@ -25,7 +23,7 @@ def operators_markdown() -> str:
         "Generated from the converter registries by `slimm operators`; do not edit by hand.",
         "Each cell lists the opset versions from which a handler applies (a model of opset N uses",
         "the newest handler whose version is <= N). Every handler is tested against ONNX Runtime",
-        "on one-node graphs (tests/test_convert_ops.py).",
+        "on one-node graphs (tests/convert/test_convert_ops.py).",
         "",
         "| op | " + " | ".join(tables) + " |",
         "| --- | " + " | ".join("---" for _ in tables) + " |",

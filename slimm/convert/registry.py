@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from slimm.convert.graph import ConversionError
+from slimm.convert.ir import ConversionError
 
 Handler = Callable  # (emitter, node) -> None
 
