@@ -22,8 +22,8 @@ from typing import Any
 
 from benchmarks.measure import FRAMEWORKS, PHASES
 from slimm.errors import InputError
-from slimm.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
-from slimm.quantize import PRECISIONS as QUANTIZED
+from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+from slimm.export.quantize import PRECISIONS as QUANTIZED
 
 SIZES = ("tiny", "0.5b", "2b")
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
@@ -213,7 +213,7 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
 
             export_model(spec["src"], spec["tmp"], precision=spec["precision"], progress=False)
         elif kind == "quantize":
-            from slimm.quantize import quantize_export
+            from slimm.export.quantize import quantize_export
 
             quantize_export(
                 spec["src"], spec["tmp"], spec["precision"], block_size=spec["block_size"], progress=False

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimm.quantize import WEIGHT_ONLY
+from slimm.export.quantize import WEIGHT_ONLY
 
 # (what, backend, precision, metric, peer backend, peer precision, bound, direction): the project's
 # targets, each a ratio of two measured rows; direction ">=" (faster) or "<=" (less time)

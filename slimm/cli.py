@@ -14,8 +14,8 @@ from pathlib import Path
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN
 from slimm.errors import InputError, SliMMError
-from slimm.quantize import PRECISIONS as QUANTIZED
-from slimm.quantize import WEIGHT_ONLY
+from slimm.export.quantize import PRECISIONS as QUANTIZED
+from slimm.export.quantize import WEIGHT_ONLY
 
 DEFAULT_STOP_TOKENS = (151643, 151645)  # <|endoftext|>, <|im_end|>: the specification's STOP_TOKEN
 
@@ -162,7 +162,7 @@ def cmd_export(args) -> int:
         raise InputError(f"--block-size applies to int8 / int4 exports, not {args.precision}")
     if args.precision in QUANTIZED:
         # quantization rewrites an fp32 export (MatMulNBits / MatMulInteger / GatherBlockQuantized)
-        from slimm.quantize import BLOCK_SIZE, check_block_size, quantize_export
+        from slimm.export.quantize import BLOCK_SIZE, check_block_size, quantize_export
 
         check_block_size(args.block_size or BLOCK_SIZE)  # before the minutes of the fp32 export
         tmp = Path(

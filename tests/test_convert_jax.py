@@ -11,7 +11,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from slimm.convert.convert import SAMPLE_SIZES, sample_inputs  # noqa: E402
 from slimm.convert.jax import JaxPart  # noqa: E402
-from slimm.manifest import PARTS, read_manifest  # noqa: E402
+from slimm.export.manifest import PARTS, read_manifest  # noqa: E402
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 

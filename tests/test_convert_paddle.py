@@ -21,7 +21,7 @@ onnx = pytest.importorskip("onnx")
 from slimm.convert import generate_source, import_generated  # noqa: E402
 from slimm.convert.paddle import TARGET  # noqa: E402
 from slimm.errors import CheckpointError, InputError  # noqa: E402
-from slimm.manifest import PARTS, part_file  # noqa: E402
+from slimm.export.manifest import PARTS, part_file  # noqa: E402
 from slimm.vision_index import vision_host_inputs  # noqa: E402
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")

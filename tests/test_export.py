@@ -16,8 +16,8 @@ ort = pytest.importorskip("onnxruntime")
 from slimm.backends.onnx import OnnxBackend  # noqa: E402
 from slimm.backends.torch import TorchBackend  # noqa: E402
 from slimm.errors import CheckpointError, InputError  # noqa: E402
-from slimm.export import PartA, PartC, PartD, PartE, PartF, export_model  # noqa: E402
-from slimm.manifest import PARTS, part_file, read_manifest  # noqa: E402
+from slimm.export.export import PartA, PartC, PartD, PartE, PartF, export_model  # noqa: E402
+from slimm.export.manifest import PARTS, part_file, read_manifest  # noqa: E402
 from slimm.vision_index import vision_host_inputs  # noqa: E402
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slimm.backends.parts import PartsBackend
 from slimm.errors import BackendUnavailable, CheckpointError
-from slimm.manifest import PARTS, read_manifest
+from slimm.export.manifest import PARTS, read_manifest
 
 
 def bucket(n: int, limit: int) -> int:

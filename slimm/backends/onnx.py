@@ -12,7 +12,7 @@ import numpy as np
 
 from slimm.backends.parts import PartsBackend
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
-from slimm.manifest import PARTS, read_manifest
+from slimm.export.manifest import PARTS, read_manifest
 
 OPT_LEVELS = ("disable", "basic", "extended", "all")
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from slimm.backends.base import Backend
 from slimm.errors import InputError
-from slimm.manifest import read_manifest
+from slimm.export.manifest import read_manifest
 from slimm.processing import get_rope_index
 from slimm.vision_index import vision_host_inputs
 

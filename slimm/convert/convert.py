@@ -16,7 +16,7 @@ import numpy as np
 
 from slimm.convert import TARGETS, generate_source, get_target, import_generated
 from slimm.convert.graph import ConversionError
-from slimm.manifest import MANIFEST, MANIFEST_VERSION, PARTS, read_manifest
+from slimm.export.manifest import MANIFEST, MANIFEST_VERSION, PARTS, read_manifest
 from slimm.vision_index import vision_host_inputs
 
 VALIDATE_RTOL = 1e-5  # relative to the largest magnitude of the reference tensor

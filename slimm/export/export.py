@@ -20,7 +20,7 @@ from torch import nn
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
 from slimm.errors import InputError
-from slimm.manifest import MANIFEST, MANIFEST_VERSION, PART_ROLES, PARTS, Tensor, io_spec, part_file
+from slimm.export.manifest import MANIFEST, MANIFEST_VERSION, PART_ROLES, PARTS, Tensor, io_spec, part_file
 from slimm.model.slimm import SliMMForConditionalGeneration
 from slimm.vision_index import vision_host_inputs
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from slimm.errors import InputError
-from slimm.manifest import MANIFEST, PARTS, read_manifest
+from slimm.export.manifest import MANIFEST, PARTS, read_manifest
 
 WEIGHT_ONLY = {"int8": 8, "int4": 4}  # MatMulNBits precisions -> bits per weight
 PRECISIONS = (*WEIGHT_ONLY, "w8a8")
