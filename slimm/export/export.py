@@ -8,7 +8,6 @@ backend; the parts hold only tensor math.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import warnings
@@ -20,7 +19,7 @@ from torch import nn
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
 from slimm.errors import InputError
-from slimm.export.manifest import MANIFEST, MANIFEST_VERSION, PART_ROLES, PARTS, Tensor, io_spec, part_file
+from slimm.export.manifest import PART_ROLES, PARTS, Manifest, Part, Tensor, io_spec, part_file
 from slimm.model.slimm import SliMMForConditionalGeneration
 from slimm.vision_index import vision_host_inputs
 
@@ -287,31 +286,24 @@ def export_model(
         data = out_dir / (path.name + ".data")
         if data.exists() and data.stat().st_size == 0:
             data.unlink()
-        manifest_parts[part] = {
-            "file": path.name,
-            "data": data.name if data.exists() else None,
-            "role": PART_ROLES[part],
-            "inputs": [t.as_dict() for t in ins],
-            "outputs": [t.as_dict() for t in outs],
-        }
+        manifest_parts[part] = Part(
+            PART_ROLES[part], ins, outs, file=path.name, data=data.name if data.exists() else None
+        )
     copied = []
     for name in RUNTIME_FILES:
         if (ckpt_dir / name).exists():
             shutil.copyfile(ckpt_dir / name, out_dir / name)
             copied.append(name)
-    manifest = {
-        "format": "slimm-onnx",
-        "version": MANIFEST_VERSION,
-        "export_id": export_id,
-        "precision": precision,
-        "weights_dtype": "float16" if precision == "fp16" else "float32",
-        "opset": opset,
-        "max_seq_len": max_seq_len,
-        "model": cfg.to_dict(),
-        "parts": manifest_parts,
-        "tokenizer": "tokenizer.json" in copied,
-        "files": copied,
-        "source": str(ckpt_dir.resolve()),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    Manifest(
+        export_id=export_id,
+        max_seq_len=max_seq_len,
+        config=cfg,
+        parts=manifest_parts,
+        precision=precision,
+        weights_dtype="float16" if precision == "fp16" else "float32",
+        opset=opset,
+        tokenizer="tokenizer.json" in copied,
+        files=copied,
+        source=str(ckpt_dir.resolve()),
+    ).write(out_dir)
     return out_dir

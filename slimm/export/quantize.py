@@ -12,7 +12,6 @@ token embedding's Gather becomes `GatherBlockQuantized`. The result is another e
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from slimm.errors import InputError
-from slimm.export.manifest import MANIFEST, PARTS, read_manifest
+from slimm.export.manifest import PARTS, Manifest, Quantization
 
 WEIGHT_ONLY = {"int8": 8, "int4": 4}  # MatMulNBits precisions -> bits per weight
 PRECISIONS = (*WEIGHT_ONLY, "w8a8")
@@ -244,10 +243,10 @@ def quantize_export(
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
     check_block_size(block_size)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    manifest = read_manifest(export_dir)
-    if manifest.get("precision") != "fp32":
+    manifest = Manifest.read(export_dir)
+    if manifest.precision != "fp32":
         raise InputError(
-            f"{export_dir}: quantization starts from an fp32 export; this one is {manifest.get('precision')!r}"
+            f"{export_dir}: quantization starts from an fp32 export; this one is {manifest.precision!r}"
         )
     if out_dir.resolve() == export_dir.resolve():
         raise InputError("the quantized export needs its own directory (--out differs from the export)")
@@ -256,31 +255,30 @@ def quantize_export(
     rewritten = {}
     bar = tqdm(PARTS, desc=f"quantize {precision}", unit="part", disable=not progress, file=sys.stderr)
     for part in bar:
-        entry = manifest["parts"][part]
-        src, dst = export_dir / entry["file"], out_dir / entry["file"]
-        bar.set_postfix_str(f"{part}: {entry['role']}")
+        entry = manifest.parts[part]
+        src, dst = export_dir / entry.file, out_dir / entry.file
+        bar.set_postfix_str(f"{part}: {entry.role}")
         if part in parts:
             if precision == "w8a8" and part != "A":
                 rewritten[part] = quantize_dynamic_part(src, dst)
             else:  # w8a8's A: the 8-bit embedding gather, as int8's
                 rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
-            entry["data"] = _data_file(dst).name if _data_file(dst).exists() else None
+            entry.data = _data_file(dst).name if _data_file(dst).exists() else None
         else:
-            for name in (entry["file"], entry.get("data")):
+            for name in (entry.file, entry.data):
                 if name:
                     shutil.copyfile(export_dir / name, out_dir / name)
-    for name in manifest.get("files", []):
+    for name in manifest.files:
         shutil.copyfile(export_dir / name, out_dir / name)
-    manifest.pop("config")  # read_manifest's parsed copy of "model"
-    manifest["precision"] = precision
-    manifest["quantization"] = {
-        "method": METHODS[precision],
-        "bits": bits,
-        "block_size": block_size,
-        "accuracy_level": accuracy_level,
-        **({"weight_range_bits": 7 if W8A8_REDUCE_RANGE else 8} if precision == "w8a8" else {}),
-        "rewritten": rewritten,
-        "source": str(export_dir.resolve()),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    manifest.precision = precision
+    manifest.quantization = Quantization(
+        method=METHODS[precision],
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        weight_range_bits=(7 if W8A8_REDUCE_RANGE else 8) if precision == "w8a8" else None,
+        rewritten=rewritten,
+        source=str(export_dir.resolve()),
+    )
+    manifest.write(out_dir)
     return out_dir
