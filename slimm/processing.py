@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from slimm.config import QWEN2_SPECIAL_TOKENS, PreprocessorConfig, read_json
+from slimm.config import QWEN2_SPECIAL_TOKENS, PreprocessorConfig, check_pixel_bounds, read_json
 from slimm.errors import CheckpointError, InputError
 
 IMAGE_PAD = "<|image_pad|>"
@@ -667,6 +667,7 @@ class Processor:
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
         tokenizer = Tokenizer.from_dir(tokenizer_dir if tokenizer_dir is not None else ckpt_dir)
+        check_pixel_bounds(min_pixels, max_pixels)
         pcfg = PreprocessorConfig.from_dir(ckpt_dir)
         if min_pixels is not None:
             pcfg.min_pixels = int(min_pixels)

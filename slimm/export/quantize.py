@@ -21,6 +21,7 @@ import numpy as np
 
 from slimm.errors import InputError
 from slimm.export.manifest import PARTS, Manifest, Quantization
+from slimm.outdir import check_out_dir, staged
 
 WEIGHT_ONLY = {"int8": 8, "int4": 4}  # MatMulNBits precisions -> bits per weight
 PRECISIONS = (*WEIGHT_ONLY, "w8a8")
@@ -179,12 +180,8 @@ def _data_file(part_file: Path) -> Path:
 
 
 def _finish_files(part_file: Path) -> None:
-    """A written part and its weights file readable by all (the quantizers write 0600); an empty
-    weights file removed."""
+    """An empty weights file removed (file modes: slimm.outdir.staged)."""
     data = _data_file(part_file)
-    for f in (part_file, data):
-        if f.exists():
-            f.chmod(0o644)
     if data.exists() and data.stat().st_size == 0:
         data.unlink()
 
@@ -225,16 +222,16 @@ def quantize_export(
     block_size: int = BLOCK_SIZE,
     accuracy_level: int = ACCURACY_LEVEL,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a quantized copy of a float32 export directory to `out_dir`.
 
     `parts` (default: DEFAULT_PARTS[precision]) are rewritten (their constant-weight MatMuls and
     Gathers), the others and every runtime file are copied; manifest.json keeps the export id and
     records the precision and the settings. `block_size` / `accuracy_level` are MatMulNBits' (and the
-    embedding's blocks); w8a8's MatMuls have one scale per output channel.
+    embedding's blocks); w8a8's MatMuls have one scale per output channel. `out_dir` is written whole
+    or not at all; a non-empty one that is not a slimm export is refused unless `overwrite`.
     """
-    from tqdm import tqdm
-
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     parts = DEFAULT_PARTS[precision] if parts is None else tuple(parts)
@@ -250,7 +247,24 @@ def quantize_export(
         )
     if out_dir.resolve() == export_dir.resolve():
         raise InputError("the quantized export needs its own directory (--out differs from the export)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, source=export_dir, overwrite=overwrite)
+    with staged(out_dir) as tmp:
+        _quantize_into(export_dir, manifest, tmp, precision, parts, block_size, accuracy_level, progress)
+    return out_dir
+
+
+def _quantize_into(
+    export_dir: Path,
+    manifest: Manifest,
+    out_dir: Path,
+    precision: str,
+    parts: tuple[str, ...],
+    block_size: int,
+    accuracy_level: int,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
     bits = WEIGHT_ONLY.get(precision, 8)
     rewritten = {}
     bar = tqdm(PARTS, desc=f"quantize {precision}", unit="part", disable=not progress, file=sys.stderr)
@@ -281,4 +295,3 @@ def quantize_export(
         source=str(export_dir.resolve()),
     )
     manifest.write(out_dir)
-    return out_dir
