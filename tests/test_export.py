@@ -328,3 +328,43 @@ def test_wrapper_backends_match_onnx(exported, torch_model, wrapper, module):
     got = backend.generate(**inputs, **kw)
     np.testing.assert_array_equal(got.sequences, ref.sequences)
     assert max(rel_err(a, b) for a, b in zip(got.logits, ref.logits, strict=True)) < 1e-6
+
+
+def test_export_files_follow_the_umask(exported):
+    """onnx writes external data 0600 and the quantizers 0600: every file as the umask says."""
+    from slimm.outdir import umask
+
+    d = exported("plain")
+    for p in [d, *d.iterdir()]:
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask(), p.name
+
+
+def test_reexport_replaces_the_previous_export_whole(demo_dir, tmp_path):
+    out = tmp_path / "onnx"
+    export_model(demo_dir("plain"), out, max_seq_len=64, progress=False)
+    first = Manifest.read(out).export_id
+    (out / "preprocessor_config.json").write_text("{}")  # a file of the previous export...
+    (out / "stale.bin").write_text("old")
+    ckpt = tmp_path / "ck"
+    shutil.copytree(demo_dir("plain"), ckpt)
+    (ckpt / "preprocessor_config.json").unlink()  # ...that the new one does not write
+    export_model(ckpt, out, max_seq_len=64, progress=False)
+    assert Manifest.read(out).export_id != first
+    assert not (out / "stale.bin").exists() and not (out / "preprocessor_config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_failed_export_leaves_nothing_that_loads(demo_dir, tmp_path, monkeypatch):
+    import slimm.export.export as export_module
+
+    real = export_module._stamp
+
+    def crash(path, export_id, part):
+        real(path, export_id, part)
+        if part == "C":
+            raise KeyboardInterrupt  # as a user's Ctrl-C in the middle of the parts
+
+    monkeypatch.setattr(export_module, "_stamp", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(demo_dir("plain"), tmp_path / "onnx", max_seq_len=64, progress=False)
+    assert list(tmp_path.iterdir()) == []
