@@ -122,8 +122,12 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from slimm.cache import demo_model_dir
-    from slimm.export import export_model
+    from slimm.export.export import check_export_settings, export_model
+    from slimm.outdir import check_out_dir
 
+    # refused before the demo checkpoint is built, if it has to be
+    check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len)
+    check_out_dir(args.out, source=args.model, overwrite=args.overwrite)
     out = export_model(
         args.model or demo_model_dir(),
         args.out,

@@ -240,6 +240,31 @@ def _stamp(path: Path, export_id: str, part: str) -> None:
     onnx.save_model(model, str(path))  # external data references are kept as they are
 
 
+def check_export_settings(
+    precision: str = "fp32",
+    block_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    parts: tuple[str, ...] = PARTS,
+) -> None:
+    """export_model's settings, checked before any work (the CLI runs this before building a demo)."""
+    from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+    from slimm.export.quantize import PRECISIONS as QUANTIZED
+
+    if precision not in (*PRECISIONS, *QUANTIZED):
+        raise InputError(f"precision {precision!r} is not one of {', '.join((*PRECISIONS, *QUANTIZED))}")
+    if block_size is not None and precision not in WEIGHT_ONLY:
+        raise InputError(f"--block-size applies to int8 / int4 exports, not {precision}")
+    check_block_size(block_size or BLOCK_SIZE)  # before the minutes of the float32 export
+    if opset < 18:
+        raise InputError(f"opset {opset}: the exporter needs opset 18 or newer")
+    if max_seq_len < 1:
+        raise InputError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+
+
 def export_model(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -259,21 +284,10 @@ def export_model(
     (built beside it, renamed into place); a non-empty `out_dir` that is not a slimm export is
     refused unless `overwrite`.
     """
-    from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+    from slimm.export.quantize import BLOCK_SIZE
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
-    if precision not in (*PRECISIONS, *QUANTIZED):
-        raise InputError(f"precision {precision!r} is not one of {', '.join((*PRECISIONS, *QUANTIZED))}")
-    if block_size is not None and precision not in WEIGHT_ONLY:
-        raise InputError(f"a block size applies to int8 / int4 exports, not {precision}")
-    check_block_size(block_size or BLOCK_SIZE)  # before the minutes of the float32 export
-    if opset < 18:
-        raise InputError(f"opset {opset}: the exporter needs opset 18 or newer")
-    if max_seq_len < 1:
-        raise InputError(f"max_seq_len must be at least 1, got {max_seq_len}")
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+    check_export_settings(precision, block_size, opset, max_seq_len, parts)
     ckpt_dir = Path(ckpt_dir)
     out_dir = check_out_dir(out_dir, source=ckpt_dir, overwrite=overwrite)
     if precision in QUANTIZED:
