@@ -26,6 +26,7 @@ above 1 and cosine near 0; full-range w8a8 weights on an AVX2 CPU gave 0.21-0.28
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -217,3 +218,18 @@ def test_unknown_precision_and_bad_sources(exported, tmp_path):
         quantize_export(exported("plain"), tmp_path / "q", "int8", parts=("G",))
     with pytest.raises(InputError, match="its own directory"):
         quantize_export(exported("plain"), exported("plain"), "int8")
+
+
+def test_quantized_files_follow_the_umask_and_replace_a_previous_export(exported, quantized, tmp_path):
+    from slimm.export.quantize import quantize_export
+    from slimm.outdir import umask
+
+    d = quantized("int8")
+    for p in [d, *d.iterdir()]:
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask(), p.name
+    out = shutil.copytree(d, tmp_path / "q")
+    (out / "stale.bin").write_text("old")
+    quantize_export(exported("plain"), out, "int4", progress=False)  # a previous export: replaced whole
+    assert not (out / "stale.bin").exists()
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "int4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary directory left
