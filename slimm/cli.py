@@ -75,9 +75,19 @@ def cmd_generate(args) -> int:
     from slimm.backends.base import normalize_inputs
     from slimm.cache import demo_dir_for
     from slimm.config import check_pixel_bounds
-    from slimm.generate import GenerationStats, stream_generate
+    from slimm.generate import GenerationStats, check_generation_settings, stream_generate
 
-    check_pixel_bounds(args.min_pixels, args.max_pixels)  # before minutes of loading
+    # the checks the API runs too, here before the minutes of loading a model
+    check_pixel_bounds(args.min_pixels, args.max_pixels)
+    check_generation_settings(
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        args.repetition_penalty,
+        args.max_seq_len,
+        args.seed,
+    )
     model_dir = args.model or demo_dir_for(args.backend)
     kwargs = {"device": args.device}
     if args.backend == "torch":
