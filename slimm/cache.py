@@ -22,7 +22,9 @@ def demo_model_dir(variant: str = "plain", size: str = "tiny") -> Path:
 
     path = cache_dir() / f"demo-{size}-{variant}"
     if not (path / "model.safetensors").exists():
-        print(f"building the {size} {variant} demo checkpoint (random weights) in {path} ...", file=sys.stderr)
+        print(
+            f"building the {size} {variant} demo checkpoint (random weights) in {path} ...", file=sys.stderr
+        )
         write_demo_checkpoint(path, variant=variant, size=size)
     return path
 
