@@ -22,8 +22,8 @@ from typing import Any
 
 from benchmarks.measure import FRAMEWORKS, PHASES
 from slimm.errors import InputError
-from slimm.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
-from slimm.quantize import PRECISIONS as QUANTIZED
+from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+from slimm.export.quantize import PRECISIONS as QUANTIZED
 
 SIZES = ("tiny", "0.5b", "2b")
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
@@ -33,10 +33,9 @@ CONVERTED = ("jax", "paddle", "mindspore")
 
 
 def default_work_dir() -> Path:
-    root = os.environ.get("SLIMM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slimm"
-    )
-    return Path(root) / "bench"
+    from slimm.cache import cache_dir
+
+    return cache_dir() / "bench"
 
 
 def _choices(kind: str, allowed: tuple[str, ...]):
@@ -84,14 +83,15 @@ def _positive(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options, for `slimm bench` and `python -m benchmarks.bench`."""
     p.add_argument("--size", default="tiny", choices=SIZES, help="checkpoint size (random weights)")
-    p.add_argument("--variant", default="plain", choices=VARIANTS)
+    p.add_argument("--variant", default="plain", choices=VARIANTS, help="DeepStack variant")
     p.add_argument("--backends", type=_choices("backend", BACKENDS), default=list(BACKENDS),
                    help=f"comma-separated, from {','.join(BACKENDS)} (default: all)")  # fmt: skip
     p.add_argument("--precision", type=_choices("precision", PRECISIONS), default=["fp32"],
                    help="comma-separated, from fp32,fp16,int8,int4,w8a8 (int8/int4/w8a8: ONNX Runtime only)")  # fmt: skip
     p.add_argument("--block-size", type=_block_size, default=BLOCK_SIZE, metavar="N",
                    help=f"int8 / int4 weights per scale (default {BLOCK_SIZE})")  # fmt: skip
-    p.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="HxW")
+    p.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="HxW",
+                   help="the benchmark image (default 448x448)")  # fmt: skip
     p.add_argument("--prompt-tokens", type=_positive, default=256, help="text prompt length for prefill")
     p.add_argument("--decode-steps", type=_positive, default=32, help="greedy decode steps (eos disabled)")
     p.add_argument("--repeats", type=_positive, default=3, help="timed calls per phase after a warm-up")
@@ -213,7 +213,7 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
 
             export_model(spec["src"], spec["tmp"], precision=spec["precision"], progress=False)
         elif kind == "quantize":
-            from slimm.quantize import quantize_export
+            from slimm.export.quantize import quantize_export
 
             quantize_export(
                 spec["src"], spec["tmp"], spec["precision"], block_size=spec["block_size"], progress=False

@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision:
         return profile_vision(backend, args)
     parts, step_ms, feeds = per_part(backend, args.prompt_tokens, args.steps)
-    manifest = json.loads((args.export / "manifest.json").read_text())
-    print(f"{args.export} ({manifest.get('precision')}), {args.threads} threads, cache of "
+    print(f"{args.export} ({backend.manifest.precision}), {args.threads} threads, cache of "
           f"{args.prompt_tokens + args.steps + 2} slots: decode step {step_ms:.1f} ms")  # fmt: skip
     print("\n| where | ms/step | share |\n| --- | ---: | ---: |")
     for k, v in sorted(parts.items(), key=lambda x: -x[1]):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slimm.errors import CheckpointError
+from slimm.errors import CheckpointError, InputError
 
 # Qwen2 tokenizer ids; a checkpoint's config files override them.
 QWEN2_SPECIAL_TOKENS = {
@@ -283,6 +283,16 @@ def load_config(ckpt_dir: str | Path) -> SliMMConfig:
         ),
         **tokens,
     )
+
+
+def check_pixel_bounds(min_pixels: int | None = None, max_pixels: int | None = None) -> None:
+    """Image area bounds a user passes (CLI and Processor.from_pretrained alike); None = the
+    checkpoint's own."""
+    for name, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise InputError(f"{name} must be a positive number of pixels, got {v!r}")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise InputError(f"min_pixels {min_pixels} is more than max_pixels {max_pixels}")
 
 
 @dataclass

@@ -7,14 +7,15 @@ generate is meaningless; the architecture, file layout, tokenizer and chat templ
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
 
 from slimm.config import load_config
+from slimm.outdir import check_out_dir, staged
+
+if TYPE_CHECKING:
+    import torch
 
 VARIANTS = {  # CLI name -> (use_deepstack, deepstack_type)
     "plain": (False, None),
@@ -128,6 +129,8 @@ def demo_configs(variant: str = "plain", size: str = "tiny") -> dict[str, dict]:
 
 def random_state_dict(model: torch.nn.Module, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Seeded weights with enough spread that greedy tokens are stable across implementations."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for name, p in model.state_dict().items():
@@ -166,18 +169,30 @@ def copy_tokenizer(out: Path) -> None:
 
 
 def write_demo_checkpoint(
-    out: str | Path, variant: str = "plain", size: str = "tiny", seed: int = 0, dtype: str = "bfloat16"
+    out: str | Path,
+    variant: str = "plain",
+    size: str = "tiny",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
 ) -> Path:
-    """Write a complete checkpoint directory; returns its path."""
+    """Write a complete checkpoint directory; returns its path. A previous demo checkpoint there is
+    replaced; any other non-empty directory only with `overwrite`."""
+    out = check_out_dir(out, overwrite=overwrite)
+    files = demo_configs(variant, size)  # checks variant and size before any work
+    files["config.json"]["torch_dtype"] = dtype
+    with staged(out) as tmp:  # the whole directory appears at once: never half a checkpoint
+        _write_files(tmp, files, variant, size, seed, dtype)
+    return out
+
+
+def _write_files(tmp: Path, files: dict[str, dict], variant: str, size: str, seed: int, dtype: str) -> None:
+    import torch
+    from safetensors.torch import save_file
+
     from slimm.model.slimm import SliMMForConditionalGeneration
     from slimm.processing import QWEN2_VL_CHAT_TEMPLATE
 
-    out = Path(out)
-    files = demo_configs(variant, size)
-    files["config.json"]["torch_dtype"] = dtype
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     for name, content in files.items():
         (tmp / name).write_text(json.dumps(content, indent=2))
     (tmp / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
@@ -192,7 +207,3 @@ def write_demo_checkpoint(
         "Random weights in the released SliMM format, made by `slimm demo-checkpoint`.\n"
         "It generates meaningless text. Use a real checkpoint for real answers.\n"
     )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # whole directory appears at once: a crash never leaves half a checkpoint
-    return out

@@ -4,6 +4,8 @@ streaming. Backends only turn token ids into logits; everything else happens her
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -29,18 +31,81 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise InputError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_seq_len < 1:
-            raise InputError(f"max_seq_len must be >= 1, got {self.max_seq_len}")
+        check_generation_settings(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            max_seq_len=self.max_seq_len,
+            seed=self.seed,
+        )
+
+
+def check_generation_settings(
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
+    max_seq_len: int | None = None,
+    seed: int | None = None,
+) -> None:
+    """The one set of checks for generation settings (API and CLI alike); None means "not given".
+
+    Written as `not (x >= 0)` so that NaN fails them too: NaN compares false with everything."""
+    if max_new_tokens is not None and not _int(max_new_tokens) >= 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if temperature is not None and not (math.isfinite(_float(temperature)) and temperature >= 0):
+        raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not _int(top_k) >= 0:
+        raise InputError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+    if top_p is not None and not 0 < _float(top_p) <= 1:
+        raise InputError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if repetition_penalty is not None and not (
+        math.isfinite(_float(repetition_penalty)) and repetition_penalty > 0
+    ):
+        raise InputError(
+            f"repetition_penalty must be a finite number > 0 (1 = off), got {repetition_penalty!r}"
+        )
+    if max_seq_len is not None and not _int(max_seq_len) >= 1:
+        raise InputError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
+    if seed is not None and not 0 <= _int(seed) < 2**63:
+        raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+
+
+def _int(x) -> float:
+    """x if it is an integer (bool excluded), else NaN so that every check on it fails."""
+    return x if isinstance(x, int | np.integer) and not isinstance(x, bool) else math.nan
+
+
+def _float(x) -> float:
+    return (
+        float(x)
+        if isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
+        else math.nan
+    )
+
+
+def position_limit(backend) -> int:
+    """Positions the loaded model can hold: an export's max_seq_len (its KV cache was sized for it), a
+    checkpoint's max_position_embeddings."""
+    return getattr(backend, "max_seq_len", None) or backend.config.text.max_position_embeddings
+
+
+@dataclass
+class GenerationStats:
+    """Filled in by generate_step as it runs: what `slimm generate` reports on its last line."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    time_to_first_token: float = 0.0  # seconds: prefill and the first sampled token
+    decode_seconds: float = 0.0  # the steps after the first token
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -99,11 +164,18 @@ class GenerateOutput:
 
 
 def generate_step(
-    backend, inputs: dict[str, np.ndarray], cfg: GenerationConfig
+    backend, inputs: dict[str, np.ndarray], cfg: GenerationConfig, stats: GenerationStats | None = None
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield (tokens (B,), raw logits (B, V)) per step until every sequence stopped or a limit is hit."""
     ids = inputs["input_ids"]
     B, S = ids.shape
+    limit = position_limit(backend)
+    for name, value in (("max_new_tokens", cfg.max_new_tokens), ("max_seq_len", cfg.max_seq_len)):
+        if value > limit:  # before a KV cache of that many positions is allocated
+            raise InputError(f"{name} {value} is more than the {limit} positions this model holds")
+    stats = stats if stats is not None else GenerationStats()
+    stats.prompt_tokens = S
+    t0 = time.perf_counter()
     if S >= cfg.max_seq_len:
         raise InputError(
             f"the prompt has {S} tokens, which leaves no room under the maximum sequence length "
@@ -126,6 +198,12 @@ def generate_step(
         tokens = np.where(done, cfg.pad_token_id, tokens).astype(np.int64)
         done |= np.isin(tokens, stop)
         history = np.concatenate([history, tokens[:, None]], axis=1)
+        now = time.perf_counter()
+        if step == 0:
+            stats.time_to_first_token, t0 = now - t0, now
+        else:
+            stats.decode_seconds = now - t0
+        stats.new_tokens = step + 1
         yield tokens, raw
         if done.all() or step == steps - 1:
             return
@@ -160,14 +238,18 @@ class StreamDecoder:
 
 
 def stream_generate(
-    backend, inputs: dict[str, np.ndarray], tokenizer, cfg: GenerationConfig
+    backend,
+    inputs: dict[str, np.ndarray],
+    tokenizer,
+    cfg: GenerationConfig,
+    stats: GenerationStats | None = None,
 ) -> Iterator[str]:
     """Text pieces of the first (or only) sequence as they are produced; stop tokens are not shown."""
     if inputs["input_ids"].shape[0] != 1:
         raise InputError("stream_generate takes one prompt; use generate() for batches")
     dec = StreamDecoder(tokenizer)
     stop = set(cfg.stop_tokens)
-    for tokens, _ in generate_step(backend, inputs, cfg):
+    for tokens, _ in generate_step(backend, inputs, cfg, stats):
         if int(tokens[0]) in stop:
             return
         piece = dec.push(int(tokens[0]))

@@ -95,6 +95,16 @@ def test_report_groups_skips_notes_failures_and_checks_goals():
     assert "ONNX Runtime int8 decode vs transformers" not in goals  # no int8 row: no goal line
     assert "MindSpore decode vs ONNX Runtime fp32" in goals  # a killed row still counts what it measured
     assert "mindspore fp32 peak memory vs weight bytes" not in goals  # but not its peak memory
+    assert goals["onnx fp32 peak memory vs weight bytes"]["met"]  # 1.2 GB for 1 GB of weights
+
+
+def test_memory_goal_is_not_judged_where_the_weights_are_too_small_to_matter():
+    """The tiny model's few MB of weights next to a framework's own resident memory: no memory goal."""
+    results = [_row("onnx", "fp32", 30.0, weights=8e6, peak=52e6), _row("torch", "fp32", 20.0)]
+    report.compare(results)
+    judged = {g["goal"] for g in report.goals(results)}
+    assert "onnx fp32 peak memory vs weight bytes" not in judged
+    assert "torch fp32 peak memory vs weight bytes" in judged
 
 
 def test_tiny_run_end_to_end(tmp_path):

@@ -203,3 +203,36 @@ def test_unstated_tying_follows_the_weights(demo_dir, tmp_path):
     state["lm_head.weight"] = torch.zeros_like(state["model.embed_tokens.weight"])
     save_file(state, str(d / "model.safetensors"))
     assert load_config(d).text.tie_word_embeddings is False
+
+
+def _normal_mode(path) -> int:
+    from slimm.outdir import umask
+
+    return (0o777 if path.is_dir() else 0o666) & ~umask()
+
+
+def test_demo_checkpoint_files_follow_the_umask(tmp_path):
+    """safetensors writes 0600; a model directory is readable like any other file the user writes."""
+    from slimm.demo import write_demo_checkpoint
+
+    out = write_demo_checkpoint(tmp_path / "ck")
+    for p in [out, *out.iterdir()]:
+        assert p.stat().st_mode & 0o777 == _normal_mode(p), p.name
+
+
+def test_demo_checkpoint_replaces_its_own_and_refuses_other_directories(tmp_path):
+    from slimm.demo import write_demo_checkpoint
+    from slimm.errors import InputError
+
+    out = write_demo_checkpoint(tmp_path / "ck", variant="plain")
+    (out / "stale.txt").write_text("from before")
+    write_demo_checkpoint(out, variant="v1")
+    assert not (out / "stale.txt").exists() and load_config(out).deepstack_type == "v1"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(InputError, match="not empty"):
+        write_demo_checkpoint(mine)
+    assert (mine / "notes.txt").read_text() == "keep"
+    write_demo_checkpoint(mine, overwrite=True)
+    assert not (mine / "notes.txt").exists() and (mine / "model.safetensors").exists()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slimm.cli import build_parser, main
@@ -115,3 +117,129 @@ def test_convert_to_all_in_a_fresh_process(exported, tmp_path):
     for target in ("jax", "paddle", "mindspore"):
         assert (out / target / "manifest.json").exists(), target
         assert f"wrote {out / target} ({target})" in r.stdout
+
+
+def test_generate_onnx_does_not_import_torch(exported):
+    """`slimm generate --backend onnx` on an export: ONNX Runtime and NumPy only (torch is not loaded)."""
+    argv = ["slimm", "generate", "--backend", "onnx", "--model", str(exported("plain")), "--image", str(EXAMPLE),
+            "--max-new-tokens", "2"]  # fmt: skip
+    code = (
+        "import sys, runpy\n"
+        f"sys.argv = {argv!r}\n"
+        "try:\n"
+        "    runpy.run_module('slimm', run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_building_the_parser_imports_no_framework():
+    code = (
+        "import sys\nfrom slimm.cli import build_parser\nbuild_parser()\n"
+        "loaded = [m for m in ('torch', 'onnxruntime', 'jax', 'paddle', 'mindspore', 'PIL') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_verbose_is_set_before_the_command_runs(monkeypatch, capsys):
+    monkeypatch.delenv("SLIMM_VERBOSE", raising=False)
+    seen = {}
+
+    def fake(args):
+        seen["env"] = os.environ.get("SLIMM_VERBOSE")
+        return 0
+
+    monkeypatch.setattr("slimm.cli.cmd_operators", fake)
+    assert main(["--verbose", "operators"]) == 0
+    assert seen["env"] == "1"
+
+
+def test_generate_reports_new_tokens_ttft_and_decode_rate(demo_dir, capsys):
+    assert (
+        main(["generate", "--model", str(demo_dir("plain")), "--max-new-tokens", "4", "--stop-token", "0"])
+        == 0
+    )
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("[torch] 4 new tokens (prompt "), last
+    assert "time to first token" in last and "tokens/s" in last, last
+
+
+@pytest.mark.parametrize(
+    "command, option, default",
+    [("generate", "--max-new-tokens", "128"), ("generate", "--repetition-penalty", "1.0"),
+     ("generate", "--backend", "torch"), ("bench", "--size", "tiny"), ("bench", "--variant", "plain"),
+     ("bench", "--image-size", "448x448"), ("demo-checkpoint", "--variant", "plain"),
+     ("demo-checkpoint", "--size", "tiny"), ("demo-checkpoint", "--dtype", "bfloat16"),
+     ("export", "--max-seq-len", "4096")],
+)  # fmt: skip
+def test_help_shows_defaults(capsys, command, option, default):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    after = text[text.index(option + " ", text.index("options:")) :]
+    assert f"default: {default})" in after[:300] or f"default {default})" in after[:300], after[:300]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [(["--temperature", "-1"], ["temperature"]), (["--temperature", "nan"], ["temperature", "nan"]),
+     (["--repetition-penalty", "nan"], ["repetition_penalty"]), (["--repetition-penalty", "0"], ["repetition_penalty"]),
+     (["--top-p", "0"], ["top_p"]), (["--top-p", "1.5"], ["top_p"]), (["--top-k", "-1"], ["top_k"]),
+     (["--min-pixels", "5000", "--max-pixels", "4000"], ["min_pixels 5000", "max_pixels 4000"]),
+     (["--min-pixels", "-3"], ["min_pixels"]), (["--max-pixels", "-5"], ["max_pixels"]),
+     (["--seed", "-1"], ["seed"]), (["--max-new-tokens", "100000000"], ["max_new_tokens", "32768"]),
+     (["--max-seq-len", "100000000"], ["max_seq_len", "32768"])],
+)  # fmt: skip
+def test_bad_generation_settings_exit_2_with_one_line(demo_dir, capsys, args, words):
+    one_line_error(
+        capsys, ["generate", "--model", str(demo_dir("plain")), "--image", str(EXAMPLE), *args], *words
+    )
+
+
+def test_max_new_tokens_past_an_exports_cache(exported, capsys):
+    one_line_error(
+        capsys,
+        ["generate", "--backend", "onnx", "--model", str(exported("plain")), "--max-new-tokens", "300"],
+        "max_new_tokens 300", "256 positions",
+    )  # fmt: skip
+
+
+def test_the_api_runs_the_same_checks(demo_dir, torch_model):
+    from slimm.errors import InputError
+    from slimm.processing import Processor
+
+    model = torch_model("plain")
+    ids = np.array([[1, 2, 3]])
+    for kw in ({"temperature": float("nan")}, {"repetition_penalty": float("nan")}, {"seed": -1},
+               {"top_p": 0.0}, {"max_new_tokens": 10**8}):  # fmt: skip
+        with pytest.raises(InputError):
+            model.generate(input_ids=ids, **kw)
+    for kw in ({"min_pixels": 5000, "max_pixels": 4000}, {"max_pixels": -5}):
+        with pytest.raises(InputError, match="pixels"):
+            Processor.from_pretrained(demo_dir("plain"), **kw)
+
+
+def test_export_refuses_bad_settings_and_outputs_before_any_work(demo_dir, tmp_path, capsys):
+    ckpt = str(demo_dir("plain"))
+    one_line_error(capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "e"), "--max-seq-len", "0"],
+                   "max_seq_len")  # fmt: skip
+    (tmp_path / "file").write_text("x")
+    one_line_error(capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "file")], "is a file")
+    one_line_error(
+        capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "file" / "sub")], "cannot be created"
+    )
+    one_line_error(capsys, ["export", "--model", ckpt, "--out", ckpt], "inside the model directory")
+    one_line_error(
+        capsys, ["export", "--model", ckpt, "--out", str(Path(ckpt) / "onnx")], "inside the model directory"
+    )
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_text("mine")
+    one_line_error(capsys, ["export", "--model", ckpt, "--out", str(other)], "not empty", "--overwrite")
+    assert (other / "cat.jpg").read_text() == "mine"
+    assert not (tmp_path / "e").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos"]

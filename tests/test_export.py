@@ -4,6 +4,7 @@ the torch backend end to end, fixed decode shapes, and the errors for broken exp
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -16,9 +17,9 @@ ort = pytest.importorskip("onnxruntime")
 from slimm.backends.onnx import OnnxBackend  # noqa: E402
 from slimm.backends.torch import TorchBackend  # noqa: E402
 from slimm.errors import CheckpointError, InputError  # noqa: E402
-from slimm.export import PartA, PartC, PartD, PartE, PartF, export_model  # noqa: E402
+from slimm.export.export import PartA, PartC, PartD, PartE, PartF, export_model  # noqa: E402
+from slimm.export.manifest import PARTS, Manifest, part_file  # noqa: E402
 from slimm.host.vision_index import vision_host_inputs  # noqa: E402
-from slimm.manifest import PARTS, part_file, read_manifest  # noqa: E402
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 
@@ -29,21 +30,21 @@ def session(export_dir, part):
 
 def test_export_directory_layout(exported):
     d = exported("v1")
-    manifest = read_manifest(d)
+    manifest = Manifest.read(d)
     datas = set()
     for part in PARTS:
-        entry = manifest["parts"][part]
-        assert (d / entry["file"]).exists()
-        if entry["data"]:
-            assert entry["data"] == entry["file"] + ".data"  # each part its own data file
-            datas.add(entry["data"])
+        entry = manifest.parts[part]
+        assert (d / entry.file).exists()
+        if entry.data:
+            assert entry.data == entry.file + ".data"  # each part its own data file
+            datas.add(entry.data)
         sess = session(d, part)
-        assert [i.name for i in sess.get_inputs()] == [t["name"] for t in entry["inputs"]]
-        assert [o.name for o in sess.get_outputs()] == [t["name"] for t in entry["outputs"]]
+        assert [i.name for i in sess.get_inputs()] == [t.name for t in entry.inputs]
+        assert [o.name for o in sess.get_outputs()] == [t.name for t in entry.outputs]
     assert {"SliMM_A.onnx.data", "SliMM_F.onnx.data"} <= datas
     for name in ("tokenizer.json", "chat_template.json", "preprocessor_config.json", "config.json"):
         assert (d / name).exists()
-    assert manifest["tokenizer"] is True and manifest["max_seq_len"] == 256
+    assert manifest.tokenizer is True and manifest.max_seq_len == 256
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -215,6 +216,61 @@ def test_manifest_that_does_not_match_parts(exported, tmp_path):
         OnnxBackend(d)
 
 
+def test_manifest_reads_into_typed_objects_and_writes_the_same_json(exported, tmp_path):
+    src = exported("v1")
+    raw = json.loads((src / "manifest.json").read_text())
+    m = Manifest.read(src)
+    assert m.config.deepstack_type == "v1" and m.max_seq_len == 256 and m.precision == "fp32"
+    assert m.parts["A"].file == "SliMM_A.onnx" and m.parts["F"].input("inputs_embeds").dtype == "float32"
+    assert m.to_dict() == raw and list(m.to_dict()) == list(raw)
+    # a converted directory's manifest (as slimm convert writes it) round-trips too
+    conv = {k: v for k, v in raw.items() if k != "weights_dtype"}
+    conv.update(format="slimm-jax", target="jax", framework_version="0.0", validated=None)
+    conv["parts"] = {
+        p: {
+            "name": f"SliMM_{p}",
+            "source": f"SliMM_{p}.py",
+            "files": [f"SliMM_{p}.bin"],
+            "role": e["role"],
+            "inputs": e["inputs"],
+            "outputs": e["outputs"],
+            "input_order": [t["name"] for t in e["inputs"]],
+        }
+        for p, e in raw["parts"].items()
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(conv))
+    assert Manifest.read(tmp_path, fmt="slimm-jax").to_dict() == conv
+
+
+@pytest.mark.parametrize(
+    "entry, name",
+    [
+        ("parts.A.file", "../../x"),
+        ("parts.B.data", "/etc/passwd"),
+        ("files", "sub/tokenizer.json"),
+        ("files", "..\\x"),
+        ("files", ".."),
+        ("parts.F.file", 7),
+    ],
+)
+def test_manifest_file_names_must_stay_inside_the_directory(exported, tmp_path, entry, name):
+    from slimm.export.quantize import quantize_export
+
+    d = copy_export(exported("plain"), tmp_path / "e")
+    m = json.loads((d / "manifest.json").read_text())
+    if entry == "files":
+        m["files"].append(name)
+    else:
+        _, part, key = entry.split(".")
+        m["parts"][part][key] = name
+    (d / "manifest.json").write_text(json.dumps(m))
+    message = f"manifest.json: entry {entry} names {name!r}, which is not a plain file name"
+    for load in (OnnxBackend, lambda d: quantize_export(d, tmp_path / "q", "int8", progress=False)):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
+            load(d)
+    assert not (tmp_path / "q").exists()
+
+
 def test_prompt_past_the_cache_length(exported, torch_model):
     backend = OnnxBackend(exported("plain"))  # exported with max_seq_len 256
     inputs = make_inputs(torch_model("plain").config, [[250]])
@@ -238,7 +294,7 @@ def test_checkpoint_without_tokenizer_exports_and_generates_from_ids(demo_dir, t
     for name in ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "chat_template.json"):
         (ckpt / name).unlink()
     out = export_model(ckpt, tmp_path / "onnx", parts=PARTS, max_seq_len=64, progress=False)
-    assert read_manifest(out)["tokenizer"] is False
+    assert Manifest.read(out).tokenizer is False
     backend = OnnxBackend(out)
     assert backend.processor is None
     with pytest.raises(InputError, match="no tokenizer"):
@@ -272,3 +328,43 @@ def test_wrapper_backends_match_onnx(exported, torch_model, wrapper, module):
     got = backend.generate(**inputs, **kw)
     np.testing.assert_array_equal(got.sequences, ref.sequences)
     assert max(rel_err(a, b) for a, b in zip(got.logits, ref.logits, strict=True)) < 1e-6
+
+
+def test_export_files_follow_the_umask(exported):
+    """onnx writes external data 0600 and the quantizers 0600: every file as the umask says."""
+    from slimm.outdir import umask
+
+    d = exported("plain")
+    for p in [d, *d.iterdir()]:
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask(), p.name
+
+
+def test_reexport_replaces_the_previous_export_whole(demo_dir, tmp_path):
+    out = tmp_path / "onnx"
+    export_model(demo_dir("plain"), out, max_seq_len=64, progress=False)
+    first = Manifest.read(out).export_id
+    (out / "preprocessor_config.json").write_text("{}")  # a file of the previous export...
+    (out / "stale.bin").write_text("old")
+    ckpt = tmp_path / "ck"
+    shutil.copytree(demo_dir("plain"), ckpt)
+    (ckpt / "preprocessor_config.json").unlink()  # ...that the new one does not write
+    export_model(ckpt, out, max_seq_len=64, progress=False)
+    assert Manifest.read(out).export_id != first
+    assert not (out / "stale.bin").exists() and not (out / "preprocessor_config.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary left
+
+
+def test_a_failed_export_leaves_nothing_that_loads(demo_dir, tmp_path, monkeypatch):
+    import slimm.export.export as export_module
+
+    real = export_module._stamp
+
+    def crash(path, export_id, part):
+        real(path, export_id, part)
+        if part == "C":
+            raise KeyboardInterrupt  # as a user's Ctrl-C in the middle of the parts
+
+    monkeypatch.setattr(export_module, "_stamp", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(demo_dir("plain"), tmp_path / "onnx", max_seq_len=64, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -15,7 +15,7 @@ def test_one_session_per_part_with_the_given_options(exported, monkeypatch, wrap
     if wrapper == "torch":
         pytest.importorskip("torch")
     from slimm.backends.onnx import OnnxBackend
-    from slimm.manifest import PARTS
+    from slimm.export.manifest import PARTS
 
     made = []
     real = ort.InferenceSession

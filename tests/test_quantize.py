@@ -1,4 +1,4 @@
-"""slimm.quantize: int8 / int4 weight-only and w8a8 exports load, generate, stay close to fp32,
+"""slimm.export.quantize: int8 / int4 weight-only and w8a8 exports load, generate, stay close to fp32,
 shrink F.
 
 Tolerances: max |quantized - fp32| / max |fp32| over prefill and teacher-forced decode logits of the
@@ -17,7 +17,7 @@ Why int4 is that far: asymmetric 4-bit blocks of 32 Gaussian weights have a step
 ~4.1 sigma), an RMS error of ~8% of each weight; random weights give the logits no structure to hide
 it in, and 6 layers x 7 projections + lm_head add it up. int8's step is 17x smaller; its remaining
 error is mostly accuracy_level 4's int8 activations. w8a8's weights use a 7-bit range (see
-slimm.quantize: full 8-bit weights saturate AVX2's int16 pair sums), which doubles its step. The
+slimm.export.quantize: full 8-bit weights saturate AVX2's int16 pair sums), which doubles its step. The
 limits also catch the known failures: a broken rewrite (wrong axis, scale or zero point) gives errors
 above 1 and cosine near 0; full-range w8a8 weights on an AVX2 CPU gave 0.21-0.28 and cosine 0.989
 (logits) and cosine 0.9985 (vision features).
@@ -26,6 +26,7 @@ above 1 and cosine near 0; full-range w8a8 weights on an AVX2 CPU gave 0.21-0.28
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ MATMUL_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "w8a8": "MatMulIntege
 
 @pytest.fixture(scope="module")
 def quantized(exported, tmp_path_factory):
-    from slimm.quantize import quantize_export
+    from slimm.export.quantize import quantize_export
 
     made = {}
 
@@ -184,7 +185,7 @@ def test_quantized_exports_do_not_convert(quantized, tmp_path):
 def test_block_size_is_an_option(exported, tmp_path):
     """--block-size 64: recorded, and the logits stay within int4's bound."""
     import slimm
-    from slimm.quantize import quantize_export
+    from slimm.export.quantize import quantize_export
 
     out = quantize_export(exported("plain"), tmp_path / "q64", "int4", block_size=64, progress=False)
     assert json.loads((out / "manifest.json").read_text())["quantization"]["block_size"] == 64
@@ -209,7 +210,7 @@ def test_export_block_size_errors(tmp_path, capsys):
 
 def test_unknown_precision_and_bad_sources(exported, tmp_path):
     from slimm.errors import InputError
-    from slimm.quantize import quantize_export
+    from slimm.export.quantize import quantize_export
 
     with pytest.raises(InputError, match="precision 'int3' is not one of int8, int4, w8a8"):
         quantize_export(exported("plain"), tmp_path / "q", "int3")
@@ -217,3 +218,18 @@ def test_unknown_precision_and_bad_sources(exported, tmp_path):
         quantize_export(exported("plain"), tmp_path / "q", "int8", parts=("G",))
     with pytest.raises(InputError, match="its own directory"):
         quantize_export(exported("plain"), exported("plain"), "int8")
+
+
+def test_quantized_files_follow_the_umask_and_replace_a_previous_export(exported, quantized, tmp_path):
+    from slimm.export.quantize import quantize_export
+    from slimm.outdir import umask
+
+    d = quantized("int8")
+    for p in [d, *d.iterdir()]:
+        assert p.stat().st_mode & 0o777 == (0o777 if p.is_dir() else 0o666) & ~umask(), p.name
+    out = shutil.copytree(d, tmp_path / "q")
+    (out / "stale.bin").write_text("old")
+    quantize_export(exported("plain"), out, "int4", progress=False)  # a previous export: replaced whole
+    assert not (out / "stale.bin").exists()
+    assert json.loads((out / "manifest.json").read_text())["precision"] == "int4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no temporary directory left

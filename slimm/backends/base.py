@@ -14,7 +14,13 @@ import numpy as np
 from slimm import frameworks
 from slimm.config import SliMMConfig
 from slimm.errors import InputError
-from slimm.generate import GenerateOutput, GenerationConfig, generate, stream_generate
+from slimm.generate import (
+    GenerateOutput,
+    GenerationConfig,
+    check_generation_settings,
+    generate,
+    stream_generate,
+)
 from slimm.processing import as_image_list, as_video_list
 
 INPUT_NAMES = (
@@ -178,6 +184,9 @@ class Backend(abc.ABC):
         max_seq_len: int | None = None,
         seed: int | None = None,
     ) -> GenerationConfig:
+        check_generation_settings(  # as given: a NaN temperature must not hide behind do_sample=False
+            max_new_tokens, temperature, top_k, top_p, repetition_penalty, max_seq_len, seed
+        )
         cfg = self.config
         if eos_token_id is None:
             stop = tuple(cfg.eos_token_id)

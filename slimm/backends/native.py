@@ -8,7 +8,7 @@ from pathlib import Path
 from slimm import frameworks
 from slimm.backends.parts import PartsBackend
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
-from slimm.manifest import PARTS, read_manifest
+from slimm.export.manifest import PARTS, Manifest
 
 
 def bucket(n: int, limit: int) -> int:
@@ -31,22 +31,22 @@ class NativeBackend(PartsBackend):
         from slimm.convert import converted_format, get_runtime
 
         converted_dir = Path(converted_dir)
-        manifest = read_manifest(converted_dir, fmt=converted_format(self.target))
+        manifest = Manifest.read(converted_dir, fmt=converted_format(self.target))
         self.framework = frameworks.get(self.target)
         try:
             self.tgt = get_runtime(self.target)  # starts the framework (slimm.frameworks)
             have = frameworks.version(self.target)
         except ImportError as e:
             raise BackendUnavailable(f"backend {self.target!r} needs its framework installed ({e})") from None
-        if manifest.get("framework_version") != have:
+        if manifest.framework_version != have:
             raise CheckpointError(
-                f"{converted_dir}: converted with {self.target} {manifest.get('framework_version')}, but this is "
+                f"{converted_dir}: converted with {self.target} {manifest.framework_version}, but this is "
                 f"{self.target} {have}: run `slimm convert` again with this version"
             )
         super().__init__(converted_dir, manifest)
         self.name = self.target
-        self.parts = {p: self.tgt.load(converted_dir, manifest["parts"][p]["name"], **options) for p in PARTS}
-        self.order = {p: manifest["parts"][p]["input_order"] for p in PARTS}
+        self.parts = {p: self.tgt.load(converted_dir, manifest.parts[p].name, **options) for p in PARTS}
+        self.order = {p: manifest.parts[p].input_order for p in PARTS}
 
     @classmethod
     def load(cls, path, target: str | None = None, **options):

@@ -15,7 +15,7 @@ import numpy as np
 from slimm import frameworks
 from slimm.backends.parts import PartsBackend
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
-from slimm.manifest import PARTS, read_manifest
+from slimm.export.manifest import PARTS, Manifest
 
 # --opt-level / graph_optimization_level -> ONNX Runtime's GraphOptimizationLevel member
 OPT_LEVELS = {
@@ -122,27 +122,27 @@ def make_session(path: str | Path, device: str = "auto", threads: int | None = N
     return session
 
 
-def check_part_file(export_dir: Path, manifest: dict, part: str) -> Path:
+def check_part_file(export_dir: Path, manifest: Manifest, part: str) -> Path:
     """The part file exists, its data file too, and it was written by this export."""
     import onnx
 
-    entry = manifest["parts"][part]
-    path = export_dir / entry["file"]
+    entry = manifest.parts[part]
+    if entry.file is None:
+        raise CheckpointError(f"{export_dir / 'manifest.json'}: entry parts.{part} names no ONNX file")
+    path = export_dir / entry.file
     if not path.exists():
-        raise CheckpointError(f"{path}: part {part} ({entry['role']}) is missing")
-    if entry.get("data") and not (export_dir / entry["data"]).exists():
-        raise CheckpointError(
-            f"{export_dir / entry['data']}: weights of part {part} ({path.name}) are missing"
-        )
+        raise CheckpointError(f"{path}: part {part} ({entry.role}) is missing")
+    if entry.data and not (export_dir / entry.data).exists():
+        raise CheckpointError(f"{export_dir / entry.data}: weights of part {part} ({path.name}) are missing")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types for a bad file
         raise CheckpointError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("slimm.part") != part or meta.get("slimm.export_id") != manifest["export_id"]:
+    if meta.get("slimm.part") != part or meta.get("slimm.export_id") != manifest.export_id:
         raise CheckpointError(
             f"{path}: this file is part {meta.get('slimm.part')!r} of export {meta.get('slimm.export_id')!r}, "
-            f"but the manifest expects part {part!r} of export {manifest['export_id']!r}: parts from "
+            f"but the manifest expects part {part!r} of export {manifest.export_id!r}: parts from "
             "another export (or another model) cannot be mixed"
         )
     return path
@@ -165,7 +165,7 @@ class OnnxBackend(PartsBackend):
         if wrapper is not None and wrapper not in frameworks.TENSOR_FRAMEWORKS:
             raise InputError(f"unknown wrapper {wrapper!r}; one of {', '.join(frameworks.TENSOR_FRAMEWORKS)}")
         export_dir = Path(export_dir)
-        manifest = read_manifest(export_dir)
+        manifest = Manifest.read(export_dir)
         super().__init__(export_dir, manifest)
         self.sessions = {}
         self.wrapped = {}
@@ -180,7 +180,7 @@ class OnnxBackend(PartsBackend):
                                       graph_optimization_level=opt_level)  # fmt: skip
                 self.wrapped[part], sess = w, w.session
             got = [i.name for i in sess.get_inputs()]
-            want = [t["name"] for t in manifest["parts"][part]["inputs"]]
+            want = [t.name for t in manifest.parts[part].inputs]
             if sorted(got) != sorted(want):
                 raise CheckpointError(
                     f"{path}: inputs {got} do not match manifest.json's {want} for part {part}"

@@ -14,9 +14,9 @@ import numpy as np
 
 from slimm.backends.base import Backend
 from slimm.errors import InputError
+from slimm.export.manifest import Manifest
 from slimm.host.positions import model_rope_index
 from slimm.host.vision_index import vision_host_inputs
-from slimm.manifest import read_manifest
 
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -25,23 +25,20 @@ class PartsBackend(Backend):
     """prefill/decode over parts A-F. Subclasses implement `run_part` (and may keep the cache
     buffers on the framework's side by overriding `new_cache` / `write_cache` / `cache_feeds`)."""
 
-    def __init__(self, export_dir: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    def __init__(self, export_dir: str | Path, manifest: Manifest | None = None) -> None:
         from slimm.processing import Processor
 
         self.export_dir = Path(export_dir)
-        self.manifest = manifest or read_manifest(self.export_dir)
+        self.manifest = manifest or Manifest.read(self.export_dir)
         has_tok = (self.export_dir / "tokenizer.json").exists()
         super().__init__(
-            self.manifest["config"], Processor.from_pretrained(self.export_dir) if has_tok else None
+            self.manifest.config, Processor.from_pretrained(self.export_dir) if has_tok else None
         )
-        self.max_seq_len = int(self.manifest["max_seq_len"])
-        self.specs = {
-            p: {t["name"]: t for t in self.manifest["parts"][p]["inputs"]} for p in self.manifest["parts"]
-        }
-        self.out_names = {
-            p: [t["name"] for t in self.manifest["parts"][p]["outputs"]] for p in self.manifest["parts"]
-        }
-        self.float = NP_DTYPES[self.specs["F"]["inputs_embeds"]["dtype"]]
+        self.max_seq_len = self.manifest.max_seq_len
+        parts = self.manifest.parts
+        self.specs = {p: {t.name: t for t in parts[p].inputs} for p in parts}
+        self.out_names = {p: [t.name for t in parts[p].outputs] for p in parts}
+        self.float = NP_DTYPES[self.specs["F"]["inputs_embeds"].dtype]
         self.length = 0
 
     @abc.abstractmethod
@@ -62,10 +59,10 @@ class PartsBackend(Backend):
             if not isinstance(arr, np.ndarray):
                 continue  # a tensor one of our own parts produced: already the declared kind
             want = spec[name]
-            if arr.ndim != len(want["dims"]) or arr.dtype != NP_DTYPES[want["dtype"]]:
+            if arr.ndim != len(want.dims) or arr.dtype != NP_DTYPES[want.dtype]:
                 raise InputError(
                     f"part {part}: input {name!r} is {arr.dtype} of shape {tuple(arr.shape)}; "
-                    f"expected {want['dtype']} with dims {want['dims']}"
+                    f"expected {want.dtype} with dims {want.dims}"
                 )
 
     def run(self, part: str, feeds: dict[str, np.ndarray]) -> list[Any]:

@@ -24,7 +24,7 @@ from slimm.convert.files import follow_umask, fresh_sibling, move_into_place, pl
 from slimm.convert.ir import ConversionError
 from slimm.convert.validate import validate_part
 from slimm.errors import InputError
-from slimm.manifest import MANIFEST, MANIFEST_VERSION, PARTS, read_manifest
+from slimm.export.manifest import MANIFEST, MANIFEST_VERSION, PARTS, read_manifest
 
 
 def convert_export(

@@ -20,6 +20,7 @@ from slimm.host.vision_index import vision_chunks, vision_host_inputs
 from slimm.model.language import KVCache, LanguageModel
 from slimm.model.merger import build_merger, efficient_split_patches
 from slimm.model.vision import VisionTower
+from slimm.model.weights import load_weights
 
 # transformers-style keywords callers pass along that this model does not need
 HF_ACCEPTED_KWARGS = {"mm_token_type_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
@@ -119,8 +120,6 @@ class SliMMForConditionalGeneration(nn.Module):
         device_map: str | None = "cpu",
         **kwargs,
     ) -> SliMMForConditionalGeneration:
-        from slimm.weights import load_weights
-
         cfg = load_config(path)
         if torch_dtype == "auto":
             dtype = DTYPES.get(cfg.torch_dtype, torch.float32)
@@ -282,6 +281,6 @@ class SliMMForConditionalGeneration(nn.Module):
 
     def generate(self, input_ids=None, **kwargs):
         """transformers-style generate on the shared loop (see slimm.generate)."""
-        from slimm.backends.torch import TorchBackend
+        from slimm.model.runner import ModelRunner
 
-        return TorchBackend.from_model(self).generate(input_ids=input_ids, **kwargs)
+        return ModelRunner(self).generate(input_ids=input_ids, **kwargs)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from slimm.config import QWEN2_SPECIAL_TOKENS, PreprocessorConfig, read_json
+from slimm.config import QWEN2_SPECIAL_TOKENS, PreprocessorConfig, check_pixel_bounds, read_json
 from slimm.errors import CheckpointError, InputError
 from slimm.host.arrays import as_numpy, is_torch_tensor
 from slimm.processing.chat_template import QWEN2_VL_CHAT_TEMPLATE, apply_chat_template, load_chat_template
@@ -61,6 +61,7 @@ class Processor:
         if not ckpt_dir.is_dir():
             raise CheckpointError(f"{ckpt_dir}: checkpoint directory not found")
         tokenizer = Tokenizer.from_dir(tokenizer_dir if tokenizer_dir is not None else ckpt_dir)
+        check_pixel_bounds(min_pixels, max_pixels)
         pcfg = PreprocessorConfig.from_dir(ckpt_dir)
         if min_pixels is not None:
             pcfg.min_pixels = int(min_pixels)

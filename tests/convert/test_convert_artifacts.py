@@ -28,8 +28,8 @@ from convert_helpers import (  # noqa: E402
 
 from slimm.convert import TARGETS, get_runtime  # noqa: E402
 from slimm.errors import CheckpointError  # noqa: E402
+from slimm.export.manifest import PARTS, part_file, read_manifest  # noqa: E402
 from slimm.frameworks import FRAMEWORKS  # noqa: E402
-from slimm.manifest import PARTS, part_file, read_manifest  # noqa: E402
 
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 # a decode step feeds zero visual tokens; jax.export's symbolic sizes are >= 1 (the JAX backend

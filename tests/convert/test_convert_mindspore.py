@@ -21,7 +21,7 @@ from convert_helpers import SHAPES, check, io_names, make_feeds, ort_run, run_sa
 from slimm.convert import generate_source, import_generated  # noqa: E402
 from slimm.convert.targets.mindspore import runtime as RUNTIME  # noqa: E402
 from slimm.convert.targets.mindspore.codegen import TARGET  # noqa: E402
-from slimm.manifest import part_file  # noqa: E402
+from slimm.export.manifest import part_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from slimm.convert import generate_source, import_generated  # noqa: E402
 from slimm.convert.targets.paddle import runtime as RUNTIME  # noqa: E402
 from slimm.convert.targets.paddle.codegen import TARGET  # noqa: E402
 from slimm.errors import CheckpointError, InputError  # noqa: E402
-from slimm.manifest import PARTS, part_file  # noqa: E402
+from slimm.export.manifest import PARTS, part_file  # noqa: E402
 
 
 @pytest.fixture(scope="session")

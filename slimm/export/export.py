@@ -8,9 +8,9 @@ backend; the parts hold only tensor math.
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -20,9 +20,10 @@ from torch import nn
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
 from slimm.errors import InputError
+from slimm.export.manifest import PART_ROLES, PARTS, Manifest, Part, Tensor, io_spec, part_file
 from slimm.host.vision_index import vision_host_inputs
-from slimm.manifest import MANIFEST, MANIFEST_VERSION, PART_ROLES, PARTS, Tensor, io_spec, part_file
 from slimm.model.slimm import SliMMForConditionalGeneration
+from slimm.outdir import check_out_dir, staged
 
 DEFAULT_OPSET = 20
 PRECISIONS = ("fp32", "fp16")
@@ -239,6 +240,31 @@ def _stamp(path: Path, export_id: str, part: str) -> None:
     onnx.save_model(model, str(path))  # external data references are kept as they are
 
 
+def check_export_settings(
+    precision: str = "fp32",
+    block_size: int | None = None,
+    opset: int = DEFAULT_OPSET,
+    max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
+    parts: tuple[str, ...] = PARTS,
+) -> None:
+    """export_model's settings, checked before any work (the CLI runs this before building a demo)."""
+    from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+    from slimm.export.quantize import PRECISIONS as QUANTIZED
+
+    if precision not in (*PRECISIONS, *QUANTIZED):
+        raise InputError(f"precision {precision!r} is not one of {', '.join((*PRECISIONS, *QUANTIZED))}")
+    if block_size is not None and precision not in WEIGHT_ONLY:
+        raise InputError(f"--block-size applies to int8 / int4 exports, not {precision}")
+    check_block_size(block_size or BLOCK_SIZE)  # before the minutes of the float32 export
+    if opset < 18:
+        raise InputError(f"opset {opset}: the exporter needs opset 18 or newer")
+    if max_seq_len < 1:
+        raise InputError(f"max_seq_len must be at least 1, got {max_seq_len}")
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+
+
 def export_model(
     ckpt_dir: str | Path,
     out_dir: str | Path,
@@ -247,25 +273,51 @@ def export_model(
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     parts: tuple[str, ...] = PARTS,
     progress: bool = True,
+    block_size: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Export a checkpoint directory to `out_dir`: SliMM_A..F.onnx (+ .onnx.data), manifest.json,
-    and the tokenizer / chat template / preprocessor files."""
+    and the tokenizer / chat template / preprocessor files.
+
+    int8 / int4 / w8a8 export float32 parts into a temporary directory and quantize them
+    (slimm.export.quantize; `block_size` is int8 / int4's). `out_dir` is written whole or not at all
+    (built beside it, renamed into place); a non-empty `out_dir` that is not a slimm export is
+    refused unless `overwrite`.
+    """
+    from slimm.export.quantize import BLOCK_SIZE
+    from slimm.export.quantize import PRECISIONS as QUANTIZED
+
+    check_export_settings(precision, block_size, opset, max_seq_len, parts)
+    ckpt_dir = Path(ckpt_dir)
+    out_dir = check_out_dir(out_dir, source=ckpt_dir, overwrite=overwrite)
+    if precision in QUANTIZED:
+        from slimm.export.quantize import quantize_export
+
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.fp32-", dir=out_dir.parent) as fp32:
+            _export_parts(ckpt_dir, Path(fp32), "fp32", opset, max_seq_len, parts, progress)
+            return quantize_export(
+                fp32,
+                out_dir,
+                precision,
+                block_size=block_size or BLOCK_SIZE,
+                progress=progress,
+                overwrite=True,  # checked above, before the float32 export
+            )
+    with staged(out_dir) as tmp:
+        _export_parts(ckpt_dir, tmp, precision, opset, max_seq_len, parts, progress)
+    return out_dir
+
+
+def _export_parts(
+    ckpt_dir: Path, out_dir: Path, precision: str, opset: int, max_seq_len: int, parts, progress: bool
+) -> None:
     import uuid
 
     from tqdm import tqdm
 
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if opset < 18:
-        raise InputError(f"opset {opset}: the exporter needs opset 18 or newer")
-    unknown = [p for p in parts if p not in PARTS]
-    if unknown:
-        raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
-    ckpt_dir, out_dir = Path(ckpt_dir), Path(out_dir)
     model = SliMMForConditionalGeneration.from_pretrained(ckpt_dir, torch_dtype="float32")
     model.model.fuse()  # part F: one matmul for q, k and v in each layer
     cfg = model.config
-    out_dir.mkdir(parents=True, exist_ok=True)
     export_id = uuid.uuid4().hex
     modules = {"A": PartA(model), "B": PartB(model), "C": PartC(), "D": PartD(model), "E": PartE(model),
                "F": PartF(model)}  # fmt: skip
@@ -275,8 +327,6 @@ def export_model(
         bar.set_postfix_str(f"{part}: {PART_ROLES[part]}")
         ins, outs = io_spec(cfg, part, "float32")
         path = out_dir / part_file(part)
-        for stale in (path, out_dir / (path.name + ".data")):
-            stale.unlink(missing_ok=True)
         with torch.no_grad():
             args = example_inputs(cfg, part, torch.float32)
             _quiet_export(modules[part], args, path, ins, outs, dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
@@ -287,31 +337,23 @@ def export_model(
         data = out_dir / (path.name + ".data")
         if data.exists() and data.stat().st_size == 0:
             data.unlink()
-        manifest_parts[part] = {
-            "file": path.name,
-            "data": data.name if data.exists() else None,
-            "role": PART_ROLES[part],
-            "inputs": [t.as_dict() for t in ins],
-            "outputs": [t.as_dict() for t in outs],
-        }
+        manifest_parts[part] = Part(
+            PART_ROLES[part], ins, outs, file=path.name, data=data.name if data.exists() else None
+        )
     copied = []
     for name in RUNTIME_FILES:
         if (ckpt_dir / name).exists():
             shutil.copyfile(ckpt_dir / name, out_dir / name)
             copied.append(name)
-    manifest = {
-        "format": "slimm-onnx",
-        "version": MANIFEST_VERSION,
-        "export_id": export_id,
-        "precision": precision,
-        "weights_dtype": "float16" if precision == "fp16" else "float32",
-        "opset": opset,
-        "max_seq_len": max_seq_len,
-        "model": cfg.to_dict(),
-        "parts": manifest_parts,
-        "tokenizer": "tokenizer.json" in copied,
-        "files": copied,
-        "source": str(ckpt_dir.resolve()),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return out_dir
+    Manifest(
+        export_id=export_id,
+        max_seq_len=max_seq_len,
+        config=cfg,
+        parts=manifest_parts,
+        precision=precision,
+        weights_dtype="float16" if precision == "fp16" else "float32",
+        opset=opset,
+        tokenizer="tokenizer.json" in copied,
+        files=copied,
+        source=str(ckpt_dir.resolve()),
+    ).write(out_dir)

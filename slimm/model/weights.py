@@ -13,7 +13,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from slimm.config import load_config, resolve_custom_visual_model
+from slimm.config import resolve_custom_visual_model
 from slimm.errors import CheckpointError
 from slimm.tensorfile import iter_tensors, read_header
 
@@ -120,12 +120,3 @@ def load_weights(model: nn.Module, ckpt_dir: str | Path, dtype: torch.dtype) -> 
     for m in model.modules():
         if hasattr(m, "init_buffers"):
             m.init_buffers(device="cpu")
-
-
-def load_model(ckpt_dir: str | Path, dtype: torch.dtype = torch.float32):
-    from slimm.model.slimm import SliMMForConditionalGeneration
-
-    return SliMMForConditionalGeneration.from_pretrained(ckpt_dir, torch_dtype=dtype)
-
-
-__all__ = ["load_weights", "load_model", "read_tensors", "canonical_name", "load_config"]

@@ -12,7 +12,6 @@ token embedding's Gather becomes `GatherBlockQuantized`. The result is another e
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
@@ -21,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from slimm.errors import InputError
-from slimm.manifest import MANIFEST, PARTS, read_manifest
+from slimm.export.manifest import PARTS, Manifest, Quantization
+from slimm.outdir import check_out_dir, staged
 
 WEIGHT_ONLY = {"int8": 8, "int4": 4}  # MatMulNBits precisions -> bits per weight
 PRECISIONS = (*WEIGHT_ONLY, "w8a8")
@@ -180,12 +180,8 @@ def _data_file(part_file: Path) -> Path:
 
 
 def _finish_files(part_file: Path) -> None:
-    """A written part and its weights file readable by all (the quantizers write 0600); an empty
-    weights file removed."""
+    """An empty weights file removed (file modes: slimm.outdir.staged)."""
     data = _data_file(part_file)
-    for f in (part_file, data):
-        if f.exists():
-            f.chmod(0o644)
     if data.exists() and data.stat().st_size == 0:
         data.unlink()
 
@@ -226,16 +222,16 @@ def quantize_export(
     block_size: int = BLOCK_SIZE,
     accuracy_level: int = ACCURACY_LEVEL,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Write a quantized copy of a float32 export directory to `out_dir`.
 
     `parts` (default: DEFAULT_PARTS[precision]) are rewritten (their constant-weight MatMuls and
     Gathers), the others and every runtime file are copied; manifest.json keeps the export id and
     records the precision and the settings. `block_size` / `accuracy_level` are MatMulNBits' (and the
-    embedding's blocks); w8a8's MatMuls have one scale per output channel.
+    embedding's blocks); w8a8's MatMuls have one scale per output channel. `out_dir` is written whole
+    or not at all; a non-empty one that is not a slimm export is refused unless `overwrite`.
     """
-    from tqdm import tqdm
-
     if precision not in PRECISIONS:
         raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     parts = DEFAULT_PARTS[precision] if parts is None else tuple(parts)
@@ -244,43 +240,58 @@ def quantize_export(
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
     check_block_size(block_size)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
-    manifest = read_manifest(export_dir)
-    if manifest.get("precision") != "fp32":
+    manifest = Manifest.read(export_dir)
+    if manifest.precision != "fp32":
         raise InputError(
-            f"{export_dir}: quantization starts from an fp32 export; this one is {manifest.get('precision')!r}"
+            f"{export_dir}: quantization starts from an fp32 export; this one is {manifest.precision!r}"
         )
     if out_dir.resolve() == export_dir.resolve():
         raise InputError("the quantized export needs its own directory (--out differs from the export)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, source=export_dir, overwrite=overwrite)
+    with staged(out_dir) as tmp:
+        _quantize_into(export_dir, manifest, tmp, precision, parts, block_size, accuracy_level, progress)
+    return out_dir
+
+
+def _quantize_into(
+    export_dir: Path,
+    manifest: Manifest,
+    out_dir: Path,
+    precision: str,
+    parts: tuple[str, ...],
+    block_size: int,
+    accuracy_level: int,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
     bits = WEIGHT_ONLY.get(precision, 8)
     rewritten = {}
     bar = tqdm(PARTS, desc=f"quantize {precision}", unit="part", disable=not progress, file=sys.stderr)
     for part in bar:
-        entry = manifest["parts"][part]
-        src, dst = export_dir / entry["file"], out_dir / entry["file"]
-        bar.set_postfix_str(f"{part}: {entry['role']}")
+        entry = manifest.parts[part]
+        src, dst = export_dir / entry.file, out_dir / entry.file
+        bar.set_postfix_str(f"{part}: {entry.role}")
         if part in parts:
             if precision == "w8a8" and part != "A":
                 rewritten[part] = quantize_dynamic_part(src, dst)
             else:  # w8a8's A: the 8-bit embedding gather, as int8's
                 rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
-            entry["data"] = _data_file(dst).name if _data_file(dst).exists() else None
+            entry.data = _data_file(dst).name if _data_file(dst).exists() else None
         else:
-            for name in (entry["file"], entry.get("data")):
+            for name in (entry.file, entry.data):
                 if name:
                     shutil.copyfile(export_dir / name, out_dir / name)
-    for name in manifest.get("files", []):
+    for name in manifest.files:
         shutil.copyfile(export_dir / name, out_dir / name)
-    manifest.pop("config")  # read_manifest's parsed copy of "model"
-    manifest["precision"] = precision
-    manifest["quantization"] = {
-        "method": METHODS[precision],
-        "bits": bits,
-        "block_size": block_size,
-        "accuracy_level": accuracy_level,
-        **({"weight_range_bits": 7 if W8A8_REDUCE_RANGE else 8} if precision == "w8a8" else {}),
-        "rewritten": rewritten,
-        "source": str(export_dir.resolve()),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return out_dir
+    manifest.precision = precision
+    manifest.quantization = Quantization(
+        method=METHODS[precision],
+        bits=bits,
+        block_size=block_size,
+        accuracy_level=accuracy_level,
+        weight_range_bits=(7 if W8A8_REDUCE_RANGE else 8) if precision == "w8a8" else None,
+        rewritten=rewritten,
+        source=str(export_dir.resolve()),
+    )
+    manifest.write(out_dir)
