@@ -20,8 +20,8 @@ from io import BytesIO
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from slimm.backends.base import normalize_inputs
@@ -251,14 +251,9 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def _api_error(request, e: ApiError):
         return error_response(e)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, e: RequestValidationError):
+    @app.exception_handler(ValidationError)
+    async def _invalid(request, e: ValidationError):
         errors = e.errors()
-        bad_json = next((x for x in errors if x.get("type") == "json_invalid"), None)
-        if bad_json is not None:
-            return error_response(
-                ApiError(400, f"malformed JSON body: {bad_json.get('ctx', {}).get('error', '')}")
-            )
         first = errors[0]
         where = _field(first.get("loc", ()))
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
@@ -299,7 +294,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return P.ModelList(data=[P.ModelCard(id=name, max_model_len=engine.capacity)]).model_dump()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
+    async def chat_completions(request: Request):
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        body = P.ChatCompletionRequest.model_validate(data)
         if body.model is not None and body.model != name:
             raise ApiError(
                 404,

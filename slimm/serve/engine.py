@@ -246,7 +246,9 @@ class Engine:
                 if not held:
                     self.backend.lock.acquire()
                     held = True
-                    if self.backend.slots is not self._pool:  # someone else used the backend meanwhile
+                    if (
+                        self._pool is None or self.backend.slots is not self._pool
+                    ):  # someone else used the backend meanwhile
                         self.backend.open_slots(self.max_batch, self.capacity)
                         self._pool = self.backend.slots
                 self._admit()
