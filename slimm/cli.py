@@ -396,9 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--model", type=Path, help="model directory (default: the built-in tiny demo model)")
     sv.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
-    sv.add_argument("--host", default="127.0.0.1", help="address to bind (another than loopback: set --api-key)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
-    sv.add_argument("--served-model-name", help="the model id clients send (default: the model directory's name)")
+    sv.add_argument(
+        "--served-model-name", help="the model id clients send (default: the model directory's name)"
+    )
     sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
     sv.add_argument(
@@ -406,18 +408,27 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help=f"positions per slot, prompt + answer (default: an export's own, {DEFAULT_MAX_SEQ_LEN} for a checkpoint)",
     )
-    sv.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $SLIMM_API_KEY, or open)")
-    sv.add_argument("--max-body-bytes", type=int, default=20 * 2**20, help="largest request body (images included)")
+    sv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $SLIMM_API_KEY, or open)"
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=20 * 2**20, help="largest request body (images included)"
+    )
     sv.add_argument("--max-images", type=int, default=8, help="images per request")
     sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height of one image")
     sv.add_argument(
-        "--allow-remote-images", action="store_true", help="fetch http(s) image URLs (off: only inline data: URLs)"
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (off: only inline data: URLs)",
     )
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
     sv.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: CUDA when seen")
     sv.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime / Paddle / MindSpore")
     sv.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="torch backend weights dtype"
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="torch backend weights dtype",
     )
     sv.set_defaults(func=cmd_serve)
 
