@@ -20,7 +20,7 @@ from io import BytesIO
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -288,6 +288,12 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     async def health():
         stats = engine.stats()
         return {"status": "ok", "model": name, **stats}
+
+    @app.get("/metrics")
+    async def metrics():
+        s = engine.stats()
+        text = engine.metrics.render(s["waiting"], s["running"], s["max_batch"])
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models():

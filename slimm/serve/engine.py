@@ -26,6 +26,7 @@ from slimm.generate import (
     make_sampler,
     position_limit,
 )
+from slimm.serve.metrics import Metrics
 
 log = logging.getLogger("slimm.serve")
 
@@ -124,6 +125,7 @@ class Request:
         self.emit = emit
         self.cancelled = threading.Event()
         self.done = threading.Event()
+        self.submitted = time.monotonic()
 
     def cancel(self) -> None:
         """The client went away: the engine frees its slot at the next step boundary."""
@@ -155,6 +157,7 @@ class _Running:
         self.sent = 0  # characters of `text` already emitted
         self.generated = 0
         self.last = -1
+        self.last_time = 0.0
 
 
 class Engine:
@@ -193,6 +196,7 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._pool = None  # the backend's Slots object this engine opened
+        self.metrics = Metrics()
         self._thread = threading.Thread(target=self._loop, name="slimm-engine", daemon=True)
         self._thread.start()
 
@@ -215,6 +219,7 @@ class Engine:
                 raise QueueFull(
                     f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})"
                 )
+            req.submitted = time.monotonic()
             self._waiting.append(req)
             self._cond.notify()
         return req
@@ -333,6 +338,16 @@ class Engine:
             self._fail(run.req, e)
             return
         run.history = np.concatenate([run.history, [[tok]]], axis=1)
+        now = time.monotonic()
+        with self.metrics.lock:
+            m = self.metrics
+            m.generation_tokens += 1
+            if run.generated == 0:
+                m.prompt_tokens += run.req.prompt_tokens
+                m.ttft.observe(now - run.req.submitted)
+            else:
+                m.itl.observe(now - run.last_time)
+        run.last_time = now
         run.generated += 1
         run.last = tok
         p = run.req.params
@@ -395,6 +410,8 @@ class Engine:
         self._finish(req, Failed(500, f"internal error ({type(e).__name__}); the server goes on"))
 
     def _finish(self, req: Request, event: Event) -> None:
+        with self.metrics.lock:
+            self.metrics.finished[event.reason if isinstance(event, Finished) else "error"] += 1
         try:
             req.emit(event)
         except Exception:  # noqa: BLE001 - a client's closed channel must not stop the engine

@@ -175,3 +175,27 @@ def test_a_failing_request_gets_500_and_the_others_go_on(server, client, torch_d
     assert err["type"] == "server_error" and "RuntimeError" in err["message"] and "Traceback" not in r.text
     assert sum(1 for _ in stream) > 0  # the running stream went on to its end
     assert ask(client, "And me?", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_metrics_count_requests_tokens_and_latencies(server, client):
+    def scrape():
+        text = httpx.get(server[0] + "/metrics", timeout=10).text
+        return {
+            line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    before = scrape()
+    r = ask(client, "Measure me", max_tokens=4)
+    after = scrape()
+
+    def grew(key):
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew('slimm_requests_total{reason="length"}') == 1
+    assert grew("slimm_generation_tokens_total") == 4
+    assert grew("slimm_prompt_tokens_total") == r.usage.prompt_tokens
+    assert grew("slimm_time_to_first_token_seconds_count") == 1
+    assert grew("slimm_inter_token_latency_seconds_count") == 3
+    assert after["slimm_queue_depth"] == 0 and after["slimm_max_batch"] == 4
