@@ -165,6 +165,38 @@ def cmd_bench(args) -> int:
     return run(args)
 
 
+def cmd_serve(args) -> int:
+    from slimm.serve.app import ServerSettings, run_server
+
+    kwargs = {"device": args.device}
+    if args.backend == "torch":
+        kwargs["dtype"] = args.dtype
+    elif args.threads:
+        kwargs["threads"] = args.threads
+    name = args.served_model_name or (args.model.name if args.model else f"slimm-demo-{args.backend}")
+    settings = ServerSettings(
+        model_name=name,
+        api_key=args.api_key or os.environ.get("SLIMM_API_KEY") or None,
+        max_body_bytes=args.max_body_bytes,
+        max_images=args.max_images,
+        max_image_pixels=args.max_image_pixels,
+        allow_remote_images=args.allow_remote_images,
+        request_timeout=args.request_timeout,
+    )
+    run_server(
+        args.model,
+        args.backend,
+        args.host,
+        args.port,
+        args.max_batch,
+        args.max_queue,
+        args.max_seq_len,
+        settings,
+        **kwargs,
+    )
+    return 0
+
+
 def cmd_demo_checkpoint(args) -> int:
     from slimm.demo import write_demo_checkpoint
 
@@ -354,6 +386,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(b)
     b.set_defaults(func=cmd_bench)
+
+    sv = command(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API, batching requests continuously",
+        description="Serve POST /v1/chat/completions (text and images, streaming), GET /v1/models and GET /health. "
+        "Requests share the model: they join a running batch of up to --max-batch at each decode step. With no "
+        "--model, the tiny random-weight demo model of --backend is served (its text is meaningless).",
+    )
+    sv.add_argument("--model", type=Path, help="model directory (default: the built-in tiny demo model)")
+    sv.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument(
+        "--served-model-name", help="the model id clients send (default: the model directory's name)"
+    )
+    sv.add_argument("--max-batch", type=int, default=8, help="requests decoded together (KV cache slots)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get 429")
+    sv.add_argument(
+        "--max-seq-len",
+        type=int,
+        help=f"positions per slot, prompt + answer (default: an export's own, {DEFAULT_MAX_SEQ_LEN} for a checkpoint)",
+    )
+    sv.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $SLIMM_API_KEY, or open)"
+    )
+    sv.add_argument(
+        "--max-body-bytes", type=int, default=20 * 2**20, help="largest request body (images included)"
+    )
+    sv.add_argument("--max-images", type=int, default=8, help="images per request")
+    sv.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="width x height of one image")
+    sv.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="fetch http(s) image URLs (off: only inline data: URLs)",
+    )
+    sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
+    sv.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: CUDA when seen")
+    sv.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime / Paddle / MindSpore")
+    sv.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="torch backend weights dtype",
+    )
+    sv.set_defaults(func=cmd_serve)
 
     d = command(
         "demo-checkpoint",

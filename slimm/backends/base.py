@@ -1,12 +1,14 @@
-"""The one backend interface: `prefill` and `decode` turn token ids into logits; `generate`,
-`stream` and the transformers-style keyword API are built on them through slimm.generate.
+"""The one backend interface: per-slot prefill and decode over a pool of KV cache rows turn token ids
+into logits; `prefill` / `decode` (one batch), `generate`, `stream` and the transformers-style keyword
+API are built on them through slimm.generate, and the server's engine drives the slots directly.
 """
 
 from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -145,32 +147,139 @@ def check_against_config(inputs: dict[str, np.ndarray], cfg: SliMMConfig) -> Non
             )
 
 
+@dataclass
+class Slots:
+    """What the host knows of an open KV pool: one cache row per slot, each at its own length."""
+
+    capacity: int  # positions per row: a slot's prompt + answer
+    lengths: np.ndarray  # (n,) int64 positions filled (left padding included)
+    deltas: np.ndarray  # (n,) int64 M-RoPE delta: a decode position is delta + length
+    used: np.ndarray  # (n,) bool
+
+    @property
+    def n(self) -> int:
+        return len(self.used)
+
+
 class Backend(abc.ABC):
-    """A loaded model in one framework. Subclasses implement `load`, `prefill` and `decode`."""
+    """A loaded model in one framework. Subclasses implement `load` and three cache steps:
+    `new_cache` (a pool of rows), `prefill_rows` (prompts into rows) and `decode_rows` (one token for
+    some rows, each at its own length); the slot API and the batch API are built on them here."""
 
     name: ClassVar[str]
 
     def __init__(self, config: SliMMConfig, processor=None) -> None:
         self.config = config
         self.processor = processor  # slimm.processing.Processor, or None without tokenizer files
-        # held for one prompt's prefill and decode steps: the KV cache and its position live on
-        # the object, so calls from several threads take turns (generate and stream take it; code
-        # driving prefill/decode itself takes it too)
+        # held while the KV pool is in use: the pool and its lengths live on the object, so calls
+        # from several threads take turns (generate and stream take it for one answer; the server's
+        # engine while it has requests running; code driving the steps itself takes it too)
         self.lock = threading.Lock()
+        self.slots: Slots | None = None
 
     @classmethod
     @abc.abstractmethod
     def load(cls, path, **kwargs) -> Backend: ...
 
     @abc.abstractmethod
-    def prefill(self, inputs: dict[str, np.ndarray], capacity: int) -> np.ndarray:
-        """Run the prompt, keep the KV cache (room for `capacity` positions); logits (B, V) float32."""
+    def new_cache(self, n: int, capacity: int) -> None:
+        """Allocate the KV pool: `n` rows of `capacity` positions (what was there before is dropped)."""
 
     @abc.abstractmethod
+    def prefill_rows(self, first: int, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Run a (B, S) prompt batch into pool rows first..first+B-1 from position 0 (their old
+        entries no longer attended to); returns last-position logits (B, V) float32 and the M-RoPE
+        deltas (B,)."""
+
+    @abc.abstractmethod
+    def decode_rows(self, slots: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """Append tokens (k,) to the rows `slots` (k,), each at its own `self.slots.lengths`;
+        logits (k, V) float32. Other rows are left as they are."""
+
+    # ---- slots: the continuous-batching interface ------------------------------------------------------
+    def open_slots(self, n: int, capacity: int) -> None:
+        """A KV pool of `n` slots of `capacity` positions each (prompt + answer); all free."""
+        from slimm.generate import position_limit
+
+        if not (isinstance(n, int) and n >= 1):
+            raise InputError(f"the number of slots must be an integer >= 1, got {n!r}")
+        limit = position_limit(self)
+        if not (isinstance(capacity, int) and 1 <= capacity <= limit):
+            raise InputError(
+                f"{capacity} cache positions per slot were asked for; this model holds 1..{limit} "
+                "(an export's maximum sequence length: re-export with a larger --max-seq-len)"
+            )
+        self.new_cache(n, capacity)
+        self.slots = Slots(capacity, np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n, bool))
+
+    def _slot(self, slot: int) -> Slots:
+        if self.slots is None:
+            raise InputError("no KV slots are open: call open_slots() (or prefill()) first")
+        if not (isinstance(slot, int | np.integer) and 0 <= slot < self.slots.n):
+            raise InputError(f"slot {slot!r} does not exist; slots are 0..{self.slots.n - 1}")
+        return self.slots
+
+    def prefill_slot(self, slot: int, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run one prompt (normalized inputs of batch 1) into `slot`, replacing what it held;
+        logits (V,) of its last position."""
+        s = self._slot(slot)
+        B, S = inputs["input_ids"].shape
+        if B != 1:
+            raise InputError(f"a slot takes one prompt, got a batch of {B}")
+        if S > s.capacity:
+            raise InputError(f"the prompt has {S} tokens; a slot holds {s.capacity} positions")
+        s.used[slot] = False  # until the prompt is in: a failed prefill leaves the slot free
+        logits, deltas = self.prefill_rows(int(slot), inputs)
+        s.lengths[slot], s.deltas[slot], s.used[slot] = S, deltas[0], True
+        return logits[0]
+
+    def decode_slots(self, slots: Sequence[int] | np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """One token for each of `slots` (k distinct prefilled slots, each at its own length) in one
+        step; logits (k, V) float32, row i for slots[i]."""
+        if self.slots is None:
+            raise InputError("decode before prefill: no KV slots are open")
+        s = self.slots
+        slots = np.asarray(slots, np.int64).reshape(-1)
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        if slots.size == 0 or slots.shape != tokens.shape:
+            raise InputError(f"decode needs one token per slot, got {tokens.size} for {slots.size} slots")
+        if slots.min() < 0 or slots.max() >= s.n or np.unique(slots).size != slots.size:
+            raise InputError(f"slots {slots.tolist()} must be distinct, in 0..{s.n - 1}")
+        if not s.used[slots].all():
+            raise InputError(f"slot(s) {slots[~s.used[slots]].tolist()} hold no prompt: prefill them first")
+        full = slots[s.lengths[slots] >= s.capacity]
+        if full.size:
+            raise InputError(f"the KV cache of slot(s) {full.tolist()} is full ({s.capacity} positions)")
+        logits = self.decode_rows(slots, tokens)
+        s.lengths[slots] += 1
+        return logits
+
+    def free_slot(self, slot: int) -> None:
+        """The slot takes a new prompt next; its entries are never attended to again."""
+        s = self._slot(slot)
+        s.used[slot] = False
+        s.lengths[slot] = 0
+
+    # ---- one batch: a pool of B slots, all prefilled together ------------------------------------------
+    def prefill(self, inputs: dict[str, np.ndarray], capacity: int) -> np.ndarray:
+        """Run the prompt batch, keep the KV cache (room for `capacity` positions); logits (B, V) float32."""
+        B, S = inputs["input_ids"].shape
+        if S > capacity:
+            raise InputError(f"the prompt has {S} tokens but only {capacity} cache positions were asked for")
+        self.open_slots(B, capacity)
+        logits, deltas = self.prefill_rows(0, inputs)
+        s = self.slots
+        s.lengths[:], s.deltas[:], s.used[:] = S, deltas, True
+        return logits
+
     def decode(self, tokens: np.ndarray) -> np.ndarray:
         """Append one token per sequence (B,) int64; logits (B, V) float32."""
+        if self.slots is None:
+            raise InputError("decode() before prefill()")
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        return self.decode_slots(np.arange(tokens.size), tokens)
 
-    # ---- built on the two above ------------------------------------------------------------------
+    # ---- built on prefill and decode ------------------------------------------------------------------
     def generation_config(
         self,
         max_new_tokens: int = 128,

@@ -59,10 +59,10 @@ class NativeBackend(PartsBackend):
             cls = known[target]
         return cls(path, **options)
 
-    def cache_feeds(self):
+    def cache_feeds(self, lo, hi):
         # frameworks may read a NumPy input after the call returns (asynchronous dispatch, zero-copy
         # on CPU): hand them a snapshot of the mask, which the host updates in place afterwards
-        feeds = super().cache_feeds()
+        feeds = super().cache_feeds(lo, hi)
         feeds["past_mask"] = feeds["past_mask"].copy()
         return feeds
 
@@ -97,24 +97,22 @@ class JaxBackend(NativeBackend):
 
     target = "jax"
 
-    def new_cache(self, batch, capacity):
+    def new_cache(self, n, capacity):
         import jax
         import jax.numpy as jnp
         import numpy as np
-        from jax import lax
 
         t = self.config.text
-        shape = (batch, t.num_key_value_heads, capacity, t.head_dim)
+        shape = (n, t.num_key_value_heads, capacity, t.head_dim)
         self.keys = [jnp.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
         self.values = [jnp.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
-        self.past_mask = np.zeros((batch, capacity), np.int64)
-        self.capacity = capacity
-        self.length = 0
+        self.past_mask = np.zeros((n, capacity), np.int64)
         if not hasattr(self, "_update"):
 
-            def update(keys, values, new_keys, new_values, offset):
+            def update(keys, values, new_keys, new_values, src, rows, idx):
                 def put(buf, new):
-                    return lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, 0, offset, 0))
+                    # rows (k, 1) and idx (k, S) index together around the head axis: (k, S, KV, D)
+                    return buf.at[rows[:, None], :, idx].set(new[src].transpose(0, 2, 1, 3).astype(buf.dtype))
 
                 keys = [put(b, n) for b, n in zip(keys, new_keys, strict=True)]
                 return keys, [put(b, n) for b, n in zip(values, new_values, strict=True)]
@@ -122,16 +120,15 @@ class JaxBackend(NativeBackend):
             # every layer's buffers in one call (one dispatch a step, not one per buffer), updated in place
             self._update = jax.jit(update, donate_argnums=(0, 1))
 
-    def write_cache(self, presents, cur_mask):
+    def write_cache(self, presents, src, rows, offsets, cur_mask):
         import numpy as np
 
         n = self.config.text.num_hidden_layers
+        idx = offsets[:, None] + np.arange(cur_mask.shape[1])  # (k, S) positions written in each row
         self.keys, self.values = self._update(
-            self.keys, self.values, list(presents[:n]), list(presents[n : 2 * n]), np.int64(self.length)
+            self.keys, self.values, list(presents[:n]), list(presents[n : 2 * n]), src, rows, idx
         )
-        end = self.length + cur_mask.shape[1]
-        self.past_mask[:, self.length : end] = cur_mask
-        self.length = end
+        self.past_mask[rows[:, None], idx] = cur_mask[src]
 
 
 class PaddleBackend(NativeBackend):

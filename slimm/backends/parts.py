@@ -1,7 +1,7 @@
 """Running the six exported parts: the host-side orchestration every non-torch backend shares.
 
 A backend built on the parts only says how to run one part (`run_part`); this class does the rest
-in NumPy: vision bookkeeping, fusion order, position ids, the fixed-size KV cache buffers.
+in NumPy: vision bookkeeping, fusion order, position ids, the KV pool of fixed-size rows (one per slot).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
 class PartsBackend(Backend):
-    """prefill/decode over parts A-F. Subclasses implement `run_part` (and may keep the cache
+    """The backend steps over parts A-F. Subclasses implement `run_part` (and may keep the pool's
     buffers on the framework's side by overriding `new_cache` / `write_cache` / `cache_feeds`)."""
 
     def __init__(self, export_dir: str | Path, manifest: Manifest | None = None) -> None:
@@ -39,7 +39,6 @@ class PartsBackend(Backend):
         self.specs = {p: {t.name: t for t in parts[p].inputs} for p in parts}
         self.out_names = {p: [t.name for t in parts[p].outputs] for p in parts}
         self.float = NP_DTYPES[self.specs["F"]["inputs_embeds"].dtype]
-        self.length = 0
 
     @abc.abstractmethod
     def run_part(self, part: str, feeds: dict[str, np.ndarray]) -> list[Any]:
@@ -69,29 +68,43 @@ class PartsBackend(Backend):
         self.check_feeds(part, feeds)
         return self.run_part(part, feeds)
 
-    # ---- the KV cache: fixed-size buffers, only new entries written ------------------------------------
-    def new_cache(self, batch: int, capacity: int) -> None:
+    # ---- the KV pool: fixed-size buffers, a row per slot, only new entries written ---------------------
+    def new_cache(self, n: int, capacity: int) -> None:
         t = self.config.text
-        shape = (batch, t.num_key_value_heads, capacity, t.head_dim)
+        shape = (n, t.num_key_value_heads, capacity, t.head_dim)
         self.keys = [np.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
         self.values = [np.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
-        self.past_mask = np.zeros((batch, capacity), np.int64)
-        self.capacity = capacity
-        self.length = 0
+        self.past_mask = np.zeros((n, capacity), np.int64)
 
-    def write_cache(self, presents: list[Any], cur_mask: np.ndarray) -> None:
+    def write_cache(
+        self,
+        presents: list[Any],
+        src: np.ndarray,
+        rows: np.ndarray,
+        offsets: np.ndarray,
+        cur_mask: np.ndarray,
+    ) -> None:
+        """F's new entries of batch rows `src` (k,) into pool rows `rows` (k,), each from its own
+        offset; cur_mask (F batch, S)."""
         n = self.config.text.num_hidden_layers
-        end = self.length + cur_mask.shape[1]
+        S = cur_mask.shape[1]
+        idx = offsets[:, None] + np.arange(S)  # (k, S) positions written in each row
         for buf, new in zip(self.keys + self.values, presents[: 2 * n], strict=True):
-            buf[:, :, self.length : end] = self.to_numpy(new)
-        self.past_mask[:, self.length : end] = cur_mask
-        self.length = end
+            # rows[:, None] and idx index together, around the head axis: the target is (k, S, KV, D)
+            buf[rows[:, None], :, idx] = self.to_numpy(new)[src].transpose(0, 2, 1, 3)
+        self.past_mask[rows[:, None], idx] = cur_mask[src]
 
-    def cache_feeds(self) -> dict[str, Any]:
+    def cache_feeds(self, lo: int, hi: int) -> dict[str, Any]:
+        """Pool rows lo..hi-1 as F's past inputs (NumPy slices are views: nothing is copied)."""
         n = self.config.text.num_hidden_layers
-        feeds = {f"past_key.{i}": self.keys[i] for i in range(n)}
-        feeds.update({f"past_value.{i}": self.values[i] for i in range(n)})
-        feeds["past_mask"] = self.past_mask
+        whole = (lo, hi) == (0, self.past_mask.shape[0])
+
+        def rows(buf):
+            return buf if whole else buf[lo:hi]
+
+        feeds = {f"past_key.{i}": rows(self.keys[i]) for i in range(n)}
+        feeds.update({f"past_value.{i}": rows(self.values[i]) for i in range(n)})
+        feeds["past_mask"] = self.past_mask[lo:hi]
         return feeds
 
     # ---- prefill and decode -----------------------------------------------------------------------------
@@ -125,15 +138,10 @@ class PartsBackend(Backend):
         return {"deepstack": np.zeros((self.config.num_deepstack, 1, d), self.float),
                 "visual_pos": np.zeros((1,), np.int64)}  # fmt: skip
 
-    def prefill(self, inputs, capacity):
+    def prefill_rows(self, first, inputs):
         cfg = self.config
         ids, mask = inputs["input_ids"], inputs["attention_mask"]
         B, S = ids.shape
-        if capacity > self.max_seq_len:
-            raise InputError(
-                f"{S} prompt tokens + new tokens need {capacity} cache positions; this export's maximum "
-                f"sequence length is {self.max_seq_len} (re-export with a larger --max-seq-len)"
-            )
         embeds = self.to_numpy(self.run("A", {"input_ids": ids})[0])
         pos_all, slices_all = [], []
         for pix, grid, token, what in (
@@ -154,7 +162,7 @@ class PartsBackend(Backend):
             pos_all.append(pos)
             if slices is not None:
                 slices_all.append(slices)
-        position_ids, self.rope_deltas = model_rope_index(
+        position_ids, deltas = model_rope_index(
             cfg, ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), mask
         )
         if pos_all:
@@ -169,23 +177,45 @@ class PartsBackend(Backend):
                 "deepstack": np.concatenate(slices_all, axis=1)[:, order].astype(self.float),
                 "visual_pos": pos[order],
             }
-        self.new_cache(B, capacity)
-        return self.step(embeds, cos, sin, mask, ds)
+        self.past_mask[first : first + B] = 0  # what the rows held before is not attended to
+        rows = np.arange(B)
+        offsets = np.zeros(B, np.int64)
+        logits = self.step(embeds, cos, sin, mask, ds, first, first + B, rows, rows + first, offsets)
+        return logits, np.asarray(deltas, np.int64).reshape(-1)
 
-    def step(self, embeds, cos, sin, cur_mask: np.ndarray, deepstack: dict) -> np.ndarray:
-        feeds = {"inputs_embeds": embeds, "cos": cos, "sin": sin, "cur_mask": cur_mask, **deepstack,
-                 **self.cache_feeds()}  # fmt: skip
+    def step(
+        self,
+        embeds,
+        cos,
+        sin,
+        cur_mask: np.ndarray,
+        deepstack: dict,
+        lo: int,
+        hi: int,
+        src: np.ndarray,
+        rows: np.ndarray,
+        offsets: np.ndarray,
+    ) -> np.ndarray:
+        """F over pool rows lo..hi-1; the new entries of batch rows `src` are kept (in pool `rows` at
+        `offsets`); logits (k, V) of those batch rows."""
+        feeds = {"inputs_embeds": embeds, "cos": cos, "sin": sin, "cur_mask": cur_mask}
+        feeds.update(deepstack)
+        feeds.update(self.cache_feeds(lo, hi))
         out = self.run("F", feeds)
-        self.write_cache(out[2:], cur_mask)
-        return self.to_numpy(out[0]).astype(np.float32, copy=False)
+        self.write_cache(out[2:], src, rows, offsets, cur_mask)
+        return self.to_numpy(out[0])[src].astype(np.float32, copy=False)
 
-    def decode(self, tokens):
-        if self.length == 0:
-            raise InputError("decode() before prefill()")
-        if self.length >= self.capacity:
-            raise InputError(f"the KV cache is full ({self.capacity} positions)")
-        tok = tokens.astype(np.int64)[:, None]
+    def decode_rows(self, slots, tokens):
+        # F runs over rows 0..max(slots) (a view of the pool, every row at its own length through
+        # past_mask and its position); rows not asked for get a pad token, and their outputs are dropped
+        s = self.slots
+        hi = int(slots.max()) + 1
+        tok = np.full((hi, 1), self.config.pad_token_id, np.int64)
+        tok[slots, 0] = tokens
         embeds = self.to_numpy(self.run("A", {"input_ids": tok})[0])
-        pos = (self.rope_deltas + self.length).astype(np.int64)  # (B, 1)
+        pos = (s.deltas[:hi] + s.lengths[:hi]).astype(np.int64)[:, None]  # (hi, 1)
         cos, sin = self.run("E", {"position_ids": pos})
-        return self.step(embeds, cos, sin, np.ones_like(tok), self.empty_deepstack())
+        ones = np.ones_like(tok)
+        return self.step(
+            embeds, cos, sin, ones, self.empty_deepstack(), 0, hi, slots, slots, s.lengths[slots]
+        )

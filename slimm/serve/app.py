@@ -1,0 +1,480 @@
+"""The ASGI app of `slimm serve`: OpenAI's chat completions, models and health routes over one Engine.
+
+Handlers stay thin: requests arrive as slimm.serve.protocol models, every refusal leaves through one
+place as an OpenAI-style error body, and no traceback reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import json
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from slimm.backends.base import normalize_inputs
+from slimm.errors import InputError, SliMMError
+from slimm.serve import protocol as P
+from slimm.serve.engine import Delta, Engine, EngineStopped, Failed, Finished, QueueFull, SamplingParams
+from slimm.serve.engine import Request as EngineRequest
+
+log = logging.getLogger("slimm.serve")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """The server's limits; each refusal names the one it hit."""
+
+    model_name: str = "slimm"
+    api_key: str | None = None  # Bearer token every /v1 route asks for; None: open
+    max_body_bytes: int = 20 * 2**20  # a request body, images included (base64)
+    max_images: int = 8  # image parts per request, all messages together
+    max_image_pixels: int = 4096 * 4096  # width x height of one image, checked before it is decoded
+    allow_remote_images: bool = False  # fetch http(s) image URLs (off: no server-side request forgery)
+    remote_image_timeout: float = 10.0  # seconds for one remote image
+    request_timeout: float = 600.0  # seconds from submission to the last token
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type, param, headers
+
+
+def error_body(status: int, message: str, type: str, param: str | None = None) -> dict[str, Any]:
+    return P.ErrorResponse(
+        error=P.ErrorDetail(message=message, type=type, param=param, code=str(status))
+    ).model_dump()
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(e.status, e.message, e.type, e.param), e.status, headers=e.headers)
+
+
+# ---- the request -> model inputs ----------------------------------------------------------------------------
+def fetch_image(url: str, settings: ServerSettings, what: str):
+    """A data:image/...;base64 URL (or, when allowed, an http(s) one) -> RGB PIL image, its size
+    checked before it is decoded."""
+    from PIL import Image
+
+    from slimm.processing import load_image
+
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if not (header.startswith("data:image/") and header.endswith(";base64")):
+            raise ApiError(400, f"{what}: only data:image/...;base64, URLs are accepted, got {header[:40]!r}")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise ApiError(400, f"{what}: bad base64 data ({e})") from None
+    elif url.startswith(("http://", "https://")):
+        if not settings.allow_remote_images:
+            raise ApiError(
+                400,
+                f"{what}: remote image URLs are not fetched by this server (started without "
+                "--allow-remote-images); send the image inline as a data:image/...;base64, URL",
+            )
+        raw = _download(url, settings, what)
+    else:
+        raise ApiError(400, f"{what}: expected a data:image/...;base64, URL, got {url[:40]!r}")
+    try:
+        with Image.open(BytesIO(raw)) as im:
+            w, h = im.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ApiError(400, f"{what}: cannot read it as an image ({e})") from None
+    if w * h > settings.max_image_pixels:
+        raise ApiError(
+            400,
+            f"{what} is {w}x{h} = {w * h} pixels; this server takes at most {settings.max_image_pixels} per image",
+        )
+    return load_image(raw, what)
+
+
+def _download(url: str, settings: ServerSettings, what: str) -> bytes:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=settings.remote_image_timeout) as r:  # noqa: S310 - allowed by flag
+            raw = r.read(settings.max_body_bytes + 1)
+    except Exception as e:  # noqa: BLE001 - any network failure is the client's URL's problem here
+        raise ApiError(400, f"{what}: could not fetch it ({type(e).__name__}: {e})") from None
+    if len(raw) > settings.max_body_bytes:
+        raise ApiError(400, f"{what}: larger than {settings.max_body_bytes} bytes")
+    return raw
+
+
+def sampling_params(body: P.ChatCompletionRequest) -> SamplingParams:
+    if body.n != 1:
+        raise ApiError(400, f"n = {body.n}: this server answers with one choice (n = 1) for now", param="n")
+    stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    if any(not s for s in stop):
+        raise ApiError(400, "stop strings must not be empty", param="stop")
+    return SamplingParams(
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,  # OpenAI's default
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(body.top_k or 0, 0),
+        repetition_penalty=body.repetition_penalty or 1.0,
+        seed=body.seed,
+        stop=stop,
+        logprobs=body.logprobs,
+        top_logprobs=body.top_logprobs or 0,
+    )
+
+
+def model_inputs(body: P.ChatCompletionRequest, backend, settings: ServerSettings) -> dict[str, Any]:
+    """Messages -> chat template text and images -> checked model inputs (runs off the event loop)."""
+    if backend.processor is None:
+        raise ApiError(500, "the served model has no tokenizer files", type="server_error")
+    n_images = sum(
+        isinstance(p, P.ImagePart) for m in body.messages if isinstance(m.content, list) for p in m.content
+    )
+    if n_images > settings.max_images:
+        raise ApiError(
+            400,
+            f"the request holds {n_images} images; this server takes at most {settings.max_images} per request",
+            param="messages",
+        )
+    chat, images = [], []
+    for i, m in enumerate(body.messages):
+        role = "system" if m.role == "developer" else m.role
+        if m.content is None or isinstance(m.content, str):
+            chat.append({"role": role, "content": m.content or ""})
+            continue
+        parts = []
+        for j, part in enumerate(m.content):
+            if isinstance(part, P.TextPart):
+                parts.append({"type": "text", "text": part.text})
+            else:
+                images.append(
+                    fetch_image(part.image_url.url, settings, f"messages[{i}].content[{j}].image_url")
+                )
+                parts.append({"type": "image"})
+        chat.append({"role": role, "content": parts})
+    text = backend.processor.apply_chat_template(chat, add_generation_prompt=True)
+    return normalize_inputs(backend.processor(text=[text], images=images or None), backend.config)
+
+
+# ---- the app -------------------------------------------------------------------------------------------------
+class Guard:
+    """ASGI middleware in front of everything: the API key, then the body size, both before a byte of
+    the body is parsed (the body is read here, bounded, and handed on)."""
+
+    def __init__(self, app, settings: ServerSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s = self.settings
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if s.api_key is not None and scope["path"].startswith("/v1"):
+            given = headers.get("authorization", "")
+            token = given[7:] if given.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(token.encode(), s.api_key.encode()):
+                return await _send_error(
+                    send,
+                    ApiError(
+                        401,
+                        "missing or wrong API key (Authorization: Bearer ...)",
+                        "authentication_error",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    ),
+                )
+        too_big = ApiError(
+            413, f"the request body is larger than {s.max_body_bytes} bytes (--max-body-bytes)"
+        )
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > s.max_body_bytes:
+            return await _send_error(send, too_big)
+        chunks, size = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            if size > s.max_body_bytes:
+                return await _send_error(send, too_big)
+            if not msg.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # then: the client's disconnect, seen by streaming responses
+
+        return await self.app(scope, replay, send)
+
+
+async def _send_error(send, e: ApiError) -> None:
+    data = json.dumps(error_body(e.status, e.message, e.type, e.param)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (e.headers or {}).items()]
+    await send({"type": "http.response.start", "status": e.status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
+
+
+def _field(loc) -> str:
+    return ".".join(str(x) for x in loc if x != "body") or "body"
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    app = FastAPI(title="slimm serve", docs_url=None, redoc_url=None, openapi_url=None)
+    name = settings.model_name
+
+    # ---- every refusal in one place ----
+    @app.exception_handler(ApiError)
+    async def _api_error(request, e: ApiError):
+        return error_response(e)
+
+    @app.exception_handler(ValidationError)
+    async def _invalid(request, e: ValidationError):
+        errors = e.errors()
+        first = errors[0]
+        where = _field(first.get("loc", ()))
+        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+        return error_response(ApiError(422, f"{where}: {first.get('msg')}{more}", param=where))
+
+    @app.exception_handler(QueueFull)
+    async def _full(request, e: QueueFull):
+        return error_response(
+            ApiError(
+                429,
+                f"the server is busy: {e}; retry shortly",
+                "rate_limit_error",
+                headers={"Retry-After": "1"},
+            )
+        )
+
+    @app.exception_handler(EngineStopped)
+    async def _stopped(request, e: EngineStopped):
+        return error_response(ApiError(503, str(e), "server_error"))
+
+    @app.exception_handler(SliMMError)
+    async def _bad_input(request, e: SliMMError):
+        return error_response(ApiError(400, str(e)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        log.error("unhandled error on %s", request.url.path, exc_info=e)
+        return error_response(ApiError(500, f"internal error ({type(e).__name__})", "server_error"))
+
+    # ---- routes ----
+    @app.get("/health")
+    async def health():
+        stats = engine.stats()
+        return {"status": "ok", "model": name, **stats}
+
+    @app.get("/metrics")
+    async def metrics():
+        s = engine.stats()
+        text = engine.metrics.render(s["waiting"], s["running"], s["max_batch"])
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return P.ModelList(data=[P.ModelCard(id=name, max_model_len=engine.capacity)]).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"malformed JSON body: {e}") from None
+        body = P.ChatCompletionRequest.model_validate(data)
+        if body.model is not None and body.model != name:
+            raise ApiError(
+                404,
+                f"the model {body.model!r} does not exist here; this server serves {name!r}",
+                "not_found_error",
+                param="model",
+            )
+        params = sampling_params(body)
+        inputs = await run_in_threadpool(model_inputs, body, engine.backend, settings)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:  # the event loop is gone: nobody will read this answer
+                req.cancel()
+
+        req = engine.submit(EngineRequest(inputs, params, emit))
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + settings.request_timeout
+
+        async def next_event():
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return Failed(
+                        504, f"the answer took longer than {settings.request_timeout:g} s (--request-timeout)"
+                    )
+                try:
+                    return await asyncio.wait_for(events.get(), min(left, 1.0))
+                except TimeoutError:
+                    if not body.stream and await request.is_disconnected():
+                        return None
+
+        if body.stream:
+            return StreamingResponse(
+                _stream(req, rid, name, body, next_event),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        text, tokens = [], []
+        try:
+            while True:
+                ev = await next_event()
+                if ev is None:  # the client went away
+                    raise ApiError(499, "client disconnected")
+                if isinstance(ev, Delta):
+                    text.append(ev.text)
+                    tokens += ev.tokens
+                elif isinstance(ev, Failed):
+                    raise ApiError(
+                        ev.status, ev.message, "server_error" if ev.status >= 500 else "invalid_request_error"
+                    )
+                elif isinstance(ev, Finished):
+                    break
+        finally:
+            req.cancel()  # a no-op once finished; frees the slot otherwise
+        usage = P.Usage(
+            prompt_tokens=ev.prompt_tokens,
+            completion_tokens=ev.completion_tokens,
+            total_tokens=ev.prompt_tokens + ev.completion_tokens,
+        )
+        choice = P.Choice(
+            message=P.AssistantMessage(content="".join(text)),
+            finish_reason=ev.reason,
+            logprobs=_logprobs(tokens) if body.logprobs else None,
+        )
+        return P.ChatCompletion(id=rid, model=name, choices=[choice], usage=usage).model_dump()
+
+    app.add_middleware(Guard, settings=settings)
+    return app
+
+
+def _logprobs(tokens) -> P.ChoiceLogprobs:
+    def top(t):
+        return P.TopLogprob(token=t[1], logprob=t[2], bytes=list(t[1].encode()))
+
+    return P.ChoiceLogprobs(
+        content=[
+            P.TokenLogprob(
+                token=t.text,
+                logprob=t.logprob,
+                bytes=list(t.text.encode()),
+                top_logprobs=[top(x) for x in t.top],
+            )
+            for t in tokens
+        ]
+    )
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj if isinstance(obj, dict) else obj.model_dump(exclude_none=True))}\n\n"
+
+
+async def _stream(req: EngineRequest, rid: str, name: str, body: P.ChatCompletionRequest, next_event):
+    def chunk(delta: P.DeltaMessage, finish: str | None = None, logprobs=None) -> str:
+        c = P.ChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs)
+        return _sse(P.ChatCompletionChunk(id=rid, model=name, choices=[c]))
+
+    try:
+        yield chunk(P.DeltaMessage(role="assistant", content=""))
+        while True:
+            ev = await next_event()
+            if isinstance(ev, Delta):
+                yield chunk(
+                    P.DeltaMessage(content=ev.text), logprobs=_logprobs(ev.tokens) if body.logprobs else None
+                )
+            elif isinstance(ev, Failed):
+                yield _sse(
+                    error_body(
+                        ev.status, ev.message, "server_error" if ev.status >= 500 else "invalid_request_error"
+                    )
+                )
+                break
+            elif isinstance(ev, Finished):
+                yield chunk(P.DeltaMessage(), finish=ev.reason)
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    usage = P.Usage(
+                        prompt_tokens=ev.prompt_tokens,
+                        completion_tokens=ev.completion_tokens,
+                        total_tokens=ev.prompt_tokens + ev.completion_tokens,
+                    )
+                    yield _sse(P.ChatCompletionChunk(id=rid, model=name, choices=[], usage=usage))
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        req.cancel()  # the client went away mid-answer (or it is done): its slot is freed
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def run_server(
+    model=None,
+    backend: str = "torch",
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    max_seq_len: int | None = None,
+    settings: ServerSettings | None = None,
+    log_level: str = "info",
+    **load_kwargs,
+) -> None:
+    """Load the model, start its engine, serve until interrupted (what `slimm serve` calls)."""
+    import uvicorn
+
+    import slimm
+    from slimm.cache import demo_dir_for
+
+    path = model or demo_dir_for(backend)
+    loaded = slimm.load(path, backend=backend, **load_kwargs)
+    if loaded.processor is None:
+        raise InputError(f"{path}: no tokenizer files, so chat messages cannot be encoded")
+    settings = settings or ServerSettings(model_name=str(path).rstrip("/").split("/")[-1])
+    engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, capacity=max_seq_len)
+    if settings.api_key is None and not is_loopback(host):
+        log.warning("serving on %s without --api-key: anyone who reaches this address can use it", host)
+    print(
+        f"serving {settings.model_name!r} ({loaded.name}) on http://{host}:{port}/v1 — {max_batch} slots of "
+        f"{engine.capacity} positions",
+        flush=True,
+    )
+    try:
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level=log_level)
+    finally:
+        engine.stop()

@@ -1,0 +1,76 @@
+"""The engine's counters and latency histograms, and their Prometheus text exposition (GET /metrics)."""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections import Counter
+
+# seconds: fine steps where a tiny model answers on CPU, coarse up to a long image prefill
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def lines(self, name: str) -> list[str]:
+        out, total = [], 0
+        for bound, n in zip(self.buckets, self.counts, strict=False):
+            total += n
+            out.append(f'{name}_bucket{{le="{bound}"}} {total}')
+        total += self.counts[-1]
+        return [
+            *out,
+            f'{name}_bucket{{le="+Inf"}} {total}',
+            f"{name}_sum {self.sum}",
+            f"{name}_count {total}",
+        ]
+
+
+class Metrics:
+    """Written by the engine thread, read by the app: one lock around both."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.finished: Counter[str] = Counter()  # by finish reason, "error" for failures
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram()  # submission -> first token
+        self.itl = Histogram()  # between two tokens of one request
+
+    def render(self, waiting: int, running: int, max_batch: int) -> str:
+        with self.lock:
+            lines = [
+                "# HELP slimm_requests_total Requests finished, by finish reason.",
+                "# TYPE slimm_requests_total counter",
+                *(f'slimm_requests_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())),
+                "# HELP slimm_prompt_tokens_total Prompt tokens prefilled.",
+                "# TYPE slimm_prompt_tokens_total counter",
+                f"slimm_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP slimm_generation_tokens_total Tokens generated.",
+                "# TYPE slimm_generation_tokens_total counter",
+                f"slimm_generation_tokens_total {self.generation_tokens}",
+                "# HELP slimm_queue_depth Requests waiting for a slot.",
+                "# TYPE slimm_queue_depth gauge",
+                f"slimm_queue_depth {waiting}",
+                "# HELP slimm_running_batch Requests in the running batch.",
+                "# TYPE slimm_running_batch gauge",
+                f"slimm_running_batch {running}",
+                "# HELP slimm_max_batch Slots of the KV pool.",
+                "# TYPE slimm_max_batch gauge",
+                f"slimm_max_batch {max_batch}",
+                "# HELP slimm_time_to_first_token_seconds From submission to the first token.",
+                "# TYPE slimm_time_to_first_token_seconds histogram",
+                *self.ttft.lines("slimm_time_to_first_token_seconds"),
+                "# HELP slimm_inter_token_latency_seconds Between two tokens of one request.",
+                "# TYPE slimm_inter_token_latency_seconds histogram",
+                *self.itl.lines("slimm_inter_token_latency_seconds"),
+            ]
+        return "\n".join(lines) + "\n"
