@@ -212,6 +212,13 @@ def cmd_demo_checkpoint(args) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's own errors as one line, `error: ...`, with exit status 2 like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from benchmarks.bench import add_arguments as add_bench_arguments
     from slimm.backends import BACKENDS
@@ -220,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     from slimm.export.quantize import BLOCK_SIZE
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="slimm",
         description="SliMM inference: run, export and convert the SliMM vision-language model.",
     )

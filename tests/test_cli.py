@@ -243,3 +243,23 @@ def test_export_refuses_bad_settings_and_outputs_before_any_work(demo_dir, tmp_p
     one_line_error(capsys, ["export", "--model", ckpt, "--out", str(other)], "not empty", "--overwrite")
     assert (other / "cat.jpg").read_text() == "mine"
     assert not (tmp_path / "e").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["file", "photos"]
+
+
+def test_argparse_errors_are_one_line_with_status_2(capsys):
+    """argparse's own refusals read like every other error: one line, exit status 2."""
+    for argv, words in (
+        (["generate", "--image-size", "0x10"], ("--image-size", "multiples of 28")),
+        (["generate", "--bogus"], ("unrecognized arguments: --bogus",)),
+        (["nope"], ("invalid choice: 'nope'",)),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+        assert all(w in err for w in words), err
+
+
+def test_stop_tokens_outside_the_vocabulary_are_refused(demo_dir, capsys):
+    one_line_error(
+        capsys, ["generate", "--model", str(demo_dir("plain")), "--stop-token", "-1"], "stop token", "[-1]"
+    )

@@ -23,6 +23,8 @@ V = 256
 class ScriptedBackend:
     """Logits that put the most mass on a scripted token per step and per sequence."""
 
+    max_seq_len = 4096  # positions its (imaginary) KV cache holds: the loop checks requests against it
+
     def __init__(self, script: list[list[int]]) -> None:
         self.script = script  # [step][batch]
         self.step = 0

@@ -300,7 +300,16 @@ class Backend(abc.ABC):
         if eos_token_id is None:
             stop = tuple(cfg.eos_token_id)
         else:
-            stop = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (int(eos_token_id),)
+            stop = tuple(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else (eos_token_id,)
+        vocab = cfg.text.vocab_size
+        bad = [
+            t
+            for t in stop
+            if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab
+        ]
+        if bad:
+            raise InputError(f"stop token ids must be integers in [0, {vocab}), got {bad}")
+        stop = tuple(int(t) for t in stop)
         greedy = do_sample is False or (do_sample is None and not temperature)
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
