@@ -25,14 +25,15 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 BACKGROUNDS = ((255, 255, 255), (235, 235, 235), (245, 240, 225))
 KINDS = ("circle", "square", "triangle")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-MAX_COUNT = 4
+MAX_COUNT = 3
 # (width, height), multiples of 28 (one LLM token per 28 x 28 pixels): 16 to 36 visual tokens, square,
 # wide and tall, so the model sees the dynamic-resolution grid in every shape it takes
 IMAGE_SIZES = ((112, 112), (168, 112), (112, 168), (196, 112), (112, 196), (140, 140), (168, 168), (224, 112))
 VIDEO_SIZES = ((112, 112), (140, 112), (112, 140))
 VIDEO_FRAMES = 4  # two temporal patches of two frames
 QUESTION_TYPES = ("colour", "shape", "position", "count", "describe", "motion")
-SPLITS = {"train": 0, "heldout": 1}  # separate random streams: held-out scenes are never trained on
+# separate random streams: held-out scenes (and the shipped example) are never trained on
+SPLITS = {"train": 0, "heldout": 1, "example": 2}
 
 
 @dataclass(frozen=True)
