@@ -3,6 +3,9 @@ the CPU, seeded, and write it as a checkpoint in the released format with the re
 
     python -m slimm.train_demo --out DIR --seed 0 [--steps N] [--minutes 20] [--package ASSET_DIR]
 
+On a shared machine run it as `OMP_WAIT_POLICY=PASSIVE nice -n 10 python -m slimm.train_demo ...`:
+idle OpenMP threads then sleep instead of spinning, which also keeps the CPU-time cap honest.
+
 Only the token rows the task uses are trained: the model is built with a compact vocabulary of those
 rows, and the checkpoint's 151936-row embedding (tied to the output layer) holds them at their real
 ids and zeros everywhere else, so the shipped weights compress to almost nothing but the layers.
@@ -46,7 +49,8 @@ class TrainSettings:
     warmup: int = 15
     weight_decay: float = 0.01
     # cap on the work done: process CPU time / threads, which is the wall time on an idle machine
-    # (on a shared machine the wall time is longer; it is logged too). Stops early with a warning.
+    # (on a shared machine the wall time is longer; it is logged too; spinning OpenMP threads inflate
+    # the CPU time unless OMP_WAIT_POLICY=PASSIVE). Stops early with a warning.
     minutes: float = 20.0
     threads: int = 2
     log_every: int = 10
