@@ -31,6 +31,9 @@ MAX_COUNT = 3
 IMAGE_SIZES = ((112, 112), (168, 112), (112, 168), (196, 112), (112, 196), (140, 140), (168, 168), (224, 112))
 VIDEO_SIZES = ((112, 112), (140, 112), (112, 140))
 VIDEO_FRAMES = 4  # two temporal patches of two frames
+# colour / shape / position questions about a scene of one shape: the easy end of the task, which
+# is what first teaches a model trained from scratch to look at the image at all
+SINGLE_SHAPE_SHARE = 0.3
 QUESTION_TYPES = ("colour", "shape", "position", "count", "describe", "motion")
 # separate random streams: held-out scenes (and the shipped example) are never trained on
 SPLITS = {"train": 0, "heldout": 1, "example": 2}
@@ -124,6 +127,24 @@ def _pair_scene(rng: np.random.Generator) -> tuple[tuple[int, int], list[Shape],
     return (w, h), shapes, horizontal
 
 
+def _single_scene(rng: np.random.Generator) -> tuple[tuple[int, int], list[Shape], bool, int]:
+    """One shape in one half (left/right or top/bottom) and across the middle line of the other axis,
+    so that only one position word holds. Returns (size, [shape], horizontal, half)."""
+    w, h = _choice(rng, IMAGE_SIZES)
+    horizontal, half = bool(rng.integers(2)), int(rng.integers(2))
+    margin, gap, overlap = 4, 6, 6
+    along, across = (w, h) if horizontal else (h, w)
+    s = int(rng.integers(22, 35))
+    if half == 0:
+        a = int(rng.integers(margin, along // 2 - gap // 2 - s + 1))
+    else:
+        a = int(rng.integers(along // 2 + gap // 2, along - margin - s + 1))
+    b = int(rng.integers(across // 2 - s + overlap, across // 2 - overlap + 1))  # straddles the middle
+    x, y = (a, b) if horizontal else (b, a)
+    shape = Shape(_choice(rng, KINDS), _choice(rng, list(COLOURS)), (x, y, x + s, y + s))
+    return (w, h), [shape], horizontal, half
+
+
 def _count_scene(rng: np.random.Generator) -> tuple[tuple[int, int], list[Shape], str, int]:
     """1..MAX_COUNT shapes of one kind among 0..2 of other kinds, any colours, not touching."""
     w, h = _choice(rng, IMAGE_SIZES)
@@ -199,10 +220,14 @@ def make_sample(seed: int, index: int, split: str = "train", qtype: str | None =
         )
     if qtype not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {qtype!r}: one of {', '.join(QUESTION_TYPES)}")
-    size, shapes, horizontal = _pair_scene(rng)
-    first, second = shapes
-    which = int(rng.integers(2))
-    pick = shapes[which]
+    if qtype != "describe" and rng.random() < SINGLE_SHAPE_SHARE:
+        size, shapes, horizontal, which = _single_scene(rng)
+        first = second = pick = shapes[0]
+    else:
+        size, shapes, horizontal = _pair_scene(rng)
+        first, second = shapes
+        which = int(rng.integers(2))
+        pick = shapes[which]
     if qtype == "colour":
         question, answer = f"What colour is the {pick.kind}?", pick.colour.capitalize() + "."
     elif qtype == "shape":
