@@ -1,0 +1,437 @@
+"""Train the demo SliMM (DeepStack v1) on the synthetic shapes task of slimm.synthetic, with torch on
+the CPU, seeded, and write it as a checkpoint in the released format with the real Qwen tokenizer.
+
+    python -m slimm.train_demo --out DIR --seed 0 [--steps N] [--minutes 20] [--package ASSET_DIR]
+
+On a shared machine run it as `OMP_WAIT_POLICY=PASSIVE nice -n 10 python -m slimm.train_demo ...`:
+idle OpenMP threads then sleep instead of spinning, which also keeps the CPU-time cap honest.
+
+Only the token rows the task uses are trained: the model is built with a compact vocabulary of those
+rows, and the checkpoint's 151936-row embedding (tied to the output layer) holds them at their real
+ids and zeros everywhere else, so the shipped weights compress to almost nothing but the layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from slimm.config import SliMMConfig, load_config
+from slimm.processing import QWEN2_VL_CHAT_TEMPLATE, Processor
+from slimm.synthetic import QUESTION_TYPES, Sample, all_texts, make_sample
+
+VARIANT = "v1"  # DeepStack: four slices of each visual token's sub-patches added in LLM layers 1..4
+LLM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=2,
+           num_key_value_heads=1)  # fmt: skip
+VISION = dict(depth=4, embed_dim=64, num_heads=2)
+MAX_PIXELS = 28 * 28 * 64  # larger images are shrunk to at most 64 LLM tokens: the task's scale
+ANSWER_TOKENS_MAX = 16  # longest answer ("A yellow triangle left of a green circle.") with room
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 3000  # 0.15-0.3 s per step on an idle 2-core machine: 8-15 minutes
+    batch: int = 16
+    lr: float = 2e-3  # 4e-3 blew the visual tokens up to 300x the text embeddings' scale
+    warmup: int = 50
+    weight_decay: float = 0.01
+    # cap on the work done: process CPU time / threads, which is the wall time on an idle machine
+    # (on a shared machine the wall time is longer; it is logged too; spinning OpenMP threads inflate
+    # the CPU time unless OMP_WAIT_POLICY=PASSIVE). Stops early with a warning.
+    minutes: float = 20.0
+    threads: int = 2
+    log_every: int = 10
+    eval_every: int = 250  # teacher-forced held-out check on `eval_n` samples (cheap, batched)
+    eval_n: int = 120
+    # question types drawn for training, by weight (counting is the hardest to learn)
+    type_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.6, 1.2, 1.0)
+
+
+# ---- the checkpoint around the weights ---------------------------------------------------------------
+
+
+def checkpoint_files(seed: int) -> dict[str, dict]:
+    """config.json, generation_config.json, preprocessor_config.json of the trained demo model."""
+    from slimm.demo import demo_configs
+
+    files = demo_configs(VARIANT, "tiny")
+    cfg = files["config.json"]
+    cfg.update(LLM, torch_dtype="float32")
+    cfg["vision_config"].update(VISION)
+    files["preprocessor_config.json"]["max_pixels"] = MAX_PIXELS
+    return files
+
+
+def write_checkpoint_files(out: Path, seed: int) -> None:
+    """Everything of a checkpoint but model.safetensors, through slimm.demo's writers."""
+    from slimm.demo import copy_tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in checkpoint_files(seed).items():
+        (out / name).write_text(json.dumps(content, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_VL_CHAT_TEMPLATE}, indent=2))
+    copy_tokenizer(out)
+
+
+# ---- the compact vocabulary --------------------------------------------------------------------------
+
+
+@dataclass
+class CompactVocab:
+    ids: np.ndarray  # (n,) real token ids, sorted; compact id i <-> real id ids[i]
+    frozen: np.ndarray  # (n,) bool: rows that stay zero (padding and the visual placeholders)
+    vocab_size: int  # the checkpoint's full vocabulary
+
+    def to_compact(self, real: list[int] | np.ndarray) -> np.ndarray:
+        real = np.asarray(real, dtype=np.int64)
+        pos = np.searchsorted(self.ids, real)
+        bad = (pos >= len(self.ids)) | (self.ids[np.minimum(pos, len(self.ids) - 1)] != real)
+        if bad.any():
+            raise ValueError(
+                f"token ids {sorted(set(real[bad].tolist()))[:10]} are not in the demo vocabulary"
+            )
+        return pos
+
+
+def task_vocab(processor: Processor, cfg: SliMMConfig) -> CompactVocab:
+    """Every token a prompt or an answer of the task can hold (the chat template around each
+    question with an image and with a video, each answer, the stop tokens)."""
+    tok = processor.tokenizer
+    used: set[int] = set(cfg.eos_token_id) | {cfg.pad_token_id}
+    for text in all_texts():
+        used.update(tok.encode(text))
+        for media in ("image", "video"):
+            messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": text}]}]
+            used.update(tok.encode(processor.apply_chat_template(messages, add_generation_prompt=True)))
+    ids = np.array(sorted(used), dtype=np.int64)
+    # never looked up for a real token: padding is masked out, placeholders are overwritten by vision
+    frozen = np.isin(ids, [cfg.pad_token_id, cfg.image_token_id, cfg.video_token_id])
+    return CompactVocab(ids, frozen, cfg.text.vocab_size)
+
+
+def compact_config(cfg: SliMMConfig, vocab: CompactVocab) -> SliMMConfig:
+    """The same model with the vocabulary cut to the task's rows and the special ids renumbered."""
+    remap = {
+        name: int(vocab.to_compact([getattr(cfg, name)])[0])
+        for name in ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id")
+    }
+    text = dataclasses.replace(cfg.text, vocab_size=len(vocab.ids))
+    return dataclasses.replace(cfg, text=text, **remap)
+
+
+# ---- samples to batches ------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    prompt: np.ndarray  # compact ids of the chat prompt, placeholders expanded
+    answer: np.ndarray  # compact ids of the answer and the stop token
+    pixels: np.ndarray | None
+    grid: np.ndarray | None
+    is_video: bool
+
+
+def encode(processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: int) -> Encoded:
+    media = "video" if sample.frames is not None else "image"
+    messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": sample.question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    if media == "video":
+        inputs = processor(text=[text], videos=[sample.frames])
+        pixels, grid = inputs["pixel_values_videos"], inputs["video_grid_thw"]
+    else:
+        inputs = processor(text=[text], images=[sample.image])
+        pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    answer = processor.tokenizer.encode(sample.answer) + [stop_id]
+    return Encoded(
+        vocab.to_compact(inputs["input_ids"][0]), vocab.to_compact(answer), pixels, grid, media == "video"
+    )
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt+answer rows; `targets` at `rows`/`cols` are the tokens predicted there."""
+    seqs = [np.concatenate([e.prompt, e.answer]) for e in items]
+    S = max(len(s) for s in seqs)
+    ids = np.full((len(items), S), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), S), dtype=np.int64)
+    rows, cols, targets = [], [], []
+    for b, (e, s) in enumerate(zip(items, seqs, strict=True)):
+        ids[b, S - len(s) :] = s
+        mask[b, S - len(s) :] = 1
+        first = S - len(e.answer)  # position of the first answer token
+        rows += [b] * len(e.answer)
+        cols += list(range(first - 1, S - 1))  # the position before each answer token predicts it
+        targets += e.answer.tolist()
+    batch = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "rows": torch.tensor(rows),
+        "cols": torch.tensor(cols),
+        "targets": torch.tensor(targets),
+        "answer_of": torch.tensor([b for b, e in enumerate(items) for _ in e.answer]),
+    }
+    for key, video in (("", False), ("_videos", True)):
+        chosen = [e for e in items if e.is_video == video]
+        if chosen:
+            batch["pixel_values" + key] = torch.from_numpy(np.concatenate([e.pixels for e in chosen]))
+            batch[("video" if video else "image") + "_grid_thw"] = torch.from_numpy(
+                np.concatenate([e.grid for e in chosen])
+            )
+    return batch
+
+
+# ---- the model ---------------------------------------------------------------------------------------
+
+
+def init_weights(model: torch.nn.Module, vocab: CompactVocab, seed: int) -> None:
+    """GPT-2-style initialisation, seeded; residual output projections scaled down by depth."""
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = model.config.text.num_hidden_layers + model.config.vision.depth
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)  # norms' scales, biases
+                continue
+            std = 0.02
+            if name.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight", "fc2.weight")):
+                std /= math.sqrt(2 * n_layers)
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+        model.model.embed_tokens.weight[torch.from_numpy(vocab.frozen)] = 0.0
+
+
+def forward_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits (A, n) at the answer positions over the compact rows."""
+    cfg = model.config
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    h, slices, visual_pos = model.embed(
+        ids,
+        batch.get("pixel_values"),
+        batch.get("image_grid_thw"),
+        batch.get("pixel_values_videos"),
+        batch.get("video_grid_thw"),
+    )
+    position_ids, _ = model.rope_index(ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
+    cos, sin = model.model.rope(position_ids, h.dtype)
+    hidden, _, _ = model.model(
+        h, cos, sin, *model.empty_cache(ids.shape[0]), mask, slices, visual_pos,
+        cfg.local_features_start, cfg.local_features_interval,
+    )  # fmt: skip
+    picked = hidden[batch["rows"], batch["cols"]]  # (A, d)
+    return picked @ model.model.embed_tokens.weight.T  # (A, n)
+
+
+def full_vocab_loss(logits: torch.Tensor, targets: torch.Tensor, n_zero_rows: int) -> torch.Tensor:
+    """Cross-entropy over all 151936 rows: every row outside the compact table is zero in the
+    checkpoint and scores exactly 0, so together they weigh log(n_zero_rows) in the softmax."""
+    zero = torch.full((logits.shape[0], 1), math.log(n_zero_rows))
+    return F.cross_entropy(torch.cat([logits, zero], dim=1), targets)
+
+
+def exact_matches(logits: torch.Tensor, batch: dict[str, torch.Tensor], n_rows: int) -> torch.Tensor:
+    """Per sample: every answer token beats every other row, the zero rows (score 0) included,
+    which is what greedy decoding needs to produce the answer."""
+    zero = torch.zeros((logits.shape[0], 1))
+    ok = (torch.cat([logits, zero], dim=1).argmax(-1) == batch["targets"]).float()
+    per = torch.zeros(n_rows).index_add_(0, batch["answer_of"], 1.0 - ok)
+    return per == 0
+
+
+def full_state_dict(model, vocab: CompactVocab) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors: the compact embedding scattered into the full vocabulary."""
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    compact = state["model.embed_tokens.weight"]
+    full = torch.zeros((vocab.vocab_size, compact.shape[1]), dtype=compact.dtype)
+    full[torch.from_numpy(vocab.ids)] = compact
+    state["model.embed_tokens.weight"] = full
+    return state
+
+
+# ---- training ----------------------------------------------------------------------------------------
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    progress = (step - s.warmup) / max(1, s.steps - s.warmup)
+    return s.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None, log=print) -> dict:
+    """Train and write the checkpoint to `out` (atomically); returns the training record."""
+    s = settings or TrainSettings()
+    torch.set_num_threads(s.threads)
+    torch.manual_seed(seed)
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_checkpoint_files(tmp, seed)
+    processor = Processor.from_pretrained(tmp)
+    full_cfg = load_config(tmp)
+    vocab = task_vocab(processor, full_cfg)
+    cfg = compact_config(full_cfg, vocab)
+    stop_id = full_cfg.eos_token_id[0]  # <|im_end|>
+    pad_id = int(vocab.to_compact([full_cfg.pad_token_id])[0])
+    n_zero_rows = vocab.vocab_size - len(vocab.ids)  # rows outside the compact table, all zero
+
+    from slimm.model.slimm import SliMMForConditionalGeneration
+
+    model = SliMMForConditionalGeneration(cfg)
+    init_weights(model, vocab, seed)
+    model.train()
+    emb = model.model.embed_tokens.weight
+    keep = torch.from_numpy(~vocab.frozen).float()[:, None]
+    emb.register_hook(lambda g: g * keep)  # frozen rows never move: they stay exactly zero
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed_tokens" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed_tokens" not in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=s.lr,
+        betas=(0.9, 0.98),
+    )
+    n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    log(
+        f"demo model: {VARIANT} DeepStack, LLM {LLM['num_hidden_layers']}x{LLM['hidden_size']}, vision "
+        f"{VISION['depth']}x{VISION['embed_dim']}, {n_params / 1e6:.2f}M weights + {len(vocab.ids)} token "
+        f"rows; {s.steps} steps of {s.batch}, {s.threads} threads"
+    )
+
+    type_rng = np.random.default_rng([seed, 7])
+    weights = np.asarray(s.type_weights, dtype=np.float64) / sum(s.type_weights)
+    heldout_samples = [make_sample(seed, i, "heldout") for i in range(s.eval_n)]
+    heldout = [encode(processor, vocab, x, stop_id) for x in heldout_samples]
+    heldout_types = [x.type for x in heldout_samples]
+    record: dict = {"seed": seed, "settings": dataclasses.asdict(s), "log": []}
+    start, cpu_start = time.monotonic(), time.process_time()
+    step = 0
+    for step in range(s.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, s)
+        qtypes = type_rng.choice(len(QUESTION_TYPES), s.batch, p=weights)
+        samples = [
+            make_sample(seed, step * s.batch + j, "train", QUESTION_TYPES[q]) for j, q in enumerate(qtypes)
+        ]
+        batch = collate([encode(processor, vocab, x, stop_id) for x in samples], pad_id)
+        logits = forward_answers(model, batch)
+        loss = full_vocab_loss(logits, batch["targets"], n_zero_rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        elapsed = time.monotonic() - start
+        work = (time.process_time() - cpu_start) / s.threads
+        if step % s.log_every == 0 or step == s.steps - 1:
+            acc = exact_matches(logits.detach(), batch, len(samples)).float().mean().item()
+            log(
+                f"step {step:5d}  loss {loss.item():.4f}  batch exact {acc:.2f}  "
+                f"{elapsed:7.1f}s wall  {work:7.1f}s cpu/thread"
+            )
+            record["log"].append(
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 5),
+                    "seconds": round(elapsed, 1),
+                    "cpu": round(work, 1),
+                }
+            )
+        if (step + 1) % s.eval_every == 0 or step == s.steps - 1:
+            hits = heldout_exact(model, heldout, pad_id)
+            acc = float(hits.float().mean())
+            by_type = {t: float(hits[[i for i, x in enumerate(heldout_types) if x == t]].float().mean())
+                       for t in QUESTION_TYPES}  # fmt: skip
+            log(
+                f"step {step:5d}  held-out exact match (teacher-forced, {len(heldout)}): {acc:.3f}  "
+                + " ".join(f"{t} {a:.2f}" for t, a in by_type.items())
+            )
+            record["log"].append({"step": step, "heldout_exact": round(acc, 4)})
+        if work > s.minutes * 60:
+            log(f"warning: stopping at step {step}: the {s.minutes}-minute cap is reached")
+            break
+    record.update(
+        steps_done=step + 1,
+        seconds=round(time.monotonic() - start, 1),
+        cpu_seconds_per_thread=round((time.process_time() - cpu_start) / s.threads, 1),
+    )
+    model.eval()
+    save_file(full_state_dict(model, vocab), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "training.json").write_text(json.dumps(record, indent=1))
+    (tmp / "README.md").write_text(
+        f"# SliMM demo model (DeepStack {VARIANT}, seed {seed})\n\n"
+        "Trained by `python -m slimm.train_demo` on the synthetic shapes task of `slimm.synthetic`:\n"
+        "colours, shapes, positions and counts of shapes in an image, and which way a shape moves in a\n"
+        "short video. It knows nothing else. training.json holds the settings and the loss curve.\n"
+    )
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return record
+
+
+@torch.no_grad()
+def heldout_exact(model, encoded: list[Encoded], pad_id: int, batch: int = 40) -> torch.Tensor:
+    """Per sample: greedy decoding would give exactly the answer (teacher-forced check, batched)."""
+    was_training = model.training
+    model.eval()
+    hits = []
+    for i in range(0, len(encoded), batch):
+        chunk = encoded[i : i + batch]
+        b = collate(chunk, pad_id)
+        hits.append(exact_matches(forward_answers(model, b), b, len(chunk)))
+    model.train(was_training)
+    return torch.cat(hits)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m slimm.train_demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    d = TrainSettings()
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=d.minutes,
+        help="cap on training: CPU time / threads (idle-machine minutes)",
+    )
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--eval-n", type=int, default=500, help="held-out questions decoded at the end (0: none)")
+    p.add_argument("--package", help="also pack the weights into this asset directory (slimm.trained_demo)")
+    a = p.parse_args(argv)
+    settings = dataclasses.replace(
+        d, steps=a.steps, batch=a.batch, lr=a.lr, minutes=a.minutes, threads=a.threads,
+        eval_every=min(d.eval_every, a.steps),
+    )  # fmt: skip
+    record = train(a.out, a.seed, settings)
+    print(f"trained {record['steps_done']} steps in {record['seconds'] / 60:.1f} min -> {a.out}")
+    if a.eval_n:
+        from slimm.evaluation import evaluate_synthetic
+
+        report = evaluate_synthetic(a.out, a.eval_n, a.seed, backend="torch", progress=True)
+        print(f"held-out accuracy ({a.eval_n} questions, greedy): {report['accuracy']:.4f}")
+        for t, r in report["by_type"].items():
+            print(f"  {t:9s} {r['accuracy']:.3f} ({r['n']})")
+        record["heldout_accuracy"] = report["accuracy"]
+        Path(a.out, "training.json").write_text(json.dumps({**record, "eval": report["by_type"]}, indent=1))
+    if a.package:
+        from slimm.trained_demo import pack
+
+        path = pack(a.out, a.package)
+        print(f"packed into {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

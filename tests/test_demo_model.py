@@ -1,0 +1,321 @@
+"""The trained demo model and its pieces: the synthetic task's answers checked against the rendered
+pixels, held-out JSONL sets, `slimm eval`'s scoring and bad rows, a few training steps, packing,
+and (when the weights are in the package) the shipped model's accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from slimm import synthetic
+from slimm.evaluation import evaluate, is_match, normalise, read_jsonl, run_eval
+
+# ---- the generator: answers must follow from the pixels alone ----------------------------------------
+
+
+def blobs(image) -> list[dict]:
+    """Connected regions of one palette colour: colour name, kind by fill ratio, centroid, bbox."""
+    from scipy import ndimage
+
+    arr = np.asarray(image).astype(np.int64)
+    out = []
+    for name, rgb in synthetic.COLOURS.items():
+        mask = (arr == np.array(rgb)).all(axis=2)
+        labels, n = ndimage.label(mask)
+        for i in range(1, n + 1):
+            ys, xs = np.nonzero(labels == i)
+            w, h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+            fill = len(xs) / (w * h)  # square 1, circle pi/4, triangle 1/2
+            kind = "square" if fill > 0.93 else "circle" if fill > 0.65 else "triangle"
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            out.append({"colour": name, "kind": kind, "cx": xs.mean(), "cy": ys.mean(), "box": box})
+    return out
+
+
+def check_against_pixels(s: synthetic.Sample) -> None:
+    if s.type == "motion":
+        first, last = blobs(s.frames[0]), blobs(s.frames[-1])
+        assert len(first) == len(last) == 1
+        dx, dy = last[0]["cx"] - first[0]["cx"], last[0]["cy"] - first[0]["cy"]
+        seen = ("Right." if dx > 0 else "Left.") if abs(dx) > abs(dy) else ("Down." if dy > 0 else "Up.")
+        assert s.answer == seen
+        return
+    found = blobs(s.image)
+    w, h = s.image.size
+    assert len(found) == len(s.shapes)  # no shapes touching or hidden
+    if s.type == "count":
+        kind = s.question.split()[2][:-1]  # "How many circles are there?"
+        n = sum(b["kind"] == kind for b in found)
+        assert normalise(s.answer) == str(n)
+        return
+    assert len(found) in (1, 2)
+    if s.type == "colour":
+        kind = s.question.rstrip("?").split()[-1]
+        assert [b["colour"] for b in found if b["kind"] == kind] == [s.answer[:-1].lower()]
+    elif s.type == "shape":
+        colour = s.question.rstrip("?").split()[-1]
+        assert [f"The {b['kind']}." for b in found if b["colour"] == colour] == [s.answer]
+    elif s.type == "position":
+        colour, kind = s.question.rstrip("?").split()[-2:]
+        (b,) = [b for b in found if b["colour"] == colour and b["kind"] == kind]
+        others = [o for o in found if o is not b]
+        if others:  # the relation to the other shape tells the axis
+            horizontal = abs(b["cx"] - others[0]["cx"]) > abs(b["cy"] - others[0]["cy"])
+        else:  # a lone shape lies across the middle line of the other axis
+            y0, y1 = b["box"][1], b["box"][3]
+            horizontal = y0 < h / 2 < y1
+            assert horizontal != (b["box"][0] < w / 2 < b["box"][2])
+        if horizontal:
+            seen = "Left." if b["cx"] < w / 2 else "Right."
+        else:
+            seen = "Top." if b["cy"] < h / 2 else "Bottom."
+        assert s.answer == seen
+    else:  # describe: "A c1 k1 left of a c2 k2." / "A c1 k1 above a c2 k2."
+        words = s.answer[:-1].split()
+        c1, k1, c2, k2 = words[1], words[2], words[-2], words[-1]
+        (a,) = [b for b in found if (b["colour"], b["kind"]) == (c1, k1)]
+        (b,) = [b for b in found if (b["colour"], b["kind"]) == (c2, k2)]
+        if "left of" in s.answer:
+            assert a["cx"] < w / 2 < b["cx"] and abs(a["cx"] - b["cx"]) > abs(a["cy"] - b["cy"])
+        else:
+            assert a["cy"] < h / 2 < b["cy"] and abs(a["cy"] - b["cy"]) > abs(a["cx"] - b["cx"])
+
+
+def test_answers_follow_from_the_rendered_pixels():
+    pytest.importorskip("scipy")
+    samples = [synthetic.make_sample(3, i, "heldout") for i in range(240)]
+    assert {s.type for s in samples} == set(synthetic.QUESTION_TYPES)
+    for s in samples:
+        check_against_pixels(s)
+    # dynamic resolution: several sizes and aspect ratios occur
+    assert len({s.image.size for s in samples if s.image is not None}) >= 6
+
+
+def test_pixel_check_catches_a_wrong_answer():
+    pytest.importorskip("scipy")
+    s = synthetic.make_sample(0, 3, "heldout", "count")
+    wrong = synthetic.Sample(s.id, s.type, s.question, "Nine.", s.image, shapes=s.shapes)
+    with pytest.raises(AssertionError):
+        check_against_pixels(wrong)
+
+
+def test_samples_are_seeded_and_splits_differ():
+    a, b = synthetic.make_sample(0, 5), synthetic.make_sample(0, 5)
+    assert a.question == b.question and a.answer == b.answer
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    train = [np.asarray(synthetic.make_sample(0, i, "train", "describe").image) for i in range(20)]
+    held = [np.asarray(synthetic.make_sample(0, i, "heldout", "describe").image) for i in range(20)]
+    assert not any(t.shape == h.shape and np.array_equal(t, h) for t in train for h in held)
+
+
+def test_write_heldout(tmp_path):
+    path = synthetic.write_heldout(tmp_path / "set", 12, seed=1)
+    rows = read_jsonl(path)
+    assert len(rows) == 12
+    for r in rows:
+        assert {"id", "type", "question", "answer"} <= set(r)
+        media = path.parent / (r.get("image") or r["video"])
+        assert media.exists()
+    videos = [r for r in rows if "video" in r]
+    assert videos and len(list((path.parent / videos[0]["video"]).iterdir())) == synthetic.VIDEO_FRAMES
+    again = synthetic.write_heldout(tmp_path / "set2", 12, seed=1)
+    assert again.read_text() == path.read_text()
+
+
+# ---- scoring and bad rows ----------------------------------------------------------------------------
+
+
+def test_normalise():
+    assert normalise("Two.") == normalise("2") == "2"
+    assert is_match("The circle.", "circle")
+    assert is_match("  BLUE!", "Blue.")
+    assert is_match("A red square left of a blue circle.", "red square left of blue circle")
+    assert not is_match("Three.", "Two.")
+    assert not is_match("blue", "Blue square.")
+    assert is_match("left", ["Right.", "Left."])
+
+
+class EchoModel:
+    """A stand-in backend that answers from a table: checks the scoring without a network."""
+
+    def __init__(self, answers):
+        from slimm.processing import Processor, Tokenizer, default_tokenizer_dir
+
+        self.answers = answers
+        self.processor = Processor(Tokenizer.from_dir(default_tokenizer_dir()))
+        self.seen_media = []
+
+    def prepare(self, question, images=(), videos=()):
+        self.seen_media.append((len(images), len(videos)))
+        return {"input_ids": np.zeros((1, 3), np.int64), "question": question}
+
+    def generate(self, input_ids, question, **kwargs):
+        new = self.processor.tokenizer.encode(self.answers[question])
+        return np.concatenate([input_ids, np.array([new])], axis=1)
+
+
+def bad_rows_file(tmp_path):
+    data = synthetic.write_heldout(tmp_path / "set", 6, seed=0)  # one row of each type
+    rows = read_jsonl(data)
+    lines = [json.dumps({k: v for k, v in r.items() if k != "_line"}) for r in rows]
+    (data.parent / "broken.png").write_bytes(b"not an image")
+    lines += [
+        json.dumps({"id": "no-answer", "question": "What?", "image": rows[0]["image"]}),
+        json.dumps({"id": "empty-answer", "question": "What?", "answer": " ", "image": rows[0]["image"]}),
+        json.dumps({"id": "bad-image", "question": "What?", "answer": "Red.", "image": "broken.png"}),
+        json.dumps({"id": "no-file", "question": "What?", "answer": "Red.", "image": "missing.png"}),
+        "{not json",
+    ]
+    data.write_text("\n".join(lines) + "\n")
+    return data, rows
+
+
+def test_eval_scores_and_reports_bad_rows(tmp_path):
+    data, rows = bad_rows_file(tmp_path)
+    answers = {r["question"]: r["answer"] for r in rows}
+    answers[rows[1]["question"]] = "Nine."  # one wrong answer
+    model = EchoModel(answers)
+    report = evaluate(model, read_jsonl(data), base_dir=data.parent, progress=False)
+    assert report["n"] == 6 and report["n_errors"] == 5
+    assert report["correct"] == 5 and report["accuracy"] == 5 / 6
+    assert sorted(report["by_type"]) == sorted(synthetic.QUESTION_TYPES)
+    assert report["by_type"][rows[1]["type"]]["correct"] == 0
+    why = {e["id"]: e["error"] for e in report["errors"] if "id" in e}
+    assert "answer" in why["no-answer"] and "answer" in why["empty-answer"]
+    assert "cannot read it as an image" in why["bad-image"]
+    assert "missing.png" in why["no-file"]
+    assert any("not valid JSON" in e["error"] and e["line"] == 11 for e in report["errors"])
+    media = {r["type"]: seen for r, seen in zip(rows, model.seen_media, strict=False)}
+    assert media["motion"] == (0, 1) and media["colour"] == (1, 0)  # a frames folder is one video
+
+
+def test_run_eval_real_model_writes_report(tmp_path, demo_dir):
+    """The whole path on a real (random-weight) checkpoint: load, prepare, generate, decode, report."""
+    data, _ = bad_rows_file(tmp_path)
+    out = tmp_path / "report.json"
+    report = run_eval(
+        data, model=demo_dir("v1"), backend="torch", out_json=out, progress=False, max_new_tokens=3
+    )
+    saved = json.loads(out.read_text())
+    assert saved["n"] == 6 and saved["n_errors"] == 5 and saved["backend"] == "torch"
+    assert all(isinstance(r["prediction"], str) for r in saved["rows"])
+    assert report["accuracy"] == saved["accuracy"]
+
+
+def test_run_eval_rejects_both_or_neither(tmp_path):
+    from slimm.errors import InputError
+
+    with pytest.raises(InputError, match="either"):
+        run_eval(tmp_path / "x.jsonl", synthetic_n=3, model=tmp_path)
+    with pytest.raises(InputError, match="not found"):
+        read_jsonl(tmp_path / "missing.jsonl")
+
+
+# ---- training and packing ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def few_steps(tmp_path_factory):
+    from slimm.train_demo import TrainSettings, train
+
+    out = tmp_path_factory.mktemp("train") / "ckpt"
+    settings = TrainSettings(steps=8, batch=4, warmup=2, log_every=1, eval_every=100, eval_n=4)
+    record = train(out, seed=0, settings=settings, log=lambda m: None)
+    return out, record
+
+
+def test_training_loss_falls_and_unused_rows_stay_zero(few_steps):
+    from safetensors.torch import load_file
+
+    out, record = few_steps
+    losses = [e["loss"] for e in record["log"] if "loss" in e]
+    assert len(losses) == 8
+    assert losses[-1] < losses[0] - 0.5, losses
+    embed = load_file(out / "model.safetensors")["model.embed_tokens.weight"]
+    assert embed.shape[0] == 151936
+    used = (embed != 0).any(dim=1)
+    assert 20 < int(used.sum()) < 200  # the task's tokens only
+    for token in (151643, 151655, 151656):  # padding and the placeholders: looked up, never trained
+        assert not used[token]
+    for name in ("config.json", "preprocessor_config.json", "chat_template.json", "tokenizer.json"):
+        assert (out / name).is_file()
+
+
+def test_training_is_reproducible(few_steps, tmp_path):
+    from slimm.train_demo import TrainSettings, train
+
+    _, record = few_steps
+    settings = TrainSettings(steps=2, batch=4, warmup=2, log_every=1, eval_every=100, eval_n=4)
+    again = train(tmp_path / "again", seed=0, settings=settings, log=lambda m: None)
+    first = [e["loss"] for e in record["log"] if "loss" in e][:2]
+    assert [e["loss"] for e in again["log"] if "loss" in e] == pytest.approx(first, abs=1e-4)
+
+
+def test_pack_and_unpack_rebuild_the_same_checkpoint(few_steps, tmp_path, monkeypatch):
+    import hashlib
+
+    from slimm import trained_demo
+
+    out, _ = few_steps
+    assets = trained_demo.pack(out, tmp_path / "assets")
+    assert (assets / trained_demo.WEIGHTS).stat().st_size < 10_000_000  # the issue's limit
+    monkeypatch.setenv("SLIMM_CACHE", str(tmp_path / "cache"))
+    unpacked = trained_demo.trained_demo_dir(assets)
+    assert unpacked.parent == tmp_path / "cache"
+    digest = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (out, unpacked)]
+    assert digest[0] == digest[1]
+    assert trained_demo.trained_demo_dir(assets) == unpacked  # second call: already there
+    # a damaged package is refused by its checksum, and nothing half-written is left behind
+    (assets / "manifest.json").write_text(
+        json.dumps({**json.loads((assets / "manifest.json").read_text()), "model_sha256": "0" * 64})
+    )
+    from slimm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="checksum"):
+        trained_demo.trained_demo_dir(assets)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [unpacked.name]
+
+
+# ---- the shipped model -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory):
+    from slimm import trained_demo
+
+    if not (trained_demo.ASSET_DIR / "manifest.json").is_file():
+        pytest.skip(
+            "the trained demo weights are not in this checkout (python -m slimm.train_demo --package)"
+        )
+    import os
+
+    old = os.environ.get("SLIMM_CACHE")
+    os.environ["SLIMM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield trained_demo.trained_demo_dir()
+    finally:
+        if old is None:
+            os.environ.pop("SLIMM_CACHE", None)
+        else:
+            os.environ["SLIMM_CACHE"] = old
+
+
+def test_shipped_demo_model_sees(shipped):
+    report = run_eval(synthetic_n=100, seed=0, model=shipped, backend="torch", progress=False)
+    assert report["n_errors"] == 0
+    assert report["accuracy"] >= 0.95, report["by_type"]
+
+
+def test_shipped_example_is_answered(shipped):
+    import slimm
+    from slimm import trained_demo
+
+    model = slimm.load(shipped)
+    manifest = trained_demo.read_manifest()
+    for ex in manifest["examples"]:
+        image = trained_demo.ASSET_DIR / ex["image"]
+        text = "".join(model.stream(ex["question"], images=[str(image)], max_new_tokens=20))
+        assert is_match(text, ex["answer"]), (ex, text)
