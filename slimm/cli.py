@@ -152,6 +152,28 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from slimm.evaluation import format_report, run_eval
+
+    kwargs = {"device": args.device}
+    if args.threads is not None:
+        kwargs["threads"] = args.threads
+    report = run_eval(
+        data_path=args.data,
+        synthetic_n=args.synthetic,
+        seed=args.seed,
+        model=args.model,
+        backend=args.backend,
+        out_json=args.out,
+        max_new_tokens=args.max_new_tokens,
+        **kwargs,
+    )
+    print(format_report(report))
+    if args.out is not None:
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_operators(args) -> int:
     from slimm.convert.optable import operators_markdown
 
@@ -374,6 +396,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out that is not ours")
     c.set_defaults(func=cmd_convert)
+
+    ev = command(
+        "eval",
+        help="accuracy of a model on questions about images (JSONL, or the synthetic demo task)",
+        description="Answer every row of DATA.jsonl ({image | images | video, question, answer, type?, id?}; "
+        "paths relative to the file) greedily and print the accuracy by normalised exact match (lowercase, "
+        "punctuation and articles dropped, number words as digits), overall and per question type. A bad "
+        "row (missing field, unreadable image) is reported and skipped. --synthetic N makes N held-out "
+        "questions of the demo task instead.",
+    )
+    ev.add_argument("data", nargs="?", type=Path, help="JSONL file of rows (or use --synthetic)")
+    ev.add_argument("--synthetic", type=int, metavar="N", help="N held-out questions of the synthetic task")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the synthetic questions")
+    ev.add_argument(
+        "--model", type=Path, help="model, export or converted directory (default: the demo model)"
+    )
+    ev.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
+    ev.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
+    ev.add_argument("--out", type=Path, help="write the JSON report (per row and per type) here")
+    ev.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device")
+    ev.add_argument("--threads", type=int, help="threads for ONNX Runtime and the converted backends")
+    ev.set_defaults(func=cmd_eval)
 
     o = command(
         "operators",

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, load_file, save, save_file
 
+from slimm.cache import cache_dir
 from slimm.errors import CheckpointError
 
 ASSET_DIR = Path(__file__).parent / "assets" / "demo-model"
@@ -24,15 +25,6 @@ TOKEN_IDS = "token_ids"  # in the packed file: the real ids of the embedding row
 SMALL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
                "README.md", "training.json")  # fmt: skip
 EXAMPLE_QUESTIONS = ("describe", "colour", "position", "shape")
-
-
-def cache_root() -> Path:
-    """Where slimm keeps built models: $SLIMM_CACHE, else $XDG_CACHE_HOME/slimm, else ~/.cache/slimm.
-    (The same rule as slimm.cli.cache_dir; kept here so this module does not import the CLI.)"""
-    root = os.environ.get("SLIMM_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slimm"
-    )
-    return Path(root)
 
 
 def _sha256(path: Path) -> str:
@@ -142,7 +134,7 @@ def trained_demo_dir(asset_dir: str | Path = ASSET_DIR) -> Path:
     name carries the weights' checksum, so an upgraded package unpacks its own model."""
     asset_dir = Path(asset_dir)
     manifest = read_manifest(asset_dir)
-    out = cache_root() / f"demo-trained-{manifest['model_sha256'][:12]}"
+    out = cache_dir() / f"demo-trained-{manifest['model_sha256'][:12]}"
     if _complete(out):
         return out
     try:

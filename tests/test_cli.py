@@ -263,3 +263,21 @@ def test_stop_tokens_outside_the_vocabulary_are_refused(demo_dir, capsys):
     one_line_error(
         capsys, ["generate", "--model", str(demo_dir("plain")), "--stop-token", "-1"], "stop token", "[-1]"
     )
+
+
+def test_eval_on_synthetic_questions_writes_a_report(exported, tmp_path, capsys):
+    """`slimm eval --synthetic N`: every question scored (the random-weight model answers none
+    right), the per-type lines printed, the JSON report written; a missing data file is one line."""
+    import json
+
+    out = tmp_path / "report.json"
+    code = main(["eval", "--synthetic", "6", "--model", str(exported("plain")), "--backend", "onnx",
+                 "--max-new-tokens", "4", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.startswith("accuracy ")
+    report = json.loads(out.read_text())
+    assert report["n"] == 6 and report["backend"] == "onnx" and set(report["by_type"]) <= {
+        "colour", "count", "describe", "motion", "position", "shape"}  # fmt: skip
+    one_line_error(capsys, ["eval", str(tmp_path / "nope.jsonl"), "--model", str(exported("plain")),
+                            "--backend", "onnx"], "nope.jsonl", "not found")  # fmt: skip
+    one_line_error(capsys, ["eval", "--model", str(exported("plain")), "--backend", "onnx"], "either")
