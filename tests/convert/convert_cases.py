@@ -1,5 +1,5 @@
 """The converter tests' op cases: one-node ONNX graphs (`Case`, `CASES`, one or more per registered
-handler) and small multi-node graphs (`graph`, `shape_fold_model`), all at opset 20."""
+handler) and small multi-node graphs (`shape_fold_model`), all at opset 20 (`opset_model`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,13 @@ OPSET = 20
 NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.bool_: TensorProto.BOOL,
               np.float16: TensorProto.FLOAT16, np.int32: TensorProto.INT32}  # fmt: skip
 R = np.random.default_rng(0)
+
+
+def opset_model(graph, opset: int = OPSET, **kwargs):
+    """A ModelProto of `graph` at this opset and IR version 9 (read by every onnxruntime in the extra)."""
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
+    m.ir_version = 9
+    return m
 
 
 def f32(*shape):
@@ -46,10 +53,7 @@ class Case:
         node = helper.make_node(self.op, names, [f"y{k}" for k in range(self.n_out)], **self.attrs)
 
         def build(outs):
-            graph = helper.make_graph([node], "g", ins, outs, inits)
-            m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-            m.ir_version = 9
-            return m
+            return opset_model(helper.make_graph([node], "g", ins, outs, inits), self.opset)
 
         # output types from ONNX's reference evaluator; sizes left dynamic
         from onnx.reference import ReferenceEvaluator
@@ -251,7 +255,4 @@ def shape_fold_model():
         helper.make_node("Squeeze", ["s", "ax0"], ["s0"]),
         helper.make_node("Range", ["zero", "s0", "one"], ["r"]),
     ]
-    g = helper.make_graph(nodes, "fold", [x], [y, r], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    m.ir_version = 9
-    return m
+    return opset_model(helper.make_graph(nodes, "fold", [x], [y, r], inits))

@@ -5,12 +5,11 @@ case and the handler paths through MINDIR with dynamic dims, memory of broadcast
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 ms = pytest.importorskip("mindspore")
 ort = pytest.importorskip("onnxruntime")
@@ -100,7 +99,7 @@ def test_op_case_through_mindir_with_dynamic_dims(case, tmp_path):
 # ---- handler paths the one-node cases do not reach, at two shapes through MINDIR --------------------
 def graph(nodes, inputs, outputs, inits=()):
     """A small opset-20 model; inputs/outputs as (name, numpy dtype, rank) with every dim dynamic."""
-    from convert_cases import NP_TO_ONNX, OPSET
+    from convert_cases import NP_TO_ONNX, opset_model
     from onnx import helper, numpy_helper
 
     def vi(name, dtype, rank):
@@ -115,9 +114,7 @@ def graph(nodes, inputs, outputs, inits=()):
         [vi(*o) for o in outputs],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits],
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    m.ir_version = 9
-    return m
+    return opset_model(g)
 
 
 def _r(*shape):
@@ -260,6 +257,7 @@ def test_broadcasts_and_transposes_do_not_hold_their_temporaries(tmp_path):
     mint.permute, so memory is reused: 8 blocks of (Where, Add of a row, Transpose, Mul) grew by ~6
     activations (~100 before)."""
     import onnx
+    from convert_cases import opset_model
     from onnx import TensorProto, helper, numpy_helper
 
     heads, blocks = 4, 8
@@ -282,16 +280,14 @@ def test_broadcasts_and_transposes_do_not_hold_their_temporaries(tmp_path):
         [numpy_helper.from_array(np.array(-1e9, np.float32), "neg"),
          numpy_helper.from_array(np.array(0.5, np.float32), "half")],
     )  # fmt: skip
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+    model = opset_model(g)
     onnx.save(model, str(tmp_path / "m.onnx"))
     src, prog = generate_source(tmp_path / "m.onnx", "mindspore")
     (tmp_path / "gen_m.py").write_text(src)
     assert [v.name for v in prog.inputs] == ["x", "mask", "bias"]
     inputs = [("x", "float32", [None] * 3), ("mask", "bool", [None] * 2), ("bias", "float32", [None])]
     TARGET.save(import_generated(tmp_path / "gen_m.py"), prog.weights, inputs, tmp_path, "m")
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path), str(heads)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    proc = run_python(MEMORY_PROBE, str(tmp_path), str(heads), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = float(proc.stdout.strip().splitlines()[-1])
     assert growth < 3 * blocks, f"resident memory grew by {growth:.1f} activations over {blocks} blocks"

@@ -167,23 +167,19 @@ def extra_cases() -> list:
 
 def sized_model(nodes: list, inputs: dict, outputs: list[tuple[str, int]]):
     """A graph of a few nodes whose sizes flow from inputs (Shape -> ...): every input size dynamic."""
-    from convert_cases import NP_TO_ONNX, OPSET
+    from convert_cases import NP_TO_ONNX, opset_model
     from onnx import helper
 
     ins = [helper.make_tensor_value_info(n, NP_TO_ONNX[a.dtype.type], [f"{n}_{i}" for i in range(a.ndim)])
            for n, a in inputs.items()]  # fmt: skip
     outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
-    m = helper.make_model(
-        helper.make_graph(nodes, "sized", ins, outs), opset_imports=[helper.make_opsetid("", OPSET)]
-    )
-    m.ir_version = 9
-    return m
+    return opset_model(helper.make_graph(nodes, "sized", ins, outs))
 
 
 def sized_cases() -> list:
     """(name, model, feeds): run-time sizes used as Expand / Slice / ConstantOfShape / Tile
     arguments and as a tensor."""
-    from convert_cases import OPSET, f32, shape_fold_model
+    from convert_cases import f32, opset_model, shape_fold_model
     from onnx import TensorProto, helper, numpy_helper
 
     def node(op, ins, outs, **attrs):
@@ -233,9 +229,7 @@ def sized_cases() -> list:
         [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
-    model = helper.make_model(conv, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 9
-    cases.append(("Conv-patch-embedding-as-matmul", model, {"x": patches}))
+    cases.append(("Conv-patch-embedding-as-matmul", opset_model(conv), {"x": patches}))
     for name, (nodes, out_type) in graphs.items():
         used = {i for n in nodes for i in n.input}
         feeds = {k: v for k, v in {"x": x, "y": y, "z": z}.items() if k in used}

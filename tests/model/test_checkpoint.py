@@ -9,27 +9,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from prompts import edit_json, rel_err
 from safetensors.torch import load_file, save_file
 
 from slimm.config import load_config
 from slimm.demo import demo_configs
 from slimm.errors import CheckpointError
 from slimm.model.slimm import SliMMForConditionalGeneration
-
-
-def clone(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
-def edit_json(path, **changes):
-    data = json.loads(path.read_text())
-    for k, v in changes.items():
-        if v is None:
-            data.pop(k, None)
-        else:
-            data[k] = v
-    path.write_text(json.dumps(data))
 
 
 def logits_of(path, dtype="float32"):
@@ -71,7 +57,7 @@ def test_qwen2_model_type_derives_the_mrope_section(demo_dir):
 
 
 def test_sharded_checkpoint_loads_the_same(demo_dir, tmp_path):
-    d = clone(demo_dir("plain"), tmp_path / "sharded")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "sharded")
     state = load_file(d / "model.safetensors")
     names = sorted(state)
     half = len(names) // 2
@@ -89,7 +75,7 @@ def test_sharded_checkpoint_loads_the_same(demo_dir, tmp_path):
 
 
 def test_untied_lm_head_and_transformers5_names(demo_dir, tmp_path):
-    d = clone(demo_dir("plain"), tmp_path / "untied")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "untied")
     state = load_file(d / "model.safetensors")
     head = torch.randn(state["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(0))
     renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else "model." + k: v
@@ -109,13 +95,13 @@ def test_dtypes_auto_bf16_fp16(demo_dir):
     for dtype in ("bfloat16", "float16"):
         got = logits_of(d, dtype)
         assert got.dtype == torch.float32 and torch.isfinite(got).all()
-        err = ((got - ref).abs().max() / ref.abs().max()).item()
+        err = rel_err(got.detach(), ref.detach())
         assert err < 0.05, (dtype, err)
 
 
 def test_custom_visual_model_directory(demo_dir, tmp_path):
     """qwen2 model type with the vision config (and optionally weights) in a custom_visual_model dir."""
-    d = clone(demo_dir("plain"), tmp_path / "ckpt")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "ckpt")
     vision = json.loads((d / "config.json").read_text())["vision_config"]
     vdir = d / "dfn-vit"
     vdir.mkdir()
@@ -134,7 +120,7 @@ def test_custom_visual_model_directory(demo_dir, tmp_path):
 
 
 def test_custom_visual_model_hub_id_says_download(demo_dir, tmp_path):
-    d = clone(demo_dir("plain"), tmp_path / "ckpt")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "ckpt")
     edit_json(d / "config.json", vision_config=None, custom_visual_model="someone/some-vit")
     with pytest.raises(CheckpointError, match="download"):
         load_config(d)
@@ -156,7 +142,7 @@ def test_custom_visual_model_hub_id_says_download(demo_dir, tmp_path):
     ],
 )
 def test_broken_checkpoints_name_the_problem(demo_dir, tmp_path, damage, message):
-    d = clone(demo_dir("plain"), tmp_path / "ckpt")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "ckpt")
     w = d / "model.safetensors"
     if damage == "missing_config":
         (d / "config.json").unlink()
@@ -186,7 +172,7 @@ def test_broken_checkpoints_name_the_problem(demo_dir, tmp_path, damage, message
 
 
 def test_special_token_ids_come_from_the_config(demo_dir, tmp_path):
-    d = clone(demo_dir("plain"), tmp_path / "ckpt")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "ckpt")
     edit_json(d / "config.json", image_token_id=151650, vision_start_token_id=151649)
     edit_json(d / "generation_config.json", eos_token_id=[7, 8], pad_token_id=5)
     cfg = load_config(d)
@@ -196,7 +182,7 @@ def test_special_token_ids_come_from_the_config(demo_dir, tmp_path):
 
 
 def test_unstated_tying_follows_the_weights(demo_dir, tmp_path):
-    d = clone(demo_dir("plain"), tmp_path / "ckpt")
+    d = shutil.copytree(demo_dir("plain"), tmp_path / "ckpt")
     edit_json(d / "config.json", tie_word_embeddings=None)
     assert load_config(d).text.tie_word_embeddings is True  # no lm_head.weight: tied
     state = load_file(d / "model.safetensors")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 from slimm import frameworks
 from slimm.backends import BACKENDS
@@ -43,7 +43,7 @@ def _run(code: str, verbose: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GLOG_", "SLIMM_VERBOSE", "TF_CPP"))}
     if verbose:
         env["SLIMM_VERBOSE"] = "1"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return run_python(code, env=env)
 
 
 # (framework, code run after its start-up that makes it talk, what it says when allowed to)

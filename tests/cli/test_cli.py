@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 from slimm.cli import build_parser, main
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "astronaut.png"
 
 
 def test_help_explains_every_command(capsys):
@@ -132,7 +133,7 @@ def test_generate_onnx_does_not_import_torch(exported):
         "    assert e.code == 0, e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    r = run_python(code, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -142,7 +143,7 @@ def test_building_the_parser_imports_no_framework():
         "loaded = [m for m in ('torch', 'onnxruntime', 'jax', 'paddle', 'mindspore', 'PIL') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
