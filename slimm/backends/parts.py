@@ -122,8 +122,10 @@ class PartsBackend(Backend):
         # no visual tokens: one zero slice added at position 0 is an exact no-op, and keeps every
         # size >= 1 (jax.export's symbolic sizes and some static-graph kernels reject empty tensors)
         d = self.config.text.hidden_size
-        return {"deepstack": np.zeros((self.config.num_deepstack, 1, d), self.float),
-                "visual_pos": np.zeros((1,), np.int64)}  # fmt: skip
+        return {
+            "deepstack": np.zeros((self.config.num_deepstack, 1, d), self.float),
+            "visual_pos": np.zeros((1,), np.int64),
+        }
 
     def prefill(self, inputs, capacity):
         cfg = self.config
@@ -149,8 +151,12 @@ class PartsBackend(Backend):
                     f"the prompt holds {pos.size} {what} tokens but the {what}s give {tokens.shape[0]} "
                     f"(grid_thw {inputs[grid].tolist()}); expand each <|{what}_pad|> to match"
                 )
-            embeds = self.to_numpy(self.run("C", {"inputs_embeds": embeds, "visual_embeds": tokens.astype(self.float),
-                                                  "visual_pos": pos})[0])  # fmt: skip
+            embeds = self.to_numpy(
+                self.run(
+                    "C",
+                    {"inputs_embeds": embeds, "visual_embeds": tokens.astype(self.float), "visual_pos": pos},
+                )[0]
+            )
             pos_all.append(pos)
             if slices is not None:
                 slices_all.append(slices)
@@ -173,8 +179,14 @@ class PartsBackend(Backend):
         return self.step(embeds, cos, sin, mask, ds)
 
     def step(self, embeds, cos, sin, cur_mask: np.ndarray, deepstack: dict) -> np.ndarray:
-        feeds = {"inputs_embeds": embeds, "cos": cos, "sin": sin, "cur_mask": cur_mask, **deepstack,
-                 **self.cache_feeds()}  # fmt: skip
+        feeds = {
+            "inputs_embeds": embeds,
+            "cos": cos,
+            "sin": sin,
+            "cur_mask": cur_mask,
+            **deepstack,
+            **self.cache_feeds(),
+        }
         out = self.run("F", feeds)
         self.write_cache(out[2:], cur_mask)
         return self.to_numpy(out[0]).astype(np.float32, copy=False)

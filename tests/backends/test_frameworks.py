@@ -20,8 +20,17 @@ def test_one_registry_read_by_backends_and_wrappers():
 
     assert tuple(WRAPPERS) == frameworks.TENSOR_FRAMEWORKS == ("numpy", "torch", "jax", "paddle", "mindspore")
     assert frameworks.TARGETS == ("jax", "paddle", "mindspore")
-    assert list(BACKENDS) == ["torch", "onnx", "jax", "paddle", "mindspore",
-                              "torch-ort", "jax-ort", "paddle-ort", "mindspore-ort"]  # fmt: skip
+    assert list(BACKENDS) == [
+        "torch",
+        "onnx",
+        "jax",
+        "paddle",
+        "mindspore",
+        "torch-ort",
+        "jax-ort",
+        "paddle-ort",
+        "mindspore-ort",
+    ]
     assert frameworks.FRAMEWORKS["paddle"].package == "paddlepaddle"
     for name in frameworks.FRAMEWORKS:  # every framework module has the same names
         mod = frameworks.get(name)

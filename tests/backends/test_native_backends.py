@@ -29,8 +29,12 @@ def test_native_backend_matches_torch(converted, torch_model, target, variant):
     backend = load(target, converted(target, variant))
     model = torch_model(variant)
     # every case once across the variants, the vision-specific ones on the variants they exercise
-    cases = {"plain": ("image", "text", "batch2", "video"), "v1": ("two_images", "batch2"),
-             "midlayers": ("image",), "efficient": ("image", "video")}[variant]  # fmt: skip
+    cases = {
+        "plain": ("image", "text", "batch2", "video"),
+        "v1": ("two_images", "batch2"),
+        "midlayers": ("image",),
+        "efficient": ("image", "video"),
+    }[variant]
     for case in cases:
         inputs = make_inputs(model.config, CASES[case], seed=7)
         kw = dict(max_new_tokens=32, output_logits=True, return_dict_in_generate=True, eos_token_id=[])

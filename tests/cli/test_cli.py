@@ -30,8 +30,19 @@ def test_help_explains_every_command(capsys):
 
 
 def test_generate_streams_an_answer(demo_dir, capsys):
-    code = main(["generate", "--model", str(demo_dir("plain")), "--image", str(EXAMPLE), "--max-new-tokens", "5",
-                 "--stop-token", "0"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(demo_dir("plain")),
+            "--image",
+            str(EXAMPLE),
+            "--max-new-tokens",
+            "5",
+            "--stop-token",
+            "0",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert captured.out.strip()  # some (meaningless) text
@@ -43,9 +54,29 @@ def test_generate_with_image_size_video_and_sampling(demo_dir, tmp_path, capsys)
     frames.mkdir()
     for i in range(3):
         shutil.copy(EXAMPLE, frames / f"{i:03d}.png")
-    code = main(["generate", "--model", str(demo_dir("v1")), "--image", str(EXAMPLE), "--video", str(frames),
-                 "--image-size", "112x140", "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "5",
-                 "--seed", "1", "--prompt", "What happens?"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(demo_dir("v1")),
+            "--image",
+            str(EXAMPLE),
+            "--video",
+            str(frames),
+            "--image-size",
+            "112x140",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "5",
+            "--seed",
+            "1",
+            "--prompt",
+            "What happens?",
+        ]
+    )
     assert code == 0
 
 
@@ -112,8 +143,12 @@ def test_convert_to_all_in_a_fresh_process(exported, tmp_path):
     for fw in ("jax", "paddle", "mindspore"):
         pytest.importorskip(fw)
     out = tmp_path / "all"
-    r = subprocess.run([sys.executable, "-m", "slimm", "convert", str(exported("plain")), "--to", "all", "--out",
-                        str(out)], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "slimm", "convert", str(exported("plain")), "--to", "all", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for target in ("jax", "paddle", "mindspore"):
         assert (out / target / "manifest.json").exists(), target
@@ -122,8 +157,18 @@ def test_convert_to_all_in_a_fresh_process(exported, tmp_path):
 
 def test_generate_onnx_does_not_import_torch(exported):
     """`slimm generate --backend onnx` on an export: ONNX Runtime and NumPy only (torch is not loaded)."""
-    argv = ["slimm", "generate", "--backend", "onnx", "--model", str(exported("plain")), "--image", str(EXAMPLE),
-            "--max-new-tokens", "2"]  # fmt: skip
+    argv = [
+        "slimm",
+        "generate",
+        "--backend",
+        "onnx",
+        "--model",
+        str(exported("plain")),
+        "--image",
+        str(EXAMPLE),
+        "--max-new-tokens",
+        "2",
+    ]
     code = (
         "import sys, runpy\n"
         f"sys.argv = {argv!r}\n"
@@ -172,12 +217,19 @@ def test_generate_reports_new_tokens_ttft_and_decode_rate(demo_dir, capsys):
 
 @pytest.mark.parametrize(
     "command, option, default",
-    [("generate", "--max-new-tokens", "128"), ("generate", "--repetition-penalty", "1.0"),
-     ("generate", "--backend", "torch"), ("bench", "--size", "tiny"), ("bench", "--variant", "plain"),
-     ("bench", "--image-size", "448x448"), ("demo-checkpoint", "--variant", "plain"),
-     ("demo-checkpoint", "--size", "tiny"), ("demo-checkpoint", "--dtype", "bfloat16"),
-     ("export", "--max-seq-len", "4096")],
-)  # fmt: skip
+    [
+        ("generate", "--max-new-tokens", "128"),
+        ("generate", "--repetition-penalty", "1.0"),
+        ("generate", "--backend", "torch"),
+        ("bench", "--size", "tiny"),
+        ("bench", "--variant", "plain"),
+        ("bench", "--image-size", "448x448"),
+        ("demo-checkpoint", "--variant", "plain"),
+        ("demo-checkpoint", "--size", "tiny"),
+        ("demo-checkpoint", "--dtype", "bfloat16"),
+        ("export", "--max-seq-len", "4096"),
+    ],
+)
 def test_help_shows_defaults(capsys, command, option, default):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -188,14 +240,22 @@ def test_help_shows_defaults(capsys, command, option, default):
 
 @pytest.mark.parametrize(
     "args, words",
-    [(["--temperature", "-1"], ["temperature"]), (["--temperature", "nan"], ["temperature", "nan"]),
-     (["--repetition-penalty", "nan"], ["repetition_penalty"]), (["--repetition-penalty", "0"], ["repetition_penalty"]),
-     (["--top-p", "0"], ["top_p"]), (["--top-p", "1.5"], ["top_p"]), (["--top-k", "-1"], ["top_k"]),
-     (["--min-pixels", "5000", "--max-pixels", "4000"], ["min_pixels 5000", "max_pixels 4000"]),
-     (["--min-pixels", "-3"], ["min_pixels"]), (["--max-pixels", "-5"], ["max_pixels"]),
-     (["--seed", "-1"], ["seed"]), (["--max-new-tokens", "100000000"], ["max_new_tokens", "32768"]),
-     (["--max-seq-len", "100000000"], ["max_seq_len", "32768"])],
-)  # fmt: skip
+    [
+        (["--temperature", "-1"], ["temperature"]),
+        (["--temperature", "nan"], ["temperature", "nan"]),
+        (["--repetition-penalty", "nan"], ["repetition_penalty"]),
+        (["--repetition-penalty", "0"], ["repetition_penalty"]),
+        (["--top-p", "0"], ["top_p"]),
+        (["--top-p", "1.5"], ["top_p"]),
+        (["--top-k", "-1"], ["top_k"]),
+        (["--min-pixels", "5000", "--max-pixels", "4000"], ["min_pixels 5000", "max_pixels 4000"]),
+        (["--min-pixels", "-3"], ["min_pixels"]),
+        (["--max-pixels", "-5"], ["max_pixels"]),
+        (["--seed", "-1"], ["seed"]),
+        (["--max-new-tokens", "100000000"], ["max_new_tokens", "32768"]),
+        (["--max-seq-len", "100000000"], ["max_seq_len", "32768"]),
+    ],
+)
 def test_bad_generation_settings_exit_2_with_one_line(demo_dir, capsys, args, words):
     one_line_error(
         capsys, ["generate", "--model", str(demo_dir("plain")), "--image", str(EXAMPLE), *args], *words
@@ -206,8 +266,9 @@ def test_max_new_tokens_past_an_exports_cache(exported, capsys):
     one_line_error(
         capsys,
         ["generate", "--backend", "onnx", "--model", str(exported("plain")), "--max-new-tokens", "300"],
-        "max_new_tokens 300", "256 positions",
-    )  # fmt: skip
+        "max_new_tokens 300",
+        "256 positions",
+    )
 
 
 def test_the_api_runs_the_same_checks(demo_dir, torch_model):
@@ -216,8 +277,13 @@ def test_the_api_runs_the_same_checks(demo_dir, torch_model):
 
     model = torch_model("plain")
     ids = np.array([[1, 2, 3]])
-    for kw in ({"temperature": float("nan")}, {"repetition_penalty": float("nan")}, {"seed": -1},
-               {"top_p": 0.0}, {"max_new_tokens": 10**8}):  # fmt: skip
+    for kw in (
+        {"temperature": float("nan")},
+        {"repetition_penalty": float("nan")},
+        {"seed": -1},
+        {"top_p": 0.0},
+        {"max_new_tokens": 10**8},
+    ):
         with pytest.raises(InputError):
             model.generate(input_ids=ids, **kw)
     for kw in ({"min_pixels": 5000, "max_pixels": 4000}, {"max_pixels": -5}):
@@ -227,8 +293,9 @@ def test_the_api_runs_the_same_checks(demo_dir, torch_model):
 
 def test_export_refuses_bad_settings_and_outputs_before_any_work(demo_dir, tmp_path, capsys):
     ckpt = str(demo_dir("plain"))
-    one_line_error(capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "e"), "--max-seq-len", "0"],
-                   "max_seq_len")  # fmt: skip
+    one_line_error(
+        capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "e"), "--max-seq-len", "0"], "max_seq_len"
+    )
     (tmp_path / "file").write_text("x")
     one_line_error(capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "file")], "is a file")
     one_line_error(

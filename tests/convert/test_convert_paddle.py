@@ -83,7 +83,7 @@ def extra_cases() -> list:
             [np.array([[True, False, True]]), np.array(1.5, np.float32), f32(2, 1)],
             static=[1],
             name="Where-scalar",
-        ),  # fmt: skip
+        ),
         Case("Cast", [x], {"to": onnx.TensorProto.INT32}, name="Cast-float-int32"),
         Case("Cast", [x], {"to": onnx.TensorProto.FLOAT16}, name="Cast-float-half"),
         Case("Cast", [x.astype(np.float16)], {"to": onnx.TensorProto.FLOAT}, name="Cast-half-float"),
@@ -96,7 +96,7 @@ def extra_cases() -> list:
             {"keepdims": 0},
             static=[1],
             name="ReduceSum-int32",
-        ),  # fmt: skip
+        ),
         Case(
             "ReduceMax",
             [x, np.zeros(0, np.int64)],
@@ -109,7 +109,7 @@ def extra_cases() -> list:
             [np.array([[2.0, 1.0, 1.0, 3.0]], np.float32)],
             {"axis": -1, "keepdims": 0, "select_last_index": 1},
             name="ArgMin-last-index",
-        ),  # fmt: skip
+        ),
         Case("Transpose", [x], name="Transpose-reverse"),
         Case(
             "LayerNormalization",
@@ -117,7 +117,7 @@ def extra_cases() -> list:
             {"axis": -2},
             static=[1, 2],
             name="LayerNorm-two-axes",
-        ),  # fmt: skip
+        ),
         Case(
             "LayerNormalization",
             [f32(2, 5, 8), f32(8), f32(8)],
@@ -125,28 +125,28 @@ def extra_cases() -> list:
             static=[1, 2],
             n_out=3,
             name="LayerNorm-mean-invstd",
-        ),  # fmt: skip
+        ),
         Case(
             "Conv",
             [f32(1, 4, 9), f32(6, 2, 3)],
             {"pads": [1, 2], "dilations": [2], "group": 2, "strides": [2]},
             static=[1],
             name="Conv1d-groups-dilation",
-        ),  # fmt: skip
+        ),
         Case(
             "Conv",
             [f32(1, 3, 6, 6), f32(4, 3, 3, 3), f32(4)],
             {"pads": [0, 1, 2, 1], "strides": [2, 1]},
             static=[1, 2],
             name="Conv2d-asymmetric-pads",
-        ),  # fmt: skip
+        ),
         Case(
             "CumSum",
             [f32(3, 4), np.array(-1, np.int64)],
             {"exclusive": 1, "reverse": 1},
             static=[1],
             name="CumSum-exclusive-reverse",
-        ),  # fmt: skip
+        ),
         Case(
             "CumSum",
             [np.array([[1, 2, 3]], np.int32), np.array(1, np.int64)],
@@ -159,7 +159,7 @@ def extra_cases() -> list:
             [np.array(0.5, np.float32), np.array(3.0, np.float32), np.array(0.75, np.float32)],
             static=[0, 1, 2],
             name="Range-float",
-        ),  # fmt: skip
+        ),
         Case("Split", [f32(7, 2)], {"axis": 0, "num_outputs": 3}, n_out=3, name="Split-uneven"),
         Case("Identity", [np.array([1, 2], np.int64)], name="Identity-int"),
     ]
@@ -170,8 +170,10 @@ def sized_model(nodes: list, inputs: dict, outputs: list[tuple[str, int]]):
     from convert_cases import NP_TO_ONNX, opset_model
     from onnx import helper
 
-    ins = [helper.make_tensor_value_info(n, NP_TO_ONNX[a.dtype.type], [f"{n}_{i}" for i in range(a.ndim)])
-           for n, a in inputs.items()]  # fmt: skip
+    ins = [
+        helper.make_tensor_value_info(n, NP_TO_ONNX[a.dtype.type], [f"{n}_{i}" for i in range(a.ndim)])
+        for n, a in inputs.items()
+    ]
     outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
     return opset_model(helper.make_graph(nodes, "sized", ins, outs))
 
@@ -209,7 +211,7 @@ def sized_cases() -> list:
                 node("Slice", ["z", "zero", "n", "one"], ["o"]),
             ],
             TensorProto.FLOAT,
-        ),  # fmt: skip
+        ),
         "ConstantOfShape-of-run-time-sizes": (
             [
                 shape_y,

@@ -117,8 +117,10 @@ def test_part_f_matches_torch(exported, torch_model, variant):
     got = session(exported(variant), "F").run(None, feeds)
     n = t.num_hidden_layers
     args = [torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "cos", "sin", "past_mask", "cur_mask")]
-    args += [[torch.from_numpy(feeds[f"past_key.{i}"]) for i in range(n)],
-             [torch.from_numpy(feeds[f"past_value.{i}"]) for i in range(n)]]  # fmt: skip
+    args += [
+        [torch.from_numpy(feeds[f"past_key.{i}"]) for i in range(n)],
+        [torch.from_numpy(feeds[f"past_value.{i}"]) for i in range(n)],
+    ]
     if cfg.use_deepstack:
         args += [torch.from_numpy(feeds["deepstack"]), torch.from_numpy(feeds["visual_pos"])]
     with torch.no_grad():
@@ -308,8 +310,9 @@ def test_generate_accepts_torch_tensors(exported, torch_model):
     assert isinstance(out, torch.Tensor) and out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-@pytest.mark.parametrize("wrapper, module", [("torch", "torch"), ("jax", "jax"), ("paddle", "paddle"),
-                                             ("mindspore", "mindspore")])  # fmt: skip
+@pytest.mark.parametrize(
+    "wrapper, module", [("torch", "torch"), ("jax", "jax"), ("paddle", "paddle"), ("mindspore", "mindspore")]
+)
 def test_wrapper_backends_match_onnx(exported, torch_model, wrapper, module):
     """`X-ort`: the same parts in ONNX Runtime, with framework X's tensors crossing the boundary."""
     pytest.importorskip(module)

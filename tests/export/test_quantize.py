@@ -89,8 +89,14 @@ def test_quantized_export_generates(quantized, precision):
 
     model = slimm.load(quantized(precision), backend="onnx", device="cpu")
     inputs = make_inputs(model.config, CASES["image"])
-    out = model.generate(**inputs, max_new_tokens=5, do_sample=False, eos_token_id=[], output_logits=True,
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        **inputs,
+        max_new_tokens=5,
+        do_sample=False,
+        eos_token_id=[],
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape == (1, inputs["input_ids"].shape[1] + 5)
     assert all(np.isfinite(x).all() for x in out.logits)
 

@@ -26,9 +26,19 @@ def logits_of(path, dtype="float32"):
 @pytest.mark.parametrize("variant", ["plain", "v1", "midlayers", "efficient"])
 def test_demo_checkpoint_has_the_released_files(demo_dir, variant):
     d = demo_dir(variant)
-    for name in ("config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
-                 "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
-                 "special_tokens_map.json", "chat_template.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "added_tokens.json",
+        "special_tokens_map.json",
+        "chat_template.json",
+    ):
         assert (d / name).exists(), name
     assert (d / "processor_config.json").exists() == (variant == "efficient")
     cfg = load_config(d)
@@ -78,8 +88,10 @@ def test_untied_lm_head_and_transformers5_names(demo_dir, tmp_path):
     d = shutil.copytree(demo_dir("plain"), tmp_path / "untied")
     state = load_file(d / "model.safetensors")
     head = torch.randn(state["model.embed_tokens.weight"].shape, generator=torch.Generator().manual_seed(0))
-    renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else "model." + k: v
-               for k, v in state.items()}  # fmt: skip
+    renamed = {
+        k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else "model." + k: v
+        for k, v in state.items()
+    }
     renamed["lm_head.weight"] = head.to(torch.bfloat16)
     save_file(renamed, str(d / "model.safetensors"))
     edit_json(d / "config.json", tie_word_embeddings=False)
@@ -111,8 +123,10 @@ def test_custom_visual_model_directory(demo_dir, tmp_path):
     # vision weights only in the custom directory
     state = load_file(d / "model.safetensors")
     save_file({k: v for k, v in state.items() if not k.startswith("visual.")}, str(d / "model.safetensors"))
-    save_file({k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")},
-              str(vdir / "model.safetensors"))  # fmt: skip
+    save_file(
+        {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")},
+        str(vdir / "model.safetensors"),
+    )
     model = SliMMForConditionalGeneration.from_pretrained(d, torch_dtype="float32")
     torch.testing.assert_close(
         model.visual.blocks[0].attn.qkv.weight, state["visual.blocks.0.attn.qkv.weight"].float()

@@ -51,17 +51,25 @@ def test_batch_matches_prompts_one_by_one(torch_model, variant):
     cfg = GenerationConfig(max_new_tokens=8, stop_tokens=())
     single = []
     for ids, px, g in ((p1, px1, g1), (p2, px2, g2)):
-        inp = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-               "pixel_values": px, "image_grid_thw": np.array([g])}  # fmt: skip
+        inp = {
+            "input_ids": np.array([ids]),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "pixel_values": px,
+            "image_grid_thw": np.array([g]),
+        }
         single.append(generate(backend, inp, cfg))
     ids, mask = left_pad([p1, p2])
     S = ids.shape[1]
     batch = generate(
         backend,
-        {"input_ids": ids, "attention_mask": mask, "pixel_values": np.concatenate([px1, px2]),
-         "image_grid_thw": np.array([g1, g2])},
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": np.concatenate([px1, px2]),
+            "image_grid_thw": np.array([g1, g2]),
+        },
         cfg,
-    )  # fmt: skip
+    )
     for b in range(2):
         np.testing.assert_array_equal(batch.sequences[b, S:], single[b].sequences[0, -8:])
         for step in range(8):
@@ -111,9 +119,14 @@ def test_image_and_video_slices_in_prompt_order(torch_model):
     torch.testing.assert_close(slices[:, 8:], s_img)
     # and the whole thing runs through generate with the cache
     out = TorchBackend(model).generate(
-        input_ids=np.array([ids]), pixel_values=pi, image_grid_thw=np.array([gi]),
-        pixel_values_videos=pv, video_grid_thw=np.array([gv]), max_new_tokens=3, eos_token_id=[],
-    )  # fmt: skip
+        input_ids=np.array([ids]),
+        pixel_values=pi,
+        image_grid_thw=np.array([gi]),
+        pixel_values_videos=pv,
+        video_grid_thw=np.array([gv]),
+        max_new_tokens=3,
+        eos_token_id=[],
+    )
     assert out.shape == (1, len(ids) + 3)
 
 
@@ -123,7 +136,9 @@ def test_efficient_video_with_many_frames(torch_model):
     g = (3, 4, 4)  # three temporal patches = six frames
     ids = chat(vision_block(VID, g))
     out = model(
-        input_ids=np.array([ids]), pixel_values_videos=patch_rows(model.config, [g]), video_grid_thw=np.array([g])
+        input_ids=np.array([ids]),
+        pixel_values_videos=patch_rows(model.config, [g]),
+        video_grid_thw=np.array([g]),
     )
     assert out.logits.shape == (1, len(ids), model.config.text.vocab_size)
     assert torch.isfinite(out.logits).all()
