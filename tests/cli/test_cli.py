@@ -22,6 +22,10 @@ def test_help_explains_every_command(capsys):
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
         assert p.description, name
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: slimm {name}"), name
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0

@@ -194,60 +194,6 @@ def test_pixel_rows_must_match_grid(torch_model):
         model(**inputs)
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """slimm module -> the slimm modules it imports anywhere in its source (deferred imports too)."""
-    import ast
-    from pathlib import Path
-
-    import slimm
-
-    root = Path(slimm.__file__).parent
-    files = {}
-    for f in root.rglob("*.py"):
-        parts = ("slimm", *f.relative_to(root).with_suffix("").parts)
-        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
-    graph = {}
-    for mod, f in files.items():
-        pkg = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                    base = ".".join([*up, base] if base else up)
-                names = [base, *(f"{base}.{a.name}" for a in node.names)]
-            else:
-                continue
-            deps |= {n for n in names if n in files and n != mod}
-        graph[mod] = deps
-    return graph
-
-
-def test_no_import_circle_between_model_weights_and_torch_backend():
-    """backends/torch -> model/slimm -> model/weights, and no way back (the model's own generate runs
-    through slimm.model.runner, which takes the model by interface)."""
-    graph = _import_graph()
-
-    def reaches(start: str, goal: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            m = todo.pop()
-            if m == goal:
-                return True
-            if m not in seen:
-                seen.add(m)
-                todo += graph.get(m, ())
-        return False
-
-    modules = [m for m in graph if m.startswith(("slimm.model", "slimm.backends"))]
-    circles = [(a, b) for a in modules for b in graph[a] if reaches(b, a)]
-    assert circles == []
-    assert "slimm.weights" not in graph  # the weights loader lives with the model
-
-
 def test_model_generate_matches_the_torch_backend(demo_dir):
     from slimm.model.slimm import SliMMForConditionalGeneration
 
