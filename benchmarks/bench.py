@@ -84,29 +84,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The benchmark's options, for `slimm bench` and `python -m benchmarks.bench`."""
     p.add_argument("--size", default="tiny", choices=SIZES, help="checkpoint size (random weights)")
     p.add_argument("--variant", default="plain", choices=VARIANTS, help="DeepStack variant")
-    p.add_argument("--backends", type=_choices("backend", BACKENDS), default=list(BACKENDS),
-                   help=f"comma-separated, from {','.join(BACKENDS)} (default: all)")  # fmt: skip
-    p.add_argument("--precision", type=_choices("precision", PRECISIONS), default=["fp32"],
-                   help="comma-separated, from fp32,fp16,int8,int4,w8a8 (int8/int4/w8a8: ONNX Runtime only)")  # fmt: skip
-    p.add_argument("--block-size", type=_block_size, default=BLOCK_SIZE, metavar="N",
-                   help=f"int8 / int4 weights per scale (default {BLOCK_SIZE})")  # fmt: skip
-    p.add_argument("--image-size", type=_image_size, default=(448, 448), metavar="HxW",
-                   help="the benchmark image (default 448x448)")  # fmt: skip
+    p.add_argument(
+        "--backends",
+        type=_choices("backend", BACKENDS),
+        default=list(BACKENDS),
+        help=f"comma-separated, from {','.join(BACKENDS)} (default: all)",
+    )
+    p.add_argument(
+        "--precision",
+        type=_choices("precision", PRECISIONS),
+        default=["fp32"],
+        help="comma-separated, from fp32,fp16,int8,int4,w8a8 (int8/int4/w8a8: ONNX Runtime only)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=_block_size,
+        default=BLOCK_SIZE,
+        metavar="N",
+        help=f"int8 / int4 weights per scale (default {BLOCK_SIZE})",
+    )
+    p.add_argument(
+        "--image-size",
+        type=_image_size,
+        default=(448, 448),
+        metavar="HxW",
+        help="the benchmark image (default 448x448)",
+    )
     p.add_argument("--prompt-tokens", type=_positive, default=256, help="text prompt length for prefill")
     p.add_argument("--decode-steps", type=_positive, default=32, help="greedy decode steps (eos disabled)")
     p.add_argument("--repeats", type=_positive, default=3, help="timed calls per phase after a warm-up")
     p.add_argument("--threads", type=_positive, default=2, help="intra-op threads for every framework")
-    p.add_argument("--rounds", type=_positive, default=1,
-                   help="measure every backend this many times, round-robin, each in a fresh process; "
-                        "per phase the best round is kept (for shared, noisy machines)")  # fmt: skip
-    p.add_argument("--work", type=Path, default=None,
-                   help="cache of checkpoints / exports / conversions, reused across runs "
-                        "(default: $SLIMM_CACHE/bench or ~/.cache/slimm/bench)")  # fmt: skip
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="measure every backend this many times, round-robin, each in a fresh process; "
+        "per phase the best round is kept (for shared, noisy machines)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="cache of checkpoints / exports / conversions, reused across runs "
+        "(default: $SLIMM_CACHE/bench or ~/.cache/slimm/bench)",
+    )
     p.add_argument(
         "--out", type=Path, default=Path("bench-results"), help="table.md, results.json, chart.png"
     )
-    p.add_argument("--convert-timeout", type=_positive, default=900,
-                   help="seconds one framework conversion may take before its backend is skipped")  # fmt: skip
+    p.add_argument(
+        "--convert-timeout",
+        type=_positive,
+        default=900,
+        help="seconds one framework conversion may take before its backend is skipped",
+    )
     p.add_argument(
         "--timeout", type=_positive, default=1800, help="seconds one backend's measurement may take"
     )
@@ -115,9 +145,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="build (or check) every checkpoint, export and conversion the run needs, then stop",
     )
-    p.add_argument("--memory-limit", type=float, default=None, metavar="GB",
-                   help="stop a backend whose resident memory passes this (default: 90%% of the memory "
-                        "available at start)")  # fmt: skip
+    p.add_argument(
+        "--memory-limit",
+        type=float,
+        default=None,
+        metavar="GB",
+        help="stop a backend whose resident memory passes this (default: 90%% of the memory "
+        "available at start)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,8 +182,13 @@ def available_memory() -> int | None:
     return None
 
 
-def run_isolated(target, spec: dict[str, Any], timeout: float, env: dict[str, str] | None = None,
-                 memory_limit: int | None = None) -> dict:  # fmt: skip
+def run_isolated(
+    target,
+    spec: dict[str, Any],
+    timeout: float,
+    env: dict[str, str] | None = None,
+    memory_limit: int | None = None,
+) -> dict:
     """Run `target(spec, result_path)` in a fresh (spawned) process; its JSON result, or a failure
     naming the exit status / the timeout / the memory limit. A fresh process per job keeps peak
     memory its own; the limit stops a runaway job before the kernel's OOM killer picks a victim
@@ -191,9 +231,14 @@ def run_isolated(target, spec: dict[str, Any], timeout: float, env: dict[str, st
 
 def thread_env(threads: int) -> dict[str, str]:
     n = str(threads)
-    return {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n,
-            "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}",
-            "TF_CPP_MIN_LOG_LEVEL": "3", "GLOG_minloglevel": "2"}  # fmt: skip
+    return {
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "OPENBLAS_NUM_THREADS": n,
+        "XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={n}",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "GLOG_minloglevel": "2",
+    }
 
 
 # ---- artefacts (built in subprocesses, cached in --work) ------------------------------------------------
@@ -232,8 +277,11 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
             raise ValueError(f"unknown artefact kind {kind!r}")
         out = {"status": "ok"}
     except Exception as e:  # noqa: BLE001 - reported as the reason a backend is skipped
-        out = {"status": "failed", "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300],
-               "traceback": traceback.format_exc()}  # fmt: skip
+        out = {
+            "status": "failed",
+            "reason": f"{type(e).__name__}: {e}".splitlines()[0][:300],
+            "traceback": traceback.format_exc(),
+        }
     Path(result_path).write_text(json.dumps(out))
 
 
@@ -303,16 +351,19 @@ def model_path(
     if backend in ("torch", "transformers"):
         return ckpt, None
     export_precision = "fp32" if precision in QUANTIZED else precision
-    export = art.ensure("export", art.path("onnx", export_precision), {"src": str(ckpt), "precision": export_precision},
-                        3600)  # fmt: skip
+    export = art.ensure(
+        "export", art.path("onnx", export_precision), {"src": str(ckpt), "precision": export_precision}, 3600
+    )
     if export is None:
         return None, art.failed[str(art.path("onnx", export_precision))]
     if precision in QUANTIZED:  # w8a8's block size is its embedding table's: kept at the default
         block = args.block_size if precision in WEIGHT_ONLY else BLOCK_SIZE
         q = art.ensure(
-            "quantize", art.path("onnx", precision),
-            {"src": str(export), "precision": precision, "block_size": block}, 3600,
-        )  # fmt: skip
+            "quantize",
+            art.path("onnx", precision),
+            {"src": str(export), "precision": precision, "block_size": block},
+            3600,
+        )
         return (q, None) if q else (None, art.failed[str(art.path("onnx", precision))])
     if backend == "onnx":
         return export, None
@@ -358,15 +409,23 @@ def machine_line(threads: int) -> str:
         mem = f", {kib / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration, ValueError):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores{mem}; {threads} threads; Python {platform.python_version()}, "
-            f"NumPy {np.__version__}, {platform.system()} {platform.release()}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores{mem}; {threads} threads; Python {platform.python_version()}, "
+        f"NumPy {np.__version__}, {platform.system()} {platform.release()}"
+    )
 
 
 def versions(backends: list[str]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    dists = {"torch": "torch", "onnx": "onnxruntime", "jax": "jax", "paddle": "paddlepaddle",
-             "mindspore": "mindspore", "transformers": "transformers"}  # fmt: skip
+    dists = {
+        "torch": "torch",
+        "onnx": "onnxruntime",
+        "jax": "jax",
+        "paddle": "paddlepaddle",
+        "mindspore": "mindspore",
+        "transformers": "transformers",
+    }
     out = {}
     for b in backends:
         try:
@@ -436,9 +495,12 @@ def run(args: argparse.Namespace) -> int:
     if ckpt is None:
         print(f"error: {art.failed[str(art.path('ckpt'))]}", file=sys.stderr)
         return 2
-    workload = art.ensure("workload", art.workload_path(),
-                          {"src": str(ckpt), "image_size": list(args.image_size), "prompt_tokens": args.prompt_tokens},
-                          600)  # fmt: skip
+    workload = art.ensure(
+        "workload",
+        art.workload_path(),
+        {"src": str(ckpt), "image_size": list(args.image_size), "prompt_tokens": args.prompt_tokens},
+        600,
+    )
     if workload is None:
         print(f"error: {art.failed[str(art.workload_path())]}", file=sys.stderr)
         return 2
@@ -482,9 +544,16 @@ def run(args: argparse.Namespace) -> int:
                 continue
             logits_dir = args.out / "logits"
             logits_dir.mkdir(parents=True, exist_ok=True)
-            spec = {"backend": backend, "precision": precision, "path": str(path), "workload": str(workload),
-                    "threads": args.threads, "decode_steps": args.decode_steps, "repeats": args.repeats,
-                    "logits_path": str(logits_dir / f"{backend}-{precision}.npy")}  # fmt: skip
+            spec = {
+                "backend": backend,
+                "precision": precision,
+                "path": str(path),
+                "workload": str(workload),
+                "threads": args.threads,
+                "decode_steps": args.decode_steps,
+                "repeats": args.repeats,
+                "logits_path": str(logits_dir / f"{backend}-{precision}.npy"),
+            }
             res = run_isolated(worker, spec, args.timeout, thread_env(args.threads), memory_limit)
             if res.get("status") == "failed" and res.get("traceback"):
                 print(f"\n{backend} {precision} failed:\n{res['traceback']}", file=sys.stderr)

@@ -47,8 +47,9 @@ def synthetic_image(height: int, width: int, seed: int = 0):
     return Image.fromarray(img)
 
 
-def build_workload(ckpt_dir: Path, out: Path, image_size: tuple[int, int], prompt_tokens: int,
-                   seed: int = 0) -> Path:  # fmt: skip
+def build_workload(
+    ckpt_dir: Path, out: Path, image_size: tuple[int, int], prompt_tokens: int, seed: int = 0
+) -> Path:
     """The shared inputs, saved once: a `prompt_tokens`-token text prompt (seeded ordinary token
     ids) and one chat turn with one image, built by the checkpoint's own processor."""
     from slimm.processing import Processor
@@ -163,8 +164,9 @@ def _phase(times: list[float]) -> dict[str, Any]:
     }
 
 
-def run_measurements(runner, work: dict, decode_steps: int, repeats: int, res: dict, save,
-                     logits_path: str | None = None) -> None:  # fmt: skip
+def run_measurements(
+    runner, work: dict, decode_steps: int, repeats: int, res: dict, save, logits_path: str | None = None
+) -> None:
     """Fill `res` phase by phase, calling `save()` after each: a process killed later (out of
     memory) still reports what it measured. Text prefill and decode come first: they need the
     LLM only; the vision encoder's phases follow."""

@@ -116,6 +116,10 @@ class TransformersRunner:
         # no attention mask (batch 1, no padding): positions follow from the cache length and
         # the M-RoPE offset the prefill stored (`rope_deltas`), as in transformers' own generate
         with torch.inference_mode():
-            out = self.model(input_ids=torch.from_numpy(tokens)[:, None], cache=self.cache, use_cache=True,
-                             logits_to_keep=1)  # fmt: skip
+            out = self.model(
+                input_ids=torch.from_numpy(tokens)[:, None],
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float().numpy()

@@ -109,11 +109,15 @@ def profile_vision(backend, args) -> int:
     inp = backend.processor(
         text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[synthetic_image(h, w)]
     )
-    feeds = {"pixel_values": inp["pixel_values"].astype(np.float32),
-             **vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, inp["image_grid_thw"])}  # fmt: skip
+    feeds = {
+        "pixel_values": inp["pixel_values"].astype(np.float32),
+        **vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, inp["image_grid_thw"]),
+    }
     ops, nodes, kernels = profile_f(args.export / "SliMM_B.onnx", feeds, args.threads, runs=3)
-    print(f"{args.export}: part B on a {h}x{w} image ({feeds['pixel_values'].shape[0]} patches), "
-          f"{args.threads} threads: {kernels / 1e3:.2f} s of kernels per call")  # fmt: skip
+    print(
+        f"{args.export}: part B on a {h}x{w} image ({feeds['pixel_values'].shape[0]} patches), "
+        f"{args.threads} threads: {kernels / 1e3:.2f} s of kernels per call"
+    )
     print_ops(ops, nodes, kernels, args.top)
     return 0
 
@@ -125,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--vision", metavar="HxW", default=None,
-                   help="profile the vision encoder (part B) on a synthetic image of this size instead")  # fmt: skip
+    p.add_argument(
+        "--vision",
+        metavar="HxW",
+        default=None,
+        help="profile the vision encoder (part B) on a synthetic image of this size instead",
+    )
     args = p.parse_args(argv)
 
     import slimm
@@ -135,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision:
         return profile_vision(backend, args)
     parts, step_ms, feeds = per_part(backend, args.prompt_tokens, args.steps)
-    print(f"{args.export} ({backend.manifest.precision}), {args.threads} threads, cache of "
-          f"{args.prompt_tokens + args.steps + 2} slots: decode step {step_ms:.1f} ms")  # fmt: skip
+    print(
+        f"{args.export} ({backend.manifest.precision}), {args.threads} threads, cache of "
+        f"{args.prompt_tokens + args.steps + 2} slots: decode step {step_ms:.1f} ms"
+    )
     print("\n| where | ms/step | share |\n| --- | ---: | ---: |")
     for k, v in sorted(parts.items(), key=lambda x: -x[1]):
         print(f"| {k if k.startswith('host') else 'part ' + k} | {v:.2f} | {100 * v / step_ms:.1f}% |")

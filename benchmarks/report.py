@@ -10,6 +10,7 @@ from slimm.export.quantize import WEIGHT_ONLY
 
 # (what, backend, precision, metric, peer backend, peer precision, bound, direction): the project's
 # targets, each a ratio of two measured rows; direction ">=" (faster) or "<=" (less time)
+# (left as written: one goal a line reads as a table)
 # fmt: off
 GOALS = (
     ("ONNX Runtime fp32 decode vs transformers", "onnx", "fp32", "decode", "transformers", "fp32", 2.2, ">="),
@@ -81,8 +82,14 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             and r.get("weight_bytes", 0) >= MEMORY_GOAL_MIN_WEIGHTS
         ):
             x = r["peak_over_weights"]
-            out.append({"goal": f"{r['backend']} {r['precision']} peak memory vs weight bytes",
-                        "target": f"<= {MEMORY_BOUND}x", "ratio": x, "met": x <= MEMORY_BOUND})  # fmt: skip
+            out.append(
+                {
+                    "goal": f"{r['backend']} {r['precision']} peak memory vs weight bytes",
+                    "target": f"<= {MEMORY_BOUND}x",
+                    "ratio": x,
+                    "met": x <= MEMORY_BOUND,
+                }
+            )
     return out
 
 
@@ -134,10 +141,16 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             lines.append(f"{head} {r.get('status', 'failed')}: {r.get('reason', '')} |" + " |" * 11)
             continue
         if r.get("status") != "ok":
-            notes.append(f"- {r['backend']} {r['precision']}: {r.get('status')}: {r.get('reason', '')}; "
-                         "blank cells were not measured; peak memory is as of its last finished phase")  # fmt: skip
-        cells = [_gb(r["weight_bytes"]), f"{_gb(r['peak_rss_bytes'])} ({r['peak_rss_bytes'] / r['weight_bytes']:.2f}x)",
-                 f"{r['load_s']:.1f}", f"{r['compile_s']:.1f}" if "compile_s" in r else ""]  # fmt: skip
+            notes.append(
+                f"- {r['backend']} {r['precision']}: {r.get('status')}: {r.get('reason', '')}; "
+                "blank cells were not measured; peak memory is as of its last finished phase"
+            )
+        cells = [
+            _gb(r["weight_bytes"]),
+            f"{_gb(r['peak_rss_bytes'])} ({r['peak_rss_bytes'] / r['weight_bytes']:.2f}x)",
+            f"{r['load_s']:.1f}",
+            f"{r['compile_s']:.1f}" if "compile_s" in r else "",
+        ]
         cells.append(f"{r['vision']['median_s']:.3f}" if "vision" in r else "")
         cells.append(f"{r['prefill']['tokens_per_s']:.1f}" if "prefill" in r else "")
         cells.append(f"{r['ttft']['median_s']:.3f}" if "ttft" in r else "")

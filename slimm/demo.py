@@ -30,14 +30,29 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def _llm(size: str) -> dict:
     if size == "tiny":  # head_dim 64 so the qwen2 model type derives mrope_section [8, 12, 12]
-        return dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=2,
-                    num_key_value_heads=1)  # fmt: skip
+        return dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
     if size == "0.5b":  # Qwen2-0.5B
-        return dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                    num_key_value_heads=2)  # fmt: skip
+        return dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+        )
     if size == "2b":  # Qwen2-VL-2B
-        return dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                    num_key_value_heads=2)  # fmt: skip
+        return dict(
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+        )
     raise ValueError(f"unknown size {size!r}: one of {', '.join(SIZES)}")
 
 
@@ -47,8 +62,16 @@ def _vision(size: str, variant: str, llm_hidden: int) -> dict:
         v = dict(depth=depth, embed_dim=64, num_heads=2, mlp_ratio=4)
     else:  # DFN-Huge ViT as in every released checkpoint
         v = dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4)
-    return dict(v, hidden_size=llm_hidden, hidden_act="quick_gelu", in_channels=3, patch_size=14,
-                spatial_merge_size=2, temporal_patch_size=2, model_type="qwen2_vl")  # fmt: skip
+    return dict(
+        v,
+        hidden_size=llm_hidden,
+        hidden_act="quick_gelu",
+        in_channels=3,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        model_type="qwen2_vl",
+    )
 
 
 def demo_configs(variant: str = "plain", size: str = "tiny") -> dict[str, dict]:

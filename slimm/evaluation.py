@@ -17,9 +17,29 @@ from typing import Any
 
 from slimm.errors import InputError, SliMMError
 
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-                "eighteen", "nineteen", "twenty")  # fmt: skip
+NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+    "twenty",
+)
 ARTICLES = ("a", "an", "the")
 NORMALISATION = (
     "lowercase; punctuation replaced by spaces; the articles a/an/the dropped; number words "
@@ -167,9 +187,15 @@ def evaluate(
         ok = is_match(prediction, row["answer"])
         correct += ok
         results.append(
-            {**where, "type": str(row.get("type", "all")), "question": row["question"],
-             "answer": row["answer"], "prediction": prediction, "correct": ok}
-        )  # fmt: skip
+            {
+                **where,
+                "type": str(row.get("type", "all")),
+                "question": row["question"],
+                "answer": row["answer"],
+                "prediction": prediction,
+                "correct": ok,
+            }
+        )
         bar.set_postfix(acc=f"{correct / len(results):.3f}", errors=len(errors))
     bar.close()
     return summarise(results, errors, time.monotonic() - start)

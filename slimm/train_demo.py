@@ -34,8 +34,9 @@ from slimm.processing import QWEN2_VL_CHAT_TEMPLATE, Processor
 from slimm.synthetic import QUESTION_TYPES, Sample, all_texts, make_sample
 
 VARIANT = "v1"  # DeepStack: four slices of each visual token's sub-patches added in LLM layers 1..4
-LLM = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=2,
-           num_key_value_heads=1)  # fmt: skip
+LLM = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=2, num_key_value_heads=1
+)
 VISION = dict(depth=4, embed_dim=64, num_heads=2)
 MAX_PIXELS = 28 * 28 * 64  # larger images are shrunk to at most 64 LLM tokens: the task's scale
 ANSWER_TOKENS_MAX = 16  # longest answer ("A yellow triangle left of a green circle.") with room
@@ -225,9 +226,16 @@ def forward_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     position_ids, _ = model.rope_index(ids, batch.get("image_grid_thw"), batch.get("video_grid_thw"), mask)
     cos, sin = model.model.rope(position_ids, h.dtype)
     hidden, _, _ = model.model(
-        h, cos, sin, *model.empty_cache(ids.shape[0]), mask, slices, visual_pos,
-        cfg.local_features_start, cfg.local_features_interval,
-    )  # fmt: skip
+        h,
+        cos,
+        sin,
+        *model.empty_cache(ids.shape[0]),
+        mask,
+        slices,
+        visual_pos,
+        cfg.local_features_start,
+        cfg.local_features_interval,
+    )
     picked = hidden[batch["rows"], batch["cols"]]  # (A, d)
     return picked @ model.model.embed_tokens.weight.T  # (A, n)
 
@@ -348,8 +356,10 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         if (step + 1) % s.eval_every == 0 or step == s.steps - 1:
             hits = heldout_exact(model, heldout, pad_id)
             acc = float(hits.float().mean())
-            by_type = {t: float(hits[[i for i, x in enumerate(heldout_types) if x == t]].float().mean())
-                       for t in QUESTION_TYPES}  # fmt: skip
+            by_type = {
+                t: float(hits[[i for i, x in enumerate(heldout_types) if x == t]].float().mean())
+                for t in QUESTION_TYPES
+            }
             log(
                 f"step {step:5d}  held-out exact match (teacher-forced, {len(heldout)}): {acc:.3f}  "
                 + " ".join(f"{t} {a:.2f}" for t, a in by_type.items())
@@ -411,9 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--package", help="also pack the weights into this asset directory (slimm.trained_demo)")
     a = p.parse_args(argv)
     settings = dataclasses.replace(
-        d, steps=a.steps, batch=a.batch, lr=a.lr, minutes=a.minutes, threads=a.threads,
+        d,
+        steps=a.steps,
+        batch=a.batch,
+        lr=a.lr,
+        minutes=a.minutes,
+        threads=a.threads,
         eval_every=min(d.eval_every, a.steps),
-    )  # fmt: skip
+    )
     record = train(a.out, a.seed, settings)
     print(f"trained {record['steps_done']} steps in {record['seconds'] / 60:.1f} min -> {a.out}")
     if a.eval_n:

@@ -22,8 +22,14 @@ ASSET_DIR = Path(__file__).parent / "assets" / "demo-model"
 WEIGHTS = "weights.safetensors.xz"
 EMBED = "model.embed_tokens.weight"
 TOKEN_IDS = "token_ids"  # in the packed file: the real ids of the embedding rows kept
-SMALL_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "chat_template.json",
-               "README.md", "training.json")  # fmt: skip
+SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "chat_template.json",
+    "README.md",
+    "training.json",
+)
 EXAMPLE_QUESTIONS = ("describe", "colour", "position", "shape")
 
 

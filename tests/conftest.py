@@ -12,7 +12,7 @@ from slimm.frameworks.paddle import preload_mindspore_onednn
 preload_mindspore_onednn()
 
 # the SIMD extensions that decide which kernels ONNX Runtime (MLAS), oneDNN, XLA and torch pick:
-# tolerances are set from measurements on AVX2-only and AVX-512 VNNI machines (tests/test_quantize.py)
+# tolerances are set from measurements on AVX2-only and AVX-512 VNNI machines (tests/export/test_quantize.py)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile")
 
 

@@ -348,9 +348,17 @@ class Backend(abc.ABC):
         inputs = {k: v for k, v in inputs.items() if k not in ("use_cache", "output_scores")}
         as_torch = hasattr(input_ids, "detach")
         gen = self.generation_config(
-            max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty,
-            eos_token_id, pad_token_id, max_seq_len, seed,
-        )  # fmt: skip
+            max_new_tokens,
+            do_sample,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            eos_token_id,
+            pad_token_id,
+            max_seq_len,
+            seed,
+        )
         checked = normalize_inputs({"input_ids": input_ids, **inputs}, self.config)
         with self.lock:
             out = generate(self, checked, gen)

@@ -94,8 +94,13 @@ def providers_for(device: str = "auto", providers: list | None = None) -> list:
     return [CPU]
 
 
-def make_session(path: str | Path, device: str = "auto", threads: int | None = None, opt_level: str = "all",
-                 providers: list | None = None):  # fmt: skip
+def make_session(
+    path: str | Path,
+    device: str = "auto",
+    threads: int | None = None,
+    opt_level: str = "all",
+    providers: list | None = None,
+):
     """The one way an `onnxruntime.InferenceSession` is made here: options checked, the file's own
     errors a CheckpointError naming it, and device='cuda' really on CUDA (ONNX Runtime falls back
     to CPU with only a warning when the CUDA libraries do not load)."""
@@ -155,8 +160,14 @@ class OnnxBackend(PartsBackend):
 
     name = "onnx"
 
-    def __init__(self, export_dir, device: str = "auto", threads: int | None = None, opt_level: str = "all",
-                 wrapper: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        export_dir,
+        device: str = "auto",
+        threads: int | None = None,
+        opt_level: str = "all",
+        wrapper: str | None = None,
+    ) -> None:
         try:
             frameworks.startup("onnxruntime")
         except BackendUnavailable as e:
@@ -176,8 +187,9 @@ class OnnxBackend(PartsBackend):
             else:
                 from slimm.wrappers import WRAPPERS
 
-                w = WRAPPERS[wrapper](path, device=device, intra_op_num_threads=threads,
-                                      graph_optimization_level=opt_level)  # fmt: skip
+                w = WRAPPERS[wrapper](
+                    path, device=device, intra_op_num_threads=threads, graph_optimization_level=opt_level
+                )
                 self.wrapped[part], sess = w, w.session
             got = [i.name for i in sess.get_inputs()]
             want = [t.name for t in manifest.parts[part].inputs]

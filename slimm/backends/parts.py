@@ -135,8 +135,10 @@ class PartsBackend(Backend):
         # no visual tokens: one zero slice added at position 0 is an exact no-op, and keeps every
         # size >= 1 (jax.export's symbolic sizes and some static-graph kernels reject empty tensors)
         d = self.config.text.hidden_size
-        return {"deepstack": np.zeros((self.config.num_deepstack, 1, d), self.float),
-                "visual_pos": np.zeros((1,), np.int64)}  # fmt: skip
+        return {
+            "deepstack": np.zeros((self.config.num_deepstack, 1, d), self.float),
+            "visual_pos": np.zeros((1,), np.int64),
+        }
 
     def prefill_rows(self, first, inputs):
         cfg = self.config
@@ -157,8 +159,12 @@ class PartsBackend(Backend):
                     f"the prompt holds {pos.size} {what} tokens but the {what}s give {tokens.shape[0]} "
                     f"(grid_thw {inputs[grid].tolist()}); expand each <|{what}_pad|> to match"
                 )
-            embeds = self.to_numpy(self.run("C", {"inputs_embeds": embeds, "visual_embeds": tokens.astype(self.float),
-                                                  "visual_pos": pos})[0])  # fmt: skip
+            embeds = self.to_numpy(
+                self.run(
+                    "C",
+                    {"inputs_embeds": embeds, "visual_embeds": tokens.astype(self.float), "visual_pos": pos},
+                )[0]
+            )
             pos_all.append(pos)
             if slices is not None:
                 slices_all.append(slices)

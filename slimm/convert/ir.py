@@ -122,8 +122,20 @@ class Program:
     taken: set[str] = field(default_factory=set)  # every variable name in use (see safe_var)
 
 
-ONNX_TO_NP = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
-              11: "float64", 12: "uint32", 13: "uint64", 16: "bfloat16"}  # fmt: skip
+ONNX_TO_NP = {
+    1: "float32",
+    2: "uint8",
+    3: "int8",
+    5: "int16",
+    6: "int32",
+    7: "int64",
+    9: "bool",
+    10: "float16",
+    11: "float64",
+    12: "uint32",
+    13: "uint64",
+    16: "bfloat16",
+}
 
 
 DIM_CALL = "__dim__"  # __dim__(var, axis): a target replaces it with its own way to read a size

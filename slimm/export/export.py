@@ -92,8 +92,18 @@ class PartF(nn.Module):
         super().__init__()
         self.m = m
 
-    def forward(self, inputs_embeds, cos, sin, past_mask, cur_mask, past_keys, past_values, deepstack=None,
-                visual_pos=None):  # fmt: skip
+    def forward(
+        self,
+        inputs_embeds,
+        cos,
+        sin,
+        past_mask,
+        cur_mask,
+        past_keys,
+        past_values,
+        deepstack=None,
+        visual_pos=None,
+    ):
         cfg = self.m.config
         hidden, new_k, new_v = self.m.model(
             inputs_embeds,
@@ -126,14 +136,20 @@ def example_inputs(cfg: SliMMConfig, part: str, dtype: torch.dtype) -> tuple:
         scale = 2 if cfg.deepstack_type == "efficient" else 1
         v = cfg.vision
         width = v.in_channels * v.temporal_patch_size * (scale * v.patch_size) ** 2
-        args = [torch.randn(rows, width, generator=g), torch.from_numpy(dummy["rotary_ids"]),
-                torch.from_numpy(dummy["frame_ids"])]  # fmt: skip
+        args = [
+            torch.randn(rows, width, generator=g),
+            torch.from_numpy(dummy["rotary_ids"]),
+            torch.from_numpy(dummy["frame_ids"]),
+        ]
         if cfg.deepstack_type == "efficient":
             args += [torch.from_numpy(dummy["pixel_index"]), torch.from_numpy(dummy["coarse_index"])]
         return tuple(args)
     if part == "C":
-        return (torch.randn(B, S, t.hidden_size, dtype=dtype, generator=g).to(dtype),
-                torch.randn(3, t.hidden_size, generator=g).to(dtype), torch.tensor([1, 3, 9]))  # fmt: skip
+        return (
+            torch.randn(B, S, t.hidden_size, dtype=dtype, generator=g).to(dtype),
+            torch.randn(3, t.hidden_size, generator=g).to(dtype),
+            torch.tensor([1, 3, 9]),
+        )
     if part == "D":
         return (torch.randint(0, 50, (3, B, S), generator=g),)
     if part == "E":
@@ -141,11 +157,15 @@ def example_inputs(cfg: SliMMConfig, part: str, dtype: torch.dtype) -> tuple:
     if part == "F":
         hd, kv, d = t.head_dim, t.num_key_value_heads, t.hidden_size
         n = t.num_hidden_layers
-        args = [torch.randn(B, S, d, generator=g).to(dtype), torch.randn(B, S, hd, generator=g).to(dtype),
-                torch.randn(B, S, hd, generator=g).to(dtype), torch.ones(B, T, dtype=torch.int64),
-                torch.ones(B, S, dtype=torch.int64),
-                [torch.randn(B, kv, T, hd, generator=g).to(dtype) for _ in range(n)],
-                [torch.randn(B, kv, T, hd, generator=g).to(dtype) for _ in range(n)]]  # fmt: skip
+        args = [
+            torch.randn(B, S, d, generator=g).to(dtype),
+            torch.randn(B, S, hd, generator=g).to(dtype),
+            torch.randn(B, S, hd, generator=g).to(dtype),
+            torch.ones(B, T, dtype=torch.int64),
+            torch.ones(B, S, dtype=torch.int64),
+            [torch.randn(B, kv, T, hd, generator=g).to(dtype) for _ in range(n)],
+            [torch.randn(B, kv, T, hd, generator=g).to(dtype) for _ in range(n)],
+        ]
         if cfg.use_deepstack:
             args += [torch.randn(cfg.num_deepstack, L, d, generator=g).to(dtype), torch.arange(L) * 2]
         return tuple(args)
@@ -225,8 +245,14 @@ def _save(model, path: Path) -> None:
 
     data = path.name + ".data"
     (path.parent / data).unlink(missing_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data,
-                    size_threshold=1024)  # fmt: skip
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data,
+        size_threshold=1024,
+    )
 
 
 def _stamp(path: Path, export_id: str, part: str) -> None:
@@ -319,8 +345,14 @@ def _export_parts(
     model.model.fuse()  # part F: one matmul for q, k and v in each layer
     cfg = model.config
     export_id = uuid.uuid4().hex
-    modules = {"A": PartA(model), "B": PartB(model), "C": PartC(), "D": PartD(model), "E": PartE(model),
-               "F": PartF(model)}  # fmt: skip
+    modules = {
+        "A": PartA(model),
+        "B": PartB(model),
+        "C": PartC(),
+        "D": PartD(model),
+        "E": PartE(model),
+        "F": PartF(model),
+    }
     manifest_parts = {}
     bar = tqdm(parts, desc="export", unit="part", disable=not progress, file=sys.stderr)
     for part in bar:
@@ -329,8 +361,15 @@ def _export_parts(
         path = out_dir / part_file(part)
         with torch.no_grad():
             args = example_inputs(cfg, part, torch.float32)
-            _quiet_export(modules[part], args, path, ins, outs, dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
-                          opset)  # fmt: skip
+            _quiet_export(
+                modules[part],
+                args,
+                path,
+                ins,
+                outs,
+                dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
+                opset,
+            )
         if precision == "fp16":
             _to_fp16_weights(path)
         _stamp(path, export_id, part)

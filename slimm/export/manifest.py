@@ -121,8 +121,10 @@ def io_spec(cfg: SliMMConfig, part: str, float_type: str) -> tuple[list[Tensor],
             Tensor("logits", "float32", ["batch", t.vocab_size], "logits of the last position"),
             Tensor("next_token", "int64", ["batch"], "greedy argmax of logits"),
         ]
-        outs += [Tensor(f"present_key.{i}", f, ["batch", kv, "seq", hd], "new keys, to write at the cache offset")
-                 for i in range(n)]  # fmt: skip
+        outs += [
+            Tensor(f"present_key.{i}", f, ["batch", kv, "seq", hd], "new keys, to write at the cache offset")
+            for i in range(n)
+        ]
         outs += [Tensor(f"present_value.{i}", f, ["batch", kv, "seq", hd], "new values") for i in range(n)]
         return ins, outs
     raise ValueError(f"unknown part {part!r}; parts are {PARTS}")

@@ -108,10 +108,16 @@ def _gather_int8(model, names: list[str], block: int) -> None:
             numpy_helper.from_array(a, n) for a, n in zip((q, scale, zero), names, strict=True)
         )
         new = helper.make_node(
-            "GatherBlockQuantized", [names[0], node.input[1], names[1], names[2]], list(node.output),
-            name=node.name + "_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
-            block_size=block, bits=8,
-        )  # fmt: skip
+            "GatherBlockQuantized",
+            [names[0], node.input[1], names[1], names[2]],
+            list(node.output),
+            name=node.name + "_Q8",
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block,
+            bits=8,
+        )
         graph.node.remove(node)
         graph.node.insert(pos, new)
 
@@ -135,8 +141,9 @@ def _use_opset(model, domain: str, version: int) -> None:
     model.opset_import.add(domain=domain, version=version)
 
 
-def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE,
-                  accuracy_level: int = ACCURACY_LEVEL) -> dict[str, int]:  # fmt: skip
+def quantize_part(
+    path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE, accuracy_level: int = ACCURACY_LEVEL
+) -> dict[str, int]:
     """One part file -> its quantized copy at `out` (weights in `out.name + '.data'`); returns how
     many nodes of each kind were rewritten."""
     import onnx
@@ -169,8 +176,14 @@ def quantize_part(path: Path, out: Path, bits: int, block_size: int = BLOCK_SIZE
             counts[n.op_type] += 1
     data = _data_file(out)
     data.unlink(missing_ok=True)
-    onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)  # fmt: skip
+    onnx.save_model(
+        model,
+        str(out),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
     _finish_files(out)
     return counts
 

@@ -118,8 +118,13 @@ class Attention(nn.Module):
         graphs. Replaces q_proj / k_proj / v_proj, so a fused model no longer has checkpoint names."""
         scale = self.head_dim**-0.5
         q, k, v = self.q_proj, self.k_proj, self.v_proj
-        fused = nn.Linear(q.in_features, q.out_features + k.out_features + v.out_features, bias=True,
-                          device=q.weight.device, dtype=q.weight.dtype)  # fmt: skip
+        fused = nn.Linear(
+            q.in_features,
+            q.out_features + k.out_features + v.out_features,
+            bias=True,
+            device=q.weight.device,
+            dtype=q.weight.dtype,
+        )
         fused.weight.copy_(torch.cat([q.weight * scale, k.weight, v.weight]))
         fused.bias.copy_(torch.cat([q.bias * scale, k.bias, v.bias]))
         del self.q_proj, self.k_proj, self.v_proj

@@ -23,8 +23,15 @@ from slimm.model.vision import VisionTower
 from slimm.model.weights import load_weights
 
 # transformers-style keywords callers pass along that this model does not need
-HF_ACCEPTED_KWARGS = {"mm_token_type_ids", "use_cache", "return_dict", "output_attentions", "output_hidden_states",
-                      "cache_position", "rope_deltas"}  # fmt: skip
+HF_ACCEPTED_KWARGS = {
+    "mm_token_type_ids",
+    "use_cache",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+    "cache_position",
+    "rope_deltas",
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -1,5 +1,5 @@
 """The converter tests' op cases: one-node ONNX graphs (`Case`, `CASES`, one or more per registered
-handler) and small multi-node graphs (`graph`, `shape_fold_model`), all at opset 20."""
+handler) and small multi-node graphs (`shape_fold_model`), all at opset 20 (`opset_model`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,21 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 20
-NP_TO_ONNX = {np.float32: TensorProto.FLOAT, np.int64: TensorProto.INT64, np.bool_: TensorProto.BOOL,
-              np.float16: TensorProto.FLOAT16, np.int32: TensorProto.INT32}  # fmt: skip
+NP_TO_ONNX = {
+    np.float32: TensorProto.FLOAT,
+    np.int64: TensorProto.INT64,
+    np.bool_: TensorProto.BOOL,
+    np.float16: TensorProto.FLOAT16,
+    np.int32: TensorProto.INT32,
+}
 R = np.random.default_rng(0)
+
+
+def opset_model(graph, opset: int = OPSET, **kwargs):
+    """A ModelProto of `graph` at this opset and IR version 9 (read by every onnxruntime in the extra)."""
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], **kwargs)
+    m.ir_version = 9
+    return m
 
 
 def f32(*shape):
@@ -21,8 +33,18 @@ def i64(*vals):
 
 
 class Case:
-    def __init__(self, op, inputs, attrs=None, static=(), n_out=1, opset=OPSET, name=None, out_types=None,
-                 dim_names=None):  # fmt: skip
+    def __init__(
+        self,
+        op,
+        inputs,
+        attrs=None,
+        static=(),
+        n_out=1,
+        opset=OPSET,
+        name=None,
+        out_types=None,
+        dim_names=None,
+    ):
         self.op, self.inputs, self.attrs = op, inputs, attrs or {}
         self.static, self.n_out, self.opset = set(static), n_out, opset
         self.name = name or op
@@ -46,10 +68,7 @@ class Case:
         node = helper.make_node(self.op, names, [f"y{k}" for k in range(self.n_out)], **self.attrs)
 
         def build(outs):
-            graph = helper.make_graph([node], "g", ins, outs, inits)
-            m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
-            m.ir_version = 9
-            return m
+            return opset_model(helper.make_graph([node], "g", ins, outs, inits), self.opset)
 
         # output types from ONNX's reference evaluator; sizes left dynamic
         from onnx.reference import ReferenceEvaluator
@@ -58,9 +77,14 @@ class Case:
             [helper.make_tensor_value_info(f"y{k}", TensorProto.FLOAT, None) for k in range(self.n_out)]
         )
         results = ReferenceEvaluator(probe).run(None, self.feeds())
-        outs = [helper.make_tensor_value_info(f"y{k}", NP_TO_ONNX[np.asarray(r).dtype.type],
-                                              [f"o{k}_{i}" for i in range(np.asarray(r).ndim)])
-                for k, r in enumerate(results)]  # fmt: skip
+        outs = [
+            helper.make_tensor_value_info(
+                f"y{k}",
+                NP_TO_ONNX[np.asarray(r).dtype.type],
+                [f"o{k}_{i}" for i in range(np.asarray(r).ndim)],
+            )
+            for k, r in enumerate(results)
+        ]
         return build(outs)
 
     def feeds(self):
@@ -95,15 +119,30 @@ def ramp_cases() -> list[Case]:
             [R.random((3, 5)) > 0.5, np.array(-1e9, np.float32), f32(2, 3, 5)],
             dim_names=[["p", "q"], [], [2, "p", "q"]],
             name="Where-mask-named-sizes",
-        ),  # fmt: skip
+        ),
         Case("Cast", [x], {"to": TensorProto.INT64}, name="Cast-float-int"),
         Case("Cast", [i64(1, 2)], {"to": TensorProto.FLOAT}, name="Cast-int-float"),
         Case("Cast", [i64(0, 2)], {"to": TensorProto.BOOL}, name="Cast-int-bool"),
         Case("Gelu", [x], {"approximate": "none"}),
         Case("Gelu", [x], {"approximate": "tanh"}, name="Gelu-tanh"),
     ]
-    for op in ("Neg", "Sqrt", "Reciprocal", "Sin", "Cos", "Sigmoid", "Exp", "Log", "Tanh", "Abs", "Erf", "Relu",
-               "Floor", "Ceil", "Identity"):  # fmt: skip
+    for op in (
+        "Neg",
+        "Sqrt",
+        "Reciprocal",
+        "Sin",
+        "Cos",
+        "Sigmoid",
+        "Exp",
+        "Log",
+        "Tanh",
+        "Abs",
+        "Erf",
+        "Relu",
+        "Floor",
+        "Ceil",
+        "Identity",
+    ):
         cases.append(Case(op, [pos if op in ("Sqrt", "Log", "Reciprocal") else x]))
     return cases
 
@@ -114,8 +153,15 @@ def reduce_cases() -> list[Case]:
     for op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"):
         cases.append(Case(op, [x, i64(-1)], {"keepdims": 1}, static=[1]))
         cases.append(Case(op, [x, i64(0, 2)], {"keepdims": 0}, static=[1], name=f"{op}-two-axes"))
-        cases.append(Case(op, [x], {"axes": [1], "keepdims": 1}, opset=13 if op != "ReduceSum" else 11,
-                          name=f"{op}-attr-axes"))  # fmt: skip
+        cases.append(
+            Case(
+                op,
+                [x],
+                {"axes": [1], "keepdims": 1},
+                opset=13 if op != "ReduceSum" else 11,
+                name=f"{op}-attr-axes",
+            )
+        )
     cases += [
         Case("ArgMax", [x], {"axis": -1, "keepdims": 0}),
         Case(
@@ -123,7 +169,7 @@ def reduce_cases() -> list[Case]:
             [np.array([[1.0, 3.0, 3.0]], np.float32)],
             {"axis": 1, "select_last_index": 1},
             name="ArgMax-last-index",
-        ),  # fmt: skip
+        ),
         Case("ArgMin", [x], {"axis": 1, "keepdims": 1}),
     ]
     return cases
@@ -142,13 +188,13 @@ def nn_cases() -> list[Case]:
             [f32(2, 3, 5, 4), f32(2, 3, 4, 6)],
             name="MatMul-batched-same-sizes",
             dim_names=[["b", "h", "m", "k"], ["b", "h", "k", "n"]],
-        ),  # fmt: skip
+        ),
         Case(
             "MatMul",
             [f32(2, 1, 5, 4), f32(2, 3, 4, 6)],
             name="MatMul-batched-broadcast",
             dim_names=[["b", 1, "m", "k"], ["b", 3, "k", "n"]],
-        ),  # fmt: skip
+        ),
         Case("Gemm", [f32(4, 3), f32(5, 3), f32(5)], {"transB": 1}),
         Case(
             "Gemm",
@@ -175,7 +221,7 @@ def nn_cases() -> list[Case]:
             {"pads": [1, 1, 1, 1]},
             static=[1, 2],
             name="Conv2d-pad",
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -194,7 +240,7 @@ def tensor_cases() -> list[Case]:
             [x, i64(0, 3), i64(np.iinfo(np.int64).max, 0), i64(0, 2), i64(1, -1)],
             static=[1, 2, 3, 4],
             name="Slice-int64max-and-negative-step",
-        ),  # fmt: skip
+        ),
         Case("Slice", [x, i64(-3), i64(-1), i64(-1)], static=[1, 2, 3], name="Slice-negative"),
         Case("Split", [f32(2, 9), i64(2, 3, 4)], {"axis": 1}, static=[1], n_out=3),
         Case("Split", [f32(6, 2)], {"axis": 0, "num_outputs": 3}, n_out=3, name="Split-equal"),
@@ -214,7 +260,7 @@ def tensor_cases() -> list[Case]:
             [f32(6, 3), np.array([[4], [1]], np.int64), f32(2, 3)],
             {"reduction": "add"},
             name="ScatterND-add",
-        ),  # fmt: skip
+        ),
         Case(
             "Range", [np.array(2, np.int64), np.array(11, np.int64), np.array(3, np.int64)], static=[0, 1, 2]
         ),
@@ -239,9 +285,14 @@ def shape_fold_model():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     r = helper.make_tensor_value_info("r", TensorProto.INT64, None)
-    inits = [numpy_helper.from_array(i64(0), "i0"), numpy_helper.from_array(i64(1), "i1"),
-             numpy_helper.from_array(i64(2, 3), "tail"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
-             numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(i64(0), "ax0")]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(i64(0), "i0"),
+        numpy_helper.from_array(i64(1), "i1"),
+        numpy_helper.from_array(i64(2, 3), "tail"),
+        numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        numpy_helper.from_array(np.array(1, np.int64), "one"),
+        numpy_helper.from_array(i64(0), "ax0"),
+    ]
     nodes = [
         helper.make_node("Shape", ["x"], ["sh"]),
         helper.make_node("Gather", ["sh", "i0"], ["b"], axis=0),
@@ -251,7 +302,4 @@ def shape_fold_model():
         helper.make_node("Squeeze", ["s", "ax0"], ["s0"]),
         helper.make_node("Range", ["zero", "s0", "one"], ["r"]),
     ]
-    g = helper.make_graph(nodes, "fold", [x], [y, r], inits)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    m.ir_version = 9
-    return m
+    return opset_model(helper.make_graph(nodes, "fold", [x], [y, r], inits))

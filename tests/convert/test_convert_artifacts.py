@@ -7,11 +7,9 @@ naming it.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from prompts import run_python
 
 pytest.importorskip("onnxruntime")
 
@@ -83,13 +81,8 @@ def test_converted_dir_loads_without_onnx_torch_or_the_code_generator(exported, 
     feeds = make_feeds(manifest, "F", SHAPES[1], np.random.default_rng(5))
     np.savez(tmp_path / "in.npz", **feeds)
     args = [str(out), target, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")]
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_ALONE, *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,  # MindSpore writes rank_0/ debug dumps into the working directory on failures
-    )
+    # cwd: MindSpore writes rank_0/ debug dumps into the working directory on failures
+    proc = run_python(LOAD_ALONE, *args, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "CONVERT MODULES []" in proc.stdout, proc.stdout
     res = np.load(tmp_path / "out.npz")

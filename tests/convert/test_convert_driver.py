@@ -4,11 +4,11 @@ kept inside their directories, the output built aside and moved into place whole
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import pytest
+from prompts import edit_json
 
 pytest.importorskip("jax")
 pytest.importorskip("onnxruntime")
@@ -47,14 +47,6 @@ def test_unknown_target_is_a_clear_error(exported, tmp_path):
         convert_export(exported("plain"), "tensorflow", tmp_path / "t", progress=False)
 
 
-def _edited_export(exported, tmp_path, edit):
-    src = shutil.copytree(exported("plain"), tmp_path / "export")
-    m = json.loads((src / "manifest.json").read_text())
-    edit(m)
-    (src / "manifest.json").write_text(json.dumps(m))
-    return src
-
-
 @pytest.mark.parametrize("bad", ["../../x", "/tmp/x", "sub/x", "..", "a\\b"])
 @pytest.mark.parametrize("where", ["files", "part"])
 def test_manifest_file_names_must_stay_inside_the_directory(exported, tmp_path, bad, where):
@@ -64,7 +56,8 @@ def test_manifest_file_names_must_stay_inside_the_directory(exported, tmp_path, 
         else:
             m["parts"]["C"]["file"] = bad
 
-    src = _edited_export(exported, tmp_path, edit)
+    src = shutil.copytree(exported("plain"), tmp_path / "export")
+    edit_json(src / "manifest.json", edit)
     with pytest.raises(
         CheckpointError, match=f"manifest.json: .*{bad!r}.* not a plain file name".replace("\\", "\\\\")
     ):

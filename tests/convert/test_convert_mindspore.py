@@ -5,12 +5,11 @@ case and the handler paths through MINDIR with dynamic dims, memory of broadcast
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 ms = pytest.importorskip("mindspore")
 ort = pytest.importorskip("onnxruntime")
@@ -100,7 +99,7 @@ def test_op_case_through_mindir_with_dynamic_dims(case, tmp_path):
 # ---- handler paths the one-node cases do not reach, at two shapes through MINDIR --------------------
 def graph(nodes, inputs, outputs, inits=()):
     """A small opset-20 model; inputs/outputs as (name, numpy dtype, rank) with every dim dynamic."""
-    from convert_cases import NP_TO_ONNX, OPSET
+    from convert_cases import NP_TO_ONNX, opset_model
     from onnx import helper, numpy_helper
 
     def vi(name, dtype, rank):
@@ -115,9 +114,7 @@ def graph(nodes, inputs, outputs, inits=()):
         [vi(*o) for o in outputs],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in inits],
     )
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
-    m.ir_version = 9
-    return m
+    return opset_model(g)
 
 
 def _r(*shape):
@@ -131,93 +128,150 @@ def _ints(*shape, lo=-9, hi=9):
 PATH_CASES = {
     # Div of intermediates: the dtype is known only to the graph compiler (int truncates, float divides)
     "div-intermediate-int": (
-        graph([("Add", ["a", "b"], ["t"], {}), ("Div", ["t", "b"], ["y"], {})],
-              [("a", np.int64, 1), ("b", np.int64, 1)], [("y", np.int64, 1)]),
-        [{"a": _ints(5), "b": np.array([2, -3, 4, -5, 7], np.int64)},
-         {"a": _ints(8), "b": np.array([2, -3, 4, -5, 7, 3, -2, 9], np.int64)}],
+        graph(
+            [("Add", ["a", "b"], ["t"], {}), ("Div", ["t", "b"], ["y"], {})],
+            [("a", np.int64, 1), ("b", np.int64, 1)],
+            [("y", np.int64, 1)],
+        ),
+        [
+            {"a": _ints(5), "b": np.array([2, -3, 4, -5, 7], np.int64)},
+            {"a": _ints(8), "b": np.array([2, -3, 4, -5, 7, 3, -2, 9], np.int64)},
+        ],
     ),
     "div-intermediate-float": (
-        graph([("Add", ["a", "b"], ["t"], {}), ("Div", ["t", "b"], ["y"], {})],
-              [("a", np.float32, 2), ("b", np.float32, 2)], [("y", np.float32, 2)]),
+        graph(
+            [("Add", ["a", "b"], ["t"], {}), ("Div", ["t", "b"], ["y"], {})],
+            [("a", np.float32, 2), ("b", np.float32, 2)],
+            [("y", np.float32, 2)],
+        ),
         [{"a": _r(2, 3), "b": _r(2, 3) + 3}, {"a": _r(4, 5), "b": _r(4, 5) + 3}],
     ),
     # a static negative index into an axis whose size is known only at run time
     "gather-negative-static-index": (
-        graph([("Gather", ["x", "i"], ["y"], {"axis": 1})], [("x", np.float32, 3)], [("y", np.float32, 3)],
-              [("i", np.array([-1, 0, -2], np.int64))]),
+        graph(
+            [("Gather", ["x", "i"], ["y"], {"axis": 1})],
+            [("x", np.float32, 3)],
+            [("y", np.float32, 3)],
+            [("i", np.array([-1, 0, -2], np.int64))],
+        ),
         [{"x": _r(2, 3, 4)}, {"x": _r(3, 7, 2)}],
     ),
     # run-time sizes used as a tensor (Shape -> Add): sizes_tensor
     "sizes-as-tensor": (
-        graph([("Shape", ["x"], ["s"], {}), ("Add", ["s", "k"], ["y"], {})],
-              [("x", np.float32, 3), ("k", np.int64, 1)], [("y", np.int64, 1)]),
+        graph(
+            [("Shape", ["x"], ["s"], {}), ("Add", ["s", "k"], ["y"], {})],
+            [("x", np.float32, 3), ("k", np.int64, 1)],
+            [("y", np.int64, 1)],
+        ),
         [{"x": _r(2, 3, 4), "k": _ints(3)}, {"x": _r(5, 1, 2), "k": _ints(3)}],
     ),
     # Expand with sizes known after Reshape (broadcast_to), and of a bool tensor with run-time sizes
     "expand-known-dims": (
-        graph([("Reshape", ["x", "s"], ["r"], {}), ("Expand", ["r", "t"], ["y"], {})],
-              [("x", np.float32, 2)], [("y", np.float32, 3)],
-              [("s", np.array([3, 1], np.int64)), ("t", np.array([2, 1, 4], np.int64))]),
+        graph(
+            [("Reshape", ["x", "s"], ["r"], {}), ("Expand", ["r", "t"], ["y"], {})],
+            [("x", np.float32, 2)],
+            [("y", np.float32, 3)],
+            [("s", np.array([3, 1], np.int64)), ("t", np.array([2, 1, 4], np.int64))],
+        ),
         [{"x": _r(1, 3)}, {"x": _r(3, 1)}],
     ),
     "expand-bool-run-time-dims": (
-        graph([("Expand", ["x", "t"], ["y"], {})], [("x", np.bool_, 2)], [("y", np.bool_, 3)],
-              [("t", np.array([2, 1, 4], np.int64))]),
+        graph(
+            [("Expand", ["x", "t"], ["y"], {})],
+            [("x", np.bool_, 2)],
+            [("y", np.bool_, 3)],
+            [("t", np.array([2, 1, 4], np.int64))],
+        ),
         [{"x": _r(3, 1) > 0}, {"x": _r(5, 4) > 0}],
     ),
     # Range too long to fold into a constant: a run-time node with static float bounds
     "range-float-unfolded": (
-        graph([("Range", ["a", "b", "c"], ["r"], {}), ("Add", ["r", "x"], ["y"], {})],
-              [("x", np.float32, 1)], [("y", np.float32, 1)],
-              [("a", np.array(0.5, np.float32)), ("b", np.array(2500.0, np.float32)),
-               ("c", np.array(0.5, np.float32))]),
+        graph(
+            [("Range", ["a", "b", "c"], ["r"], {}), ("Add", ["r", "x"], ["y"], {})],
+            [("x", np.float32, 1)],
+            [("y", np.float32, 1)],
+            [
+                ("a", np.array(0.5, np.float32)),
+                ("b", np.array(2500.0, np.float32)),
+                ("c", np.array(0.5, np.float32)),
+            ],
+        ),
         [{"x": _r(1)}, {"x": _r(4999)}],
     ),
     "gathernd-scatternd-negative-indices": (
-        graph([("GatherND", ["x", "i"], ["g"], {}), ("ScatterND", ["x", "i", "g"], ["s"], {"reduction": "add"})],
-              [("x", np.float32, 3), ("i", np.int64, 2)], [("g", np.float32, 2), ("s", np.float32, 3)]),
-        [{"x": _r(4, 5, 3), "i": np.array([[0, -1], [-4, 2]], np.int64)},
-         {"x": _r(6, 2, 5), "i": np.array([[-1, 1], [2, -2], [0, 0]], np.int64)}],
+        graph(
+            [
+                ("GatherND", ["x", "i"], ["g"], {}),
+                ("ScatterND", ["x", "i", "g"], ["s"], {"reduction": "add"}),
+            ],
+            [("x", np.float32, 3), ("i", np.int64, 2)],
+            [("g", np.float32, 2), ("s", np.float32, 3)],
+        ),
+        [
+            {"x": _r(4, 5, 3), "i": np.array([[0, -1], [-4, 2]], np.int64)},
+            {"x": _r(6, 2, 5), "i": np.array([[-1, 1], [2, -2], [0, 0]], np.int64)},
+        ],
     ),
     "layernorm-mean-and-inv-std": (
-        graph([("LayerNormalization", ["x", "g", "b"], ["y", "m", "r"], {"axis": -1, "epsilon": 1e-5})],
-              [("x", np.float32, 3)], [("y", np.float32, 3), ("m", np.float32, 3), ("r", np.float32, 3)],
-              [("g", _r(8)), ("b", _r(8))]),
+        graph(
+            [("LayerNormalization", ["x", "g", "b"], ["y", "m", "r"], {"axis": -1, "epsilon": 1e-5})],
+            [("x", np.float32, 3)],
+            [("y", np.float32, 3), ("m", np.float32, 3), ("r", np.float32, 3)],
+            [("g", _r(8)), ("b", _r(8))],
+        ),
         [{"x": _r(2, 5, 8)}, {"x": _r(1, 3, 8)}],
     ),
     "argmax-last-index-ties": (
-        graph([("ArgMax", ["x"], ["y"], {"axis": 0, "keepdims": 0, "select_last_index": 1})],
-              [("x", np.float32, 2)], [("y", np.int64, 1)]),
+        graph(
+            [("ArgMax", ["x"], ["y"], {"axis": 0, "keepdims": 0, "select_last_index": 1})],
+            [("x", np.float32, 2)],
+            [("y", np.int64, 1)],
+        ),
         [{"x": np.round(_r(6, 3))}, {"x": np.round(_r(9, 2))}],
     ),
     "max-three-inputs-and-pow-3": (
-        graph([("Max", ["a", "b", "c"], ["m"], {}), ("Pow", ["m", "p"], ["y"], {})],
-              [("a", np.float32, 2), ("b", np.float32, 2), ("c", np.float32, 2)], [("y", np.float32, 2)],
-              [("p", np.array(3.0, np.float32))]),
+        graph(
+            [("Max", ["a", "b", "c"], ["m"], {}), ("Pow", ["m", "p"], ["y"], {})],
+            [("a", np.float32, 2), ("b", np.float32, 2), ("c", np.float32, 2)],
+            [("y", np.float32, 2)],
+            [("p", np.array(3.0, np.float32))],
+        ),
         [{"a": _r(2, 3), "b": _r(2, 3) * 2, "c": _r(1, 3)}, {"a": _r(4, 1), "b": _r(4, 2), "c": _r(1, 2)}],
     ),
     # a Linear layer (stored 2-D weight): the MatMul primitive over rows, for 3-D and 2-D inputs
     "matmul-stored-weight": (
-        graph([("MatMul", ["x", "w"], ["y"], {}), ("MatMul", ["z", "w"], ["y2"], {})],
-              [("x", np.float32, 3), ("z", np.float32, 2)], [("y", np.float32, 3), ("y2", np.float32, 2)],
-              [("w", _r(8, 16))]),
+        graph(
+            [("MatMul", ["x", "w"], ["y"], {}), ("MatMul", ["z", "w"], ["y2"], {})],
+            [("x", np.float32, 3), ("z", np.float32, 2)],
+            [("y", np.float32, 3), ("y2", np.float32, 2)],
+            [("w", _r(8, 16))],
+        ),
         [{"x": _r(2, 5, 8), "z": _r(3, 8)}, {"x": _r(1, 1, 8), "z": _r(7, 8)}],
     ),
     # a Conv whose kernel covers its (reshaped, statically known) input: the patch embedding as a matmul
     "conv3d-patch-embedding-as-matmul": (
-        graph([("Reshape", ["x", "s"], ["r"], {}), ("Conv", ["r", "w", "b"], ["y"], {"strides": [2, 4, 4]})],
-              [("x", np.float32, 2)], [("y", np.float32, 5)],
-              [("s", np.array([-1, 2, 2, 4, 4], np.int64)), ("w", _r(5, 2, 2, 4, 4)), ("b", _r(5))]),
+        graph(
+            [("Reshape", ["x", "s"], ["r"], {}), ("Conv", ["r", "w", "b"], ["y"], {"strides": [2, 4, 4]})],
+            [("x", np.float32, 2)],
+            [("y", np.float32, 5)],
+            [("s", np.array([-1, 2, 2, 4, 4], np.int64)), ("w", _r(5, 2, 2, 4, 4)), ("b", _r(5))],
+        ),
         [{"x": _r(3, 64)}, {"x": _r(7, 64)}],
     ),
     "split-uneven-transpose-default-cumsum-both": (
-        graph([("Split", ["x"], ["p", "q", "r"], {"axis": 1, "num_outputs": 3}), ("Transpose", ["p"], ["t"], {}),
-               ("CumSum", ["r", "ax"], ["c"], {"exclusive": 1, "reverse": 1})],
-              [("x", np.float32, 2)], [("t", np.float32, 2), ("q", np.float32, 2), ("c", np.float32, 2)],
-              [("ax", np.array(1, np.int64))]),
+        graph(
+            [
+                ("Split", ["x"], ["p", "q", "r"], {"axis": 1, "num_outputs": 3}),
+                ("Transpose", ["p"], ["t"], {}),
+                ("CumSum", ["r", "ax"], ["c"], {"exclusive": 1, "reverse": 1}),
+            ],
+            [("x", np.float32, 2)],
+            [("t", np.float32, 2), ("q", np.float32, 2), ("c", np.float32, 2)],
+            [("ax", np.array(1, np.int64))],
+        ),
         [{"x": _r(2, 7)}, {"x": _r(3, 11)}],
     ),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("name", list(PATH_CASES))
@@ -260,6 +314,7 @@ def test_broadcasts_and_transposes_do_not_hold_their_temporaries(tmp_path):
     mint.permute, so memory is reused: 8 blocks of (Where, Add of a row, Transpose, Mul) grew by ~6
     activations (~100 before)."""
     import onnx
+    from convert_cases import opset_model
     from onnx import TensorProto, helper, numpy_helper
 
     heads, blocks = 4, 8
@@ -275,23 +330,25 @@ def test_broadcasts_and_transposes_do_not_hold_their_temporaries(tmp_path):
     g = helper.make_graph(
         nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [heads, "p", "p"]),
-         helper.make_tensor_value_info("mask", TensorProto.BOOL, ["p", "p"]),
-         helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["p"])],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [heads, "p", "p"]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["p", "p"]),
+            helper.make_tensor_value_info("bias", TensorProto.FLOAT, ["p"]),
+        ],
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, [heads, "p", "p"])],
-        [numpy_helper.from_array(np.array(-1e9, np.float32), "neg"),
-         numpy_helper.from_array(np.array(0.5, np.float32), "half")],
-    )  # fmt: skip
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)])
-    model.ir_version = 9
+        [
+            numpy_helper.from_array(np.array(-1e9, np.float32), "neg"),
+            numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+        ],
+    )
+    model = opset_model(g)
     onnx.save(model, str(tmp_path / "m.onnx"))
     src, prog = generate_source(tmp_path / "m.onnx", "mindspore")
     (tmp_path / "gen_m.py").write_text(src)
     assert [v.name for v in prog.inputs] == ["x", "mask", "bias"]
     inputs = [("x", "float32", [None] * 3), ("mask", "bool", [None] * 2), ("bias", "float32", [None])]
     TARGET.save(import_generated(tmp_path / "gen_m.py"), prog.weights, inputs, tmp_path, "m")
-    proc = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path), str(heads)], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    proc = run_python(MEMORY_PROBE, str(tmp_path), str(heads), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = float(proc.stdout.strip().splitlines()[-1])
     assert growth < 3 * blocks, f"resident memory grew by {growth:.1f} activations over {blocks} blocks"

@@ -17,7 +17,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 
-from convert_cases import CASES, Case, f32, shape_fold_model  # noqa: E402
+from convert_cases import CASES, Case, f32, opset_model, shape_fold_model  # noqa: E402
 from convert_helpers import check, run_target  # noqa: E402
 from onnx import helper, numpy_helper  # noqa: E402
 
@@ -120,10 +120,7 @@ def test_a_conversion_leaves_no_state_on_the_shared_target(tmp_path):
         helper.make_node("Celu", ["g"], ["y"]),  # no handler: the conversion stops here
     ]
     idx = numpy_helper.from_array(np.array([3, 1], np.int64), "i")
-    model = helper.make_model(
-        helper.make_graph(nodes, "g", [x], [y], [idx]), opset_imports=[helper.make_opsetid("", 20)]
-    )
-    model.ir_version = 9
+    model = opset_model(helper.make_graph(nodes, "g", [x], [y], [idx]))
     onnx.save(model, str(tmp_path / "m.onnx"))
     with pytest.raises(ConversionError, match="Celu"):
         generate_source(tmp_path / "m.onnx", "mindspore")

@@ -83,7 +83,7 @@ def extra_cases() -> list:
             [np.array([[True, False, True]]), np.array(1.5, np.float32), f32(2, 1)],
             static=[1],
             name="Where-scalar",
-        ),  # fmt: skip
+        ),
         Case("Cast", [x], {"to": onnx.TensorProto.INT32}, name="Cast-float-int32"),
         Case("Cast", [x], {"to": onnx.TensorProto.FLOAT16}, name="Cast-float-half"),
         Case("Cast", [x.astype(np.float16)], {"to": onnx.TensorProto.FLOAT}, name="Cast-half-float"),
@@ -96,7 +96,7 @@ def extra_cases() -> list:
             {"keepdims": 0},
             static=[1],
             name="ReduceSum-int32",
-        ),  # fmt: skip
+        ),
         Case(
             "ReduceMax",
             [x, np.zeros(0, np.int64)],
@@ -109,7 +109,7 @@ def extra_cases() -> list:
             [np.array([[2.0, 1.0, 1.0, 3.0]], np.float32)],
             {"axis": -1, "keepdims": 0, "select_last_index": 1},
             name="ArgMin-last-index",
-        ),  # fmt: skip
+        ),
         Case("Transpose", [x], name="Transpose-reverse"),
         Case(
             "LayerNormalization",
@@ -117,7 +117,7 @@ def extra_cases() -> list:
             {"axis": -2},
             static=[1, 2],
             name="LayerNorm-two-axes",
-        ),  # fmt: skip
+        ),
         Case(
             "LayerNormalization",
             [f32(2, 5, 8), f32(8), f32(8)],
@@ -125,28 +125,28 @@ def extra_cases() -> list:
             static=[1, 2],
             n_out=3,
             name="LayerNorm-mean-invstd",
-        ),  # fmt: skip
+        ),
         Case(
             "Conv",
             [f32(1, 4, 9), f32(6, 2, 3)],
             {"pads": [1, 2], "dilations": [2], "group": 2, "strides": [2]},
             static=[1],
             name="Conv1d-groups-dilation",
-        ),  # fmt: skip
+        ),
         Case(
             "Conv",
             [f32(1, 3, 6, 6), f32(4, 3, 3, 3), f32(4)],
             {"pads": [0, 1, 2, 1], "strides": [2, 1]},
             static=[1, 2],
             name="Conv2d-asymmetric-pads",
-        ),  # fmt: skip
+        ),
         Case(
             "CumSum",
             [f32(3, 4), np.array(-1, np.int64)],
             {"exclusive": 1, "reverse": 1},
             static=[1],
             name="CumSum-exclusive-reverse",
-        ),  # fmt: skip
+        ),
         Case(
             "CumSum",
             [np.array([[1, 2, 3]], np.int32), np.array(1, np.int64)],
@@ -159,7 +159,7 @@ def extra_cases() -> list:
             [np.array(0.5, np.float32), np.array(3.0, np.float32), np.array(0.75, np.float32)],
             static=[0, 1, 2],
             name="Range-float",
-        ),  # fmt: skip
+        ),
         Case("Split", [f32(7, 2)], {"axis": 0, "num_outputs": 3}, n_out=3, name="Split-uneven"),
         Case("Identity", [np.array([1, 2], np.int64)], name="Identity-int"),
     ]
@@ -167,23 +167,21 @@ def extra_cases() -> list:
 
 def sized_model(nodes: list, inputs: dict, outputs: list[tuple[str, int]]):
     """A graph of a few nodes whose sizes flow from inputs (Shape -> ...): every input size dynamic."""
-    from convert_cases import NP_TO_ONNX, OPSET
+    from convert_cases import NP_TO_ONNX, opset_model
     from onnx import helper
 
-    ins = [helper.make_tensor_value_info(n, NP_TO_ONNX[a.dtype.type], [f"{n}_{i}" for i in range(a.ndim)])
-           for n, a in inputs.items()]  # fmt: skip
+    ins = [
+        helper.make_tensor_value_info(n, NP_TO_ONNX[a.dtype.type], [f"{n}_{i}" for i in range(a.ndim)])
+        for n, a in inputs.items()
+    ]
     outs = [helper.make_tensor_value_info(n, t, None) for n, t in outputs]
-    m = helper.make_model(
-        helper.make_graph(nodes, "sized", ins, outs), opset_imports=[helper.make_opsetid("", OPSET)]
-    )
-    m.ir_version = 9
-    return m
+    return opset_model(helper.make_graph(nodes, "sized", ins, outs))
 
 
 def sized_cases() -> list:
     """(name, model, feeds): run-time sizes used as Expand / Slice / ConstantOfShape / Tile
     arguments and as a tensor."""
-    from convert_cases import OPSET, f32, shape_fold_model
+    from convert_cases import f32, opset_model, shape_fold_model
     from onnx import TensorProto, helper, numpy_helper
 
     def node(op, ins, outs, **attrs):
@@ -213,7 +211,7 @@ def sized_cases() -> list:
                 node("Slice", ["z", "zero", "n", "one"], ["o"]),
             ],
             TensorProto.FLOAT,
-        ),  # fmt: skip
+        ),
         "ConstantOfShape-of-run-time-sizes": (
             [
                 shape_y,
@@ -233,9 +231,7 @@ def sized_cases() -> list:
         [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
     )
-    model = helper.make_model(conv, opset_imports=[helper.make_opsetid("", OPSET)])
-    model.ir_version = 9
-    cases.append(("Conv-patch-embedding-as-matmul", model, {"x": patches}))
+    cases.append(("Conv-patch-embedding-as-matmul", opset_model(conv), {"x": patches}))
     for name, (nodes, out_type) in graphs.items():
         used = {i for n in nodes for i in n.input}
         feeds = {k: v for k, v in {"x": x, "y": y, "z": z}.items() if k in used}

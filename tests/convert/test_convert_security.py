@@ -11,6 +11,7 @@ import pytest
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
+from convert_cases import opset_model  # noqa: E402
 from convert_helpers import check, generated, ort_run, run_saved  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
@@ -66,8 +67,7 @@ def hostile_model(marker):
         helper.make_tensor_value_info(n["wc"], TensorProto.FLOAT, None),
     ]
     graph = helper.make_graph(nodes, "g" + p, inputs, outputs, [w, w_t, neg], doc_string=p)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], doc_string=p)
-    model.ir_version = 9
+    model = opset_model(graph, doc_string=p)
     feeds = {
         n["a"]: rng.standard_normal((2, 16)).astype(np.float32),
         n["fi"]: rng.standard_normal((2, 24)).astype(np.float32),
@@ -106,10 +106,7 @@ def test_attributes_of_the_wrong_type_or_unknown_are_refused(attrs, message, tmp
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
     node = helper.make_node("Concat", ["x", "x"], ["y"], **attrs)
-    model = helper.make_model(
-        helper.make_graph([node], "g", [x], [y]), opset_imports=[helper.make_opsetid("", 20)]
-    )
-    model.ir_version = 9
+    model = opset_model(helper.make_graph([node], "g", [x], [y]))
     for target in TARGETS:
         if FRAMEWORKS[target].module and __import__("importlib").util.find_spec(FRAMEWORKS[target].module):
             with pytest.raises(ConversionError, match=message):

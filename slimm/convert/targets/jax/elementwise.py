@@ -5,14 +5,41 @@ from __future__ import annotations
 from slimm.convert.ir import ONNX_TO_NP
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
-BINARY = {"Add": "jnp.add", "Sub": "jnp.subtract", "Mul": "jnp.multiply", "Sum": "jnp.add", "Mean": "jnp.add",
-          "Equal": "jnp.equal", "Less": "jnp.less", "LessOrEqual": "jnp.less_equal", "Greater": "jnp.greater",
-          "GreaterOrEqual": "jnp.greater_equal", "And": "jnp.logical_and", "Or": "jnp.logical_or",
-          "Xor": "jnp.logical_xor", "Max": "jnp.maximum", "Min": "jnp.minimum"}  # fmt: skip
-UNARY = {"Neg": "jnp.negative", "Sqrt": "jnp.sqrt", "Reciprocal": "jnp.reciprocal", "Sin": "jnp.sin",
-         "Cos": "jnp.cos", "Sigmoid": "jax.nn.sigmoid", "Not": "jnp.logical_not", "Exp": "jnp.exp",
-         "Log": "jnp.log", "Tanh": "jnp.tanh", "Abs": "jnp.abs", "Erf": "jax.scipy.special.erf",
-         "Relu": "jax.nn.relu", "Floor": "jnp.floor", "Ceil": "jnp.ceil", "Identity": ""}  # fmt: skip
+BINARY = {
+    "Add": "jnp.add",
+    "Sub": "jnp.subtract",
+    "Mul": "jnp.multiply",
+    "Sum": "jnp.add",
+    "Mean": "jnp.add",
+    "Equal": "jnp.equal",
+    "Less": "jnp.less",
+    "LessOrEqual": "jnp.less_equal",
+    "Greater": "jnp.greater",
+    "GreaterOrEqual": "jnp.greater_equal",
+    "And": "jnp.logical_and",
+    "Or": "jnp.logical_or",
+    "Xor": "jnp.logical_xor",
+    "Max": "jnp.maximum",
+    "Min": "jnp.minimum",
+}
+UNARY = {
+    "Neg": "jnp.negative",
+    "Sqrt": "jnp.sqrt",
+    "Reciprocal": "jnp.reciprocal",
+    "Sin": "jnp.sin",
+    "Cos": "jnp.cos",
+    "Sigmoid": "jax.nn.sigmoid",
+    "Not": "jnp.logical_not",
+    "Exp": "jnp.exp",
+    "Log": "jnp.log",
+    "Tanh": "jnp.tanh",
+    "Abs": "jnp.abs",
+    "Erf": "jax.scipy.special.erf",
+    "Relu": "jax.nn.relu",
+    "Floor": "jnp.floor",
+    "Ceil": "jnp.ceil",
+    "Identity": "",
+}
 
 
 def _binary(e, node):  # Max / Min / Sum / Mean take any number of inputs

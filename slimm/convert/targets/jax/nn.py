@@ -73,9 +73,11 @@ def _conv(e, node):
     if sp is None:
         raise e.error(f"{n_sp}-D convolution is not supported")
     dn = (f"NC{sp}", f"OI{sp}", f"NC{sp}")
-    expr = (f"lax.conv_general_dilated({e.t(x)}, {e.t(w)}, {tuple(strides)!r}, {padding!r}, "
-            f"rhs_dilation={tuple(dil)!r}, dimension_numbers={dn!r}, "
-            f"feature_group_count={node.attrs.get('group', 1)}, {HIGHEST})")  # fmt: skip
+    expr = (
+        f"lax.conv_general_dilated({e.t(x)}, {e.t(w)}, {tuple(strides)!r}, {padding!r}, "
+        f"rhs_dilation={tuple(dil)!r}, dimension_numbers={dn!r}, "
+        f"feature_group_count={node.attrs.get('group', 1)}, {HIGHEST})"
+    )
     if e.has(2):
         expr = f"({expr} + {e.t(node.inputs[2])}.reshape((1, -1) + (1,) * {n_sp}))"
     e.out(expr)

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from slimm.convert.targets.jax.registry import REGISTRY as R
 
-REDUCE = {"ReduceMean": "jnp.mean", "ReduceSum": "jnp.sum", "ReduceMax": "jnp.max", "ReduceMin": "jnp.min",
-          "ReduceProd": "jnp.prod"}  # fmt: skip
+REDUCE = {
+    "ReduceMean": "jnp.mean",
+    "ReduceSum": "jnp.sum",
+    "ReduceMax": "jnp.max",
+    "ReduceMin": "jnp.min",
+    "ReduceProd": "jnp.prod",
+}
 
 
 @R.register(*REDUCE, since=1)

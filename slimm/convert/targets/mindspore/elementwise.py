@@ -6,14 +6,41 @@ from slimm.convert.ir import ONNX_TO_NP, Sym
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 from slimm.convert.targets.mindspore.registry import ms_dtype
 
-BINARY = {"Add": "ops.add", "Sub": "ops.sub", "Mul": "ops.mul", "Sum": "ops.add", "Mean": "ops.add", "Equal": "ops.equal", "Less": "ops.less",
-          "LessOrEqual": "ops.less_equal", "Greater": "ops.greater", "GreaterOrEqual": "ops.greater_equal",
-          "And": "ops.logical_and", "Or": "ops.logical_or", "Xor": "ops.logical_xor", "Max": "ops.maximum",
-          "Min": "ops.minimum"}  # fmt: skip
-UNARY = {"Neg": "ops.neg", "Sqrt": "ops.sqrt", "Reciprocal": "ops.reciprocal", "Sin": "ops.sin",
-         "Cos": "ops.cos", "Sigmoid": "ops.sigmoid", "Not": "ops.logical_not", "Exp": "ops.exp",
-         "Log": "ops.log", "Tanh": "ops.tanh", "Abs": "ops.abs", "Erf": "ops.erf", "Relu": "ops.relu",
-         "Floor": "ops.floor", "Ceil": "ops.ceil", "Identity": ""}  # fmt: skip
+BINARY = {
+    "Add": "ops.add",
+    "Sub": "ops.sub",
+    "Mul": "ops.mul",
+    "Sum": "ops.add",
+    "Mean": "ops.add",
+    "Equal": "ops.equal",
+    "Less": "ops.less",
+    "LessOrEqual": "ops.less_equal",
+    "Greater": "ops.greater",
+    "GreaterOrEqual": "ops.greater_equal",
+    "And": "ops.logical_and",
+    "Or": "ops.logical_or",
+    "Xor": "ops.logical_xor",
+    "Max": "ops.maximum",
+    "Min": "ops.minimum",
+}
+UNARY = {
+    "Neg": "ops.neg",
+    "Sqrt": "ops.sqrt",
+    "Reciprocal": "ops.reciprocal",
+    "Sin": "ops.sin",
+    "Cos": "ops.cos",
+    "Sigmoid": "ops.sigmoid",
+    "Not": "ops.logical_not",
+    "Exp": "ops.exp",
+    "Log": "ops.log",
+    "Tanh": "ops.tanh",
+    "Abs": "ops.abs",
+    "Erf": "ops.erf",
+    "Relu": "ops.relu",
+    "Floor": "ops.floor",
+    "Ceil": "ops.ceil",
+    "Identity": "",
+}
 FLOATS = ("float16", "float32", "float64", "bfloat16")
 
 

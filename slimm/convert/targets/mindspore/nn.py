@@ -117,6 +117,8 @@ def _conv(e, node):
         raise e.error("the weight's shape must be known at conversion time")
     prim = "ops.Conv2D" if n_sp == 2 else "ops.Conv3D"
     fmt = "NCHW" if n_sp == 2 else "NCDHW"
-    conv = (f"{prim}({w.shape[0]}, {tuple(w.shape[2:])!r}, 1, 'valid', 0, {strides!r}, {dil!r}, "
-            f"{node.attrs.get('group', 1)}, {fmt!r})({xc}, {e.t(w)})")  # fmt: skip
+    conv = (
+        f"{prim}({w.shape[0]}, {tuple(w.shape[2:])!r}, 1, 'valid', 0, {strides!r}, {dil!r}, "
+        f"{node.attrs.get('group', 1)}, {fmt!r})({xc}, {e.t(w)})"
+    )
     e.out(f"ops.bias_add({conv}, {e.t(node.inputs[2])})" if e.has(2) else conv)

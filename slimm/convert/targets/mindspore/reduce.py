@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from slimm.convert.targets.mindspore.registry import REGISTRY as R
 
-REDUCE = {"ReduceMean": "ops.ReduceMean", "ReduceSum": "ops.ReduceSum", "ReduceMax": "ops.ReduceMax",
-          "ReduceMin": "ops.ReduceMin", "ReduceProd": "ops.ReduceProd"}  # fmt: skip
+REDUCE = {
+    "ReduceMean": "ops.ReduceMean",
+    "ReduceSum": "ops.ReduceSum",
+    "ReduceMax": "ops.ReduceMax",
+    "ReduceMin": "ops.ReduceMin",
+    "ReduceProd": "ops.ReduceProd",
+}
 
 
 @R.register(*REDUCE, since=1)

@@ -101,8 +101,11 @@ def _nd_indices(e, node) -> str:
     code = e.t(idx)
     if isinstance(k, int):
         dims = e.dims(x)[:k]
-        n = e.target.sizes_tensor([e.sym(d) for d in dims], (k,)) if any(isinstance(d, Sym) for d in dims) else (
-            e.target.constant(np.array(dims, np.int64)))  # fmt: skip
+        n = (
+            e.target.sizes_tensor([e.sym(d) for d in dims], (k,))
+            if any(isinstance(d, Sym) for d in dims)
+            else (e.target.constant(np.array(dims, np.int64)))
+        )
         return f"ops.where({code} < 0, {code} + {n}, {code})"
     return _fix_negative(e, code, e.t(x), f"{code}.shape[-1]")
 
@@ -117,8 +120,13 @@ def _gather_nd(e, node):
 @R.register("ScatterND", since=16)
 def _scatter_nd(e, node):
     red = node.attrs.get("reduction", "none")
-    fn = {"none": "ops.tensor_scatter_update", "add": "ops.tensor_scatter_add", "mul": "ops.tensor_scatter_mul",
-          "max": "ops.tensor_scatter_max", "min": "ops.tensor_scatter_min"}.get(red)  # fmt: skip
+    fn = {
+        "none": "ops.tensor_scatter_update",
+        "add": "ops.tensor_scatter_add",
+        "mul": "ops.tensor_scatter_mul",
+        "max": "ops.tensor_scatter_max",
+        "min": "ops.tensor_scatter_min",
+    }.get(red)
     if fn is None:
         raise e.error(f"reduction {red!r} is not supported")
     e.out(f"{fn}({e.t(node.inputs[0])}, {_nd_indices(e, node)}, {e.t(node.inputs[2])})")

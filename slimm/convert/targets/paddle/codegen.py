@@ -92,17 +92,19 @@ class PaddleTarget(Target):
         ins = "".join(f"{v.var}, " for v in prog.inputs)
         ret = f"return _distinct(({outs}), ({ins}))"
         text = "\n".join(body + [ret])
-        head = "\n".join([
-            *header(prog),
-            "",
-            "import numpy as np",
-            "import paddle",
-            "import paddle.nn.functional as F",
-            "",
-            "WEIGHTS = {  # name -> (shape, dtype)",
-            *(f"    {k!r}: ({tuple(v.shape)!r}, {str(v.dtype)!r})," for k, v in prog.weights.items()),
-            "}",
-        ])  # fmt: skip
+        head = "\n".join(
+            [
+                *header(prog),
+                "",
+                "import numpy as np",
+                "import paddle",
+                "import paddle.nn.functional as F",
+                "",
+                "WEIGHTS = {  # name -> (shape, dtype)",
+                *(f"    {k!r}: ({tuple(v.shape)!r}, {str(v.dtype)!r})," for k, v in prog.weights.items()),
+                "}",
+            ]
+        )
         helpers = [src.strip("\n") for name, src in HELPERS.items() if f"{name}(" in text]
         layer = [
             "class Model(paddle.nn.Layer):",

@@ -6,15 +6,41 @@ from slimm.convert.emitter import py_literal
 from slimm.convert.ir import ONNX_TO_NP
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
-BINARY = {"Add": "paddle.add", "Sub": "paddle.subtract", "Mul": "paddle.multiply", "Sum": "paddle.add", "Mean": "paddle.add",
-          "Equal": "paddle.equal", "Less": "paddle.less_than", "LessOrEqual": "paddle.less_equal",
-          "Greater": "paddle.greater_than", "GreaterOrEqual": "paddle.greater_equal", "And": "paddle.logical_and",
-          "Or": "paddle.logical_or", "Xor": "paddle.logical_xor", "Max": "paddle.maximum",
-          "Min": "paddle.minimum"}  # fmt: skip
-UNARY = {"Neg": "paddle.neg", "Sqrt": "paddle.sqrt", "Reciprocal": "paddle.reciprocal", "Sin": "paddle.sin",
-         "Cos": "paddle.cos", "Sigmoid": "F.sigmoid", "Not": "paddle.logical_not", "Exp": "paddle.exp",
-         "Log": "paddle.log", "Tanh": "paddle.tanh", "Abs": "paddle.abs", "Erf": "paddle.erf", "Relu": "F.relu",
-         "Floor": "paddle.floor", "Ceil": "paddle.ceil", "Identity": ""}  # fmt: skip
+BINARY = {
+    "Add": "paddle.add",
+    "Sub": "paddle.subtract",
+    "Mul": "paddle.multiply",
+    "Sum": "paddle.add",
+    "Mean": "paddle.add",
+    "Equal": "paddle.equal",
+    "Less": "paddle.less_than",
+    "LessOrEqual": "paddle.less_equal",
+    "Greater": "paddle.greater_than",
+    "GreaterOrEqual": "paddle.greater_equal",
+    "And": "paddle.logical_and",
+    "Or": "paddle.logical_or",
+    "Xor": "paddle.logical_xor",
+    "Max": "paddle.maximum",
+    "Min": "paddle.minimum",
+}
+UNARY = {
+    "Neg": "paddle.neg",
+    "Sqrt": "paddle.sqrt",
+    "Reciprocal": "paddle.reciprocal",
+    "Sin": "paddle.sin",
+    "Cos": "paddle.cos",
+    "Sigmoid": "F.sigmoid",
+    "Not": "paddle.logical_not",
+    "Exp": "paddle.exp",
+    "Log": "paddle.log",
+    "Tanh": "paddle.tanh",
+    "Abs": "paddle.abs",
+    "Erf": "paddle.erf",
+    "Relu": "F.relu",
+    "Floor": "paddle.floor",
+    "Ceil": "paddle.ceil",
+    "Identity": "",
+}
 # dtypes Paddle tensors can hold (it has no uint16/32/64; a NumPy uint16 array becomes bfloat16)
 PADDLE_DTYPES = {
     "float32",

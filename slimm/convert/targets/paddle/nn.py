@@ -92,11 +92,15 @@ def _conv(e, node):
         # the kernel covers the whole input (a patch embedding): one matmul over flattened patches,
         # about 4x faster than Paddle's CPU conv3d here
         out, k = int(wshape[0]), int(np.prod(wshape[1:]))
-        e.line(f"_y = paddle.matmul(paddle.reshape({e.t(x)}, [-1, {k}]), paddle.reshape({e.t(w)}, [{out}, {k}]), "
-               "transpose_y=True)")  # fmt: skip
+        e.line(
+            f"_y = paddle.matmul(paddle.reshape({e.t(x)}, [-1, {k}]), paddle.reshape({e.t(w)}, [{out}, {k}]), "
+            "transpose_y=True)"
+        )
         if e.has(2):
             e.line(f"_y = _y + {bias}")
         e.out(f"paddle.reshape(_y, [-1, {out}{', 1' * n_sp}])")
         return
-    e.out(f"F.conv{n_sp}d({e.t(x)}, {e.t(w)}, bias={bias}, stride={strides!r}, padding={padding!r}, "
-          f"dilation={dil!r}, groups={node.attrs.get('group', 1)})")  # fmt: skip
+    e.out(
+        f"F.conv{n_sp}d({e.t(x)}, {e.t(w)}, bias={bias}, stride={strides!r}, padding={padding!r}, "
+        f"dilation={dil!r}, groups={node.attrs.get('group', 1)})"
+    )

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from slimm.convert.targets.paddle.registry import REGISTRY as R
 
-REDUCE = {"ReduceMean": "paddle.mean", "ReduceSum": "paddle.sum", "ReduceMax": "paddle.max",
-          "ReduceMin": "paddle.min", "ReduceProd": "paddle.prod"}  # fmt: skip
+REDUCE = {
+    "ReduceMean": "paddle.mean",
+    "ReduceSum": "paddle.sum",
+    "ReduceMax": "paddle.max",
+    "ReduceMin": "paddle.min",
+    "ReduceProd": "paddle.prod",
+}
 KEEP_DTYPE = ("ReduceSum", "ReduceProd")  # Paddle sums int32 into int64; ONNX keeps the input type
 
 

@@ -133,8 +133,18 @@ class Predictor:
 
 
 # PIR's JSON names a tensor's element type "<n>.t_<type>"
-ITEM_BYTES = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "ui8": 1,
-              "bool": 1}  # fmt: skip
+ITEM_BYTES = {
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "f64": 8,
+    "i64": 8,
+    "i32": 4,
+    "i16": 2,
+    "i8": 1,
+    "ui8": 1,
+    "bool": 1,
+}
 HEADER_BYTES = 1024  # per tensor in .pdiparams: versions, LoD, the tensor description (about 30 bytes seen)
 
 

@@ -6,43 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from prompts import IMG, VID, chat, left_pad, patch_rows, rel_err, vision_block
 
 from slimm.backends.torch import TorchBackend
 from slimm.errors import InputError
 from slimm.generate import GenerationConfig, generate
 
-VS, VE, IMG, VID, PAD = 151652, 151653, 151655, 151656, 151643
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
 
 
-def prompt(parts) -> list[int]:
-    """A chat-shaped prompt from lists of token ids."""
-    ids = [151644, 872, 198]  # <|im_start|>user\n
-    for p in parts:
-        ids += list(p)
-    return ids + [151645, 198, 151644, 77091, 198]
-
-
-def pixels(model, grids, seed=0) -> np.ndarray:
-    v = model.config.vision
-    patch = 2 * v.patch_size if model.config.deepstack_type == "efficient" else v.patch_size
-    n = sum(t * h * w for t, h, w in grids)
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, v.in_channels * v.temporal_patch_size * patch * patch)).astype(np.float32)
-
-
 def one_image_inputs(model, g=(1, 4, 6), text=(1, 2, 3)):
-    grid_ = g  # for Efficient the grid counts 28-px patches; tokens are t*h*w/4 either way
-    ids = prompt([[VS] + [IMG] * (int(np.prod(grid_)) // 4) + [VE], text])
+    # for Efficient the grid counts 28-px patches; tokens are t*h*w/4 either way
     return {
-        "input_ids": np.array([ids], dtype=np.int64),
-        "pixel_values": pixels(model, [grid_]),
-        "image_grid_thw": np.array([grid_], dtype=np.int64),
+        "input_ids": np.array([chat(vision_block(IMG, g), text)], dtype=np.int64),
+        "pixel_values": patch_rows(model.config, [g]),
+        "image_grid_thw": np.array([g], dtype=np.int64),
     }
-
-
-def rel_err(a, b) -> float:
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -64,30 +43,33 @@ def test_cache_decode_matches_full_recompute(torch_model, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_batch_matches_prompts_one_by_one(torch_model, variant):
     model = torch_model(variant)
-    tokens = 4
     g1, g2 = (1, 4, 6), (1, 6, 4)
-    p1 = prompt([[VS] + [IMG] * (int(np.prod(g1)) // tokens) + [VE], [11, 12, 13, 14, 15]])
-    p2 = prompt([[5, 6], [VS] + [IMG] * (int(np.prod(g2)) // tokens) + [VE], [7]])
-    px1, px2 = pixels(model, [g1], seed=1), pixels(model, [g2], seed=2)
+    p1 = chat(vision_block(IMG, g1), [11, 12, 13, 14, 15])
+    p2 = chat([5, 6], vision_block(IMG, g2), [7])
+    px1, px2 = patch_rows(model.config, [g1], 1), patch_rows(model.config, [g2], 2)
     backend = TorchBackend(model)
     cfg = GenerationConfig(max_new_tokens=8, stop_tokens=())
     single = []
     for ids, px, g in ((p1, px1, g1), (p2, px2, g2)):
-        inp = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-               "pixel_values": px, "image_grid_thw": np.array([g])}  # fmt: skip
+        inp = {
+            "input_ids": np.array([ids]),
+            "attention_mask": np.ones((1, len(ids)), np.int64),
+            "pixel_values": px,
+            "image_grid_thw": np.array([g]),
+        }
         single.append(generate(backend, inp, cfg))
-    S = max(len(p1), len(p2))
-    ids = np.full((2, S), PAD, np.int64)
-    mask = np.zeros((2, S), np.int64)
-    for b, p in enumerate((p1, p2)):  # left padding
-        ids[b, S - len(p) :] = p
-        mask[b, S - len(p) :] = 1
+    ids, mask = left_pad([p1, p2])
+    S = ids.shape[1]
     batch = generate(
         backend,
-        {"input_ids": ids, "attention_mask": mask, "pixel_values": np.concatenate([px1, px2]),
-         "image_grid_thw": np.array([g1, g2])},
+        {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "pixel_values": np.concatenate([px1, px2]),
+            "image_grid_thw": np.array([g1, g2]),
+        },
         cfg,
-    )  # fmt: skip
+    )
     for b in range(2):
         np.testing.assert_array_equal(batch.sequences[b, S:], single[b].sequences[0, -8:])
         for step in range(8):
@@ -123,8 +105,8 @@ def test_image_and_video_slices_in_prompt_order(torch_model):
     the video land on the video tokens and those of the image on the image tokens."""
     model = torch_model("midlayers")
     gv, gi = (2, 4, 4), (1, 4, 6)
-    ids = prompt([[VS] + [VID] * 8 + [VE], [3], [VS] + [IMG] * 6 + [VE]])
-    pv, pi = pixels(model, [gv], 3), pixels(model, [gi], 4)
+    ids = chat(vision_block(VID, gv), [3], vision_block(IMG, gi))
+    pv, pi = patch_rows(model.config, [gv], 3), patch_rows(model.config, [gi], 4)
     t_ids = torch.tensor([ids])
     _, slices, pos = model.embed(
         t_ids, torch.from_numpy(pi), np.array([gi]), torch.from_numpy(pv), np.array([gv])
@@ -137,9 +119,14 @@ def test_image_and_video_slices_in_prompt_order(torch_model):
     torch.testing.assert_close(slices[:, 8:], s_img)
     # and the whole thing runs through generate with the cache
     out = TorchBackend(model).generate(
-        input_ids=np.array([ids]), pixel_values=pi, image_grid_thw=np.array([gi]),
-        pixel_values_videos=pv, video_grid_thw=np.array([gv]), max_new_tokens=3, eos_token_id=[],
-    )  # fmt: skip
+        input_ids=np.array([ids]),
+        pixel_values=pi,
+        image_grid_thw=np.array([gi]),
+        pixel_values_videos=pv,
+        video_grid_thw=np.array([gv]),
+        max_new_tokens=3,
+        eos_token_id=[],
+    )
     assert out.shape == (1, len(ids) + 3)
 
 
@@ -147,9 +134,11 @@ def test_efficient_video_with_many_frames(torch_model):
     """Efficient splits rows per video by t*h*w (the original used h*w and failed past 2 frames)."""
     model = torch_model("efficient")
     g = (3, 4, 4)  # three temporal patches = six frames
-    ids = prompt([[VS] + [VID] * (3 * 4 * 4 // 4) + [VE]])
+    ids = chat(vision_block(VID, g))
     out = model(
-        input_ids=np.array([ids]), pixel_values_videos=pixels(model, [g]), video_grid_thw=np.array([g])
+        input_ids=np.array([ids]),
+        pixel_values_videos=patch_rows(model.config, [g]),
+        video_grid_thw=np.array([g]),
     )
     assert out.logits.shape == (1, len(ids), model.config.text.vocab_size)
     assert torch.isfinite(out.logits).all()
@@ -179,7 +168,7 @@ def test_vision_attention_per_frame_equals_block_mask(torch_model):
 
     model = torch_model("plain")
     grids = np.array([[1, 4, 6], [2, 4, 4]])
-    px = torch.from_numpy(pixels(model, [tuple(g) for g in grids]))
+    px = torch.from_numpy(patch_rows(model.config, grids))
     rot = torch.from_numpy(vision_rotary_ids(grids, 2))
     frames = torch.from_numpy(vision_frame_ids(grids))
     with torch.no_grad():
@@ -205,65 +194,11 @@ def test_pixel_rows_must_match_grid(torch_model):
         model(**inputs)
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """slimm module -> the slimm modules it imports anywhere in its source (deferred imports too)."""
-    import ast
-    from pathlib import Path
-
-    import slimm
-
-    root = Path(slimm.__file__).parent
-    files = {}
-    for f in root.rglob("*.py"):
-        parts = ("slimm", *f.relative_to(root).with_suffix("").parts)
-        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
-    graph = {}
-    for mod, f in files.items():
-        pkg = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
-        deps = set()
-        for node in ast.walk(ast.parse(f.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
-                    base = ".".join([*up, base] if base else up)
-                names = [base, *(f"{base}.{a.name}" for a in node.names)]
-            else:
-                continue
-            deps |= {n for n in names if n in files and n != mod}
-        graph[mod] = deps
-    return graph
-
-
-def test_no_import_circle_between_model_weights_and_torch_backend():
-    """backends/torch -> model/slimm -> model/weights, and no way back (the model's own generate runs
-    through slimm.model.runner, which takes the model by interface)."""
-    graph = _import_graph()
-
-    def reaches(start: str, goal: str) -> bool:
-        seen, todo = set(), [start]
-        while todo:
-            m = todo.pop()
-            if m == goal:
-                return True
-            if m not in seen:
-                seen.add(m)
-                todo += graph.get(m, ())
-        return False
-
-    modules = [m for m in graph if m.startswith(("slimm.model", "slimm.backends"))]
-    circles = [(a, b) for a in modules for b in graph[a] if reaches(b, a)]
-    assert circles == []
-    assert "slimm.weights" not in graph  # the weights loader lives with the model
-
-
 def test_model_generate_matches_the_torch_backend(demo_dir):
     from slimm.model.slimm import SliMMForConditionalGeneration
 
     model = SliMMForConditionalGeneration.from_pretrained(demo_dir("plain"), torch_dtype="float32")
-    ids = torch.tensor([prompt([[1, 2, 3]])])
+    ids = torch.tensor([chat([1, 2, 3])])
     out = model.generate(input_ids=ids, max_new_tokens=4, eos_token_id=[])
     ref = TorchBackend.from_model(model).generate(input_ids=ids, max_new_tokens=4, eos_token_id=[])
     assert isinstance(out, torch.Tensor) and out.shape == (1, ids.shape[1] + 4)

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from prompts import CASES, make_inputs, rel_err
+from prompts import CASES, edit_json, make_inputs, rel_err
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -117,8 +117,10 @@ def test_part_f_matches_torch(exported, torch_model, variant):
     got = session(exported(variant), "F").run(None, feeds)
     n = t.num_hidden_layers
     args = [torch.from_numpy(feeds[k]) for k in ("inputs_embeds", "cos", "sin", "past_mask", "cur_mask")]
-    args += [[torch.from_numpy(feeds[f"past_key.{i}"]) for i in range(n)],
-             [torch.from_numpy(feeds[f"past_value.{i}"]) for i in range(n)]]  # fmt: skip
+    args += [
+        [torch.from_numpy(feeds[f"past_key.{i}"]) for i in range(n)],
+        [torch.from_numpy(feeds[f"past_value.{i}"]) for i in range(n)],
+    ]
     if cfg.use_deepstack:
         args += [torch.from_numpy(feeds["deepstack"]), torch.from_numpy(feeds["visual_pos"])]
     with torch.no_grad():
@@ -176,27 +178,22 @@ def test_decode_step_shapes_never_change(exported, torch_model):
     assert shapes[1]["past_key.0"][2] == cap and shapes[1]["inputs_embeds"][1] == 1
 
 
-def copy_export(src, dst):
-    shutil.copytree(src, dst)
-    return dst
-
-
 def test_missing_part_file(exported, tmp_path):
-    d = copy_export(exported("plain"), tmp_path / "e")
+    d = shutil.copytree(exported("plain"), tmp_path / "e")
     (d / "SliMM_B.onnx").unlink()
     with pytest.raises(CheckpointError, match="SliMM_B.onnx: part B"):
         OnnxBackend(d)
 
 
 def test_missing_data_file(exported, tmp_path):
-    d = copy_export(exported("plain"), tmp_path / "e")
+    d = shutil.copytree(exported("plain"), tmp_path / "e")
     (d / "SliMM_F.onnx.data").unlink()
     with pytest.raises(CheckpointError, match="SliMM_F.onnx.data"):
         OnnxBackend(d)
 
 
 def test_part_from_another_export(exported, tmp_path):
-    d = copy_export(exported("plain"), tmp_path / "e")
+    d = shutil.copytree(exported("plain"), tmp_path / "e")
     other = exported("v1")
     for name in ("SliMM_B.onnx", "SliMM_B.onnx.data"):
         shutil.copy(other / name, d / name)
@@ -205,10 +202,8 @@ def test_part_from_another_export(exported, tmp_path):
 
 
 def test_manifest_that_does_not_match_parts(exported, tmp_path):
-    d = copy_export(exported("plain"), tmp_path / "e")
-    m = json.loads((d / "manifest.json").read_text())
-    m["parts"]["A"]["inputs"][0]["name"] = "token_ids"
-    (d / "manifest.json").write_text(json.dumps(m))
+    d = shutil.copytree(exported("plain"), tmp_path / "e")
+    edit_json(d / "manifest.json", lambda m: m["parts"]["A"]["inputs"][0].update(name="token_ids"))
     with pytest.raises(CheckpointError, match="token_ids"):
         OnnxBackend(d)
     (d / "manifest.json").write_text("{")
@@ -256,14 +251,16 @@ def test_manifest_reads_into_typed_objects_and_writes_the_same_json(exported, tm
 def test_manifest_file_names_must_stay_inside_the_directory(exported, tmp_path, entry, name):
     from slimm.export.quantize import quantize_export
 
-    d = copy_export(exported("plain"), tmp_path / "e")
-    m = json.loads((d / "manifest.json").read_text())
-    if entry == "files":
-        m["files"].append(name)
-    else:
-        _, part, key = entry.split(".")
-        m["parts"][part][key] = name
-    (d / "manifest.json").write_text(json.dumps(m))
+    d = shutil.copytree(exported("plain"), tmp_path / "e")
+
+    def edit(m):
+        if entry == "files":
+            m["files"].append(name)
+        else:
+            _, part, key = entry.split(".")
+            m["parts"][part][key] = name
+
+    edit_json(d / "manifest.json", edit)
     message = f"manifest.json: entry {entry} names {name!r}, which is not a plain file name"
     for load in (OnnxBackend, lambda d: quantize_export(d, tmp_path / "q", "int8", progress=False)):
         with pytest.raises(CheckpointError, match=re.escape(message)):
@@ -313,8 +310,9 @@ def test_generate_accepts_torch_tensors(exported, torch_model):
     assert isinstance(out, torch.Tensor) and out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
-@pytest.mark.parametrize("wrapper, module", [("torch", "torch"), ("jax", "jax"), ("paddle", "paddle"),
-                                             ("mindspore", "mindspore")])  # fmt: skip
+@pytest.mark.parametrize(
+    "wrapper, module", [("torch", "torch"), ("jax", "jax"), ("paddle", "paddle"), ("mindspore", "mindspore")]
+)
 def test_wrapper_backends_match_onnx(exported, torch_model, wrapper, module):
     """`X-ort`: the same parts in ONNX Runtime, with framework X's tensors crossing the boundary."""
     pytest.importorskip(module)

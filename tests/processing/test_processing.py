@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 from PIL import Image
+from prompts import IMG, PAD, VE, VID, VS, left_pad, vision_block
 
 from slimm.config import PreprocessorConfig
 from slimm.errors import CheckpointError, InputError
@@ -27,9 +28,6 @@ from slimm.processing import (
 )
 
 skdata = pytest.importorskip("skimage.data")
-
-VS, VE, IMG, VID = 151652, 151653, 151655, 151656
-PAD = 151643
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,38 +410,27 @@ def hf_rope():
     return run
 
 
-def _block(token: int, grid, m: int = 2) -> list[int]:
-    return [VS] + [token] * (int(np.prod(grid)) // (m * m)) + [VE]
-
-
 def _text(n: int, start: int = 100) -> list[int]:
     return list(range(start, start + n))
 
 
-def _left_pad(rows: list[list[int]]):
-    S = max(len(r) for r in rows)
-    ids = np.array([[PAD] * (S - len(r)) + r for r in rows])
-    mask = np.array([[0] * (S - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
-
-
 CASES = {
-    "image": ([_text(5) + _block(IMG, (1, 4, 6)) + _text(4)], [[1, 4, 6]], None),
+    "image": ([_text(5) + vision_block(IMG, (1, 4, 6)) + _text(4)], [[1, 4, 6]], None),
     "two_images": (
-        [_text(3) + _block(IMG, (1, 4, 4)) + _text(2) + _block(IMG, (1, 6, 2)) + _text(3)],
+        [_text(3) + vision_block(IMG, (1, 4, 4)) + _text(2) + vision_block(IMG, (1, 6, 2)) + _text(3)],
         [[1, 4, 4], [1, 6, 2]],
         None,
     ),
-    "video": ([_text(4) + _block(VID, (2, 4, 6)) + _text(5)], None, [[2, 4, 6]]),
+    "video": ([_text(4) + vision_block(VID, (2, 4, 6)) + _text(5)], None, [[2, 4, 6]]),
     "video_then_image": (
-        [_text(2) + _block(VID, (3, 6, 4)) + _text(1) + _block(IMG, (1, 2, 4)) + _text(2)],
+        [_text(2) + vision_block(VID, (3, 6, 4)) + _text(1) + vision_block(IMG, (1, 2, 4)) + _text(2)],
         [[1, 2, 4]],
         [[3, 6, 4]],
     ),
     "batch_multi_image": (
         [
-            _text(2) + _block(IMG, (1, 4, 4)) + _block(IMG, (1, 2, 2)) + _text(6),
-            _text(6) + _block(IMG, (1, 8, 4)) + _text(1),
+            _text(2) + vision_block(IMG, (1, 4, 4)) + vision_block(IMG, (1, 2, 2)) + _text(6),
+            _text(6) + vision_block(IMG, (1, 8, 4)) + _text(1),
         ],
         [[1, 4, 4], [1, 2, 2], [1, 8, 4]],
         None,
@@ -459,7 +446,7 @@ def test_rope_index_matches_transformers(hf_rope, name, padded):
         rows = rows + [
             _text(max(map(len, rows)) + 5, 300)
         ]  # a longer text-only row: the others get left padding
-        ids, mask = _left_pad(rows)
+        ids, mask = left_pad(rows)
     else:
         ids, mask = np.array(rows), None
     pos, delta = get_rope_index(ids, images, videos, mask)
@@ -474,7 +461,7 @@ def test_rope_index_matches_transformers(hf_rope, name, padded):
 
 
 def test_rope_index_image_positions_by_hand():
-    ids = np.array([_text(3) + _block(IMG, (1, 4, 6)) + _text(2)])
+    ids = np.array([_text(3) + vision_block(IMG, (1, 4, 6)) + _text(2)])
     pos, delta = get_rope_index(ids, [[1, 4, 6]])
     # 3 text + vision_start = positions 0..3; the 2x3 image grid starts at 4
     np.testing.assert_array_equal(pos[0, 0, :4], [0, 1, 2, 3])
@@ -496,7 +483,7 @@ def test_rope_index_long_video_continues_after_max():
 
 
 def test_rope_index_padding_quirks():
-    ids, mask = _left_pad([_text(2) + _block(IMG, (1, 2, 2)) + _text(1), _text(3)])
+    ids, mask = left_pad([_text(2) + vision_block(IMG, (1, 2, 2)) + _text(1), _text(3)])
     pos, delta = get_rope_index(ids, [[1, 2, 2]], None, mask)
     np.testing.assert_array_equal(pos[:, 1], [[1, 1, 1, 0, 1, 2]] * 3)  # pads hold 1
     assert delta.tolist() == [[0], [3 - 6]]  # max + 1 - S with S the padded length
@@ -523,7 +510,7 @@ def test_rope_index_accepts_torch_and_lists():
 
 
 def test_rope_index_mismatch_errors():
-    ids = np.array([_text(2) + _block(IMG, (1, 4, 4)) + _block(IMG, (1, 4, 4))])
+    ids = np.array([_text(2) + vision_block(IMG, (1, 4, 4)) + vision_block(IMG, (1, 4, 4))])
     with pytest.raises(InputError, match="more images than image_grid_thw has rows"):
         get_rope_index(ids, [[1, 4, 4]])
     with pytest.raises(InputError, match="does not match"):

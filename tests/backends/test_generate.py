@@ -117,8 +117,12 @@ def test_repetition_penalty_matches_transformers():
 
 
 def test_bad_settings_are_clear_errors():
-    for kw, word in ((dict(top_p=0), "top_p"), (dict(temperature=-1), "temperature"),
-                     (dict(max_new_tokens=-2), "max_new_tokens"), (dict(repetition_penalty=0), "repetition")):  # fmt: skip
+    for kw, word in (
+        (dict(top_p=0), "top_p"),
+        (dict(temperature=-1), "temperature"),
+        (dict(max_new_tokens=-2), "max_new_tokens"),
+        (dict(repetition_penalty=0), "repetition"),
+    ):
         with pytest.raises(InputError, match=word):
             GenerationConfig(**kw)
 

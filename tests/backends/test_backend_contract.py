@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from prompts import CASES, make_inputs
+from prompts import CASES, IMG, make_inputs
 
 from slimm.backends.base import normalize_inputs
 from slimm.errors import InputError
@@ -54,7 +54,7 @@ def _drop(*keys):
 
 def _replace_image_tokens(count):
     def change(x):
-        pos = np.argwhere(x["input_ids"] == IMAGE_TOKEN)[:count]
+        pos = np.argwhere(x["input_ids"] == IMG)[:count]
         x["input_ids"][tuple(pos.T)] = 100
         return x
 
@@ -70,7 +70,6 @@ def _put(key, index, value):
     return change
 
 
-IMAGE_TOKEN = 151655
 # name -> (change to a valid one-image prompt, what the error says)
 BAD = {
     "negative id": (_put("input_ids", (0, 4), -1), r"input_ids hold \[-1\]: token ids must be in 0\.\."),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 from slimm import frameworks
 from slimm.errors import BackendUnavailable, CheckpointError, InputError
@@ -312,7 +312,8 @@ def test_importing_wrappers_imports_no_framework():
         "import sys, slimm.wrappers\n"
         "print([m for m in ('torch', 'mindspore', 'paddle', 'jax', 'onnxruntime') if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = run_python(code)
+    assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
 
 
@@ -481,19 +482,19 @@ def test_startup_lets_other_errors_through():
         take_numpy_init_failure(ms)
 
 
-def _run_python(code: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GLOG_v": "3"}  # MindSpore's C++ log: errors only
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+GLOG_ERRORS_ONLY = {**os.environ, "GLOG_v": "3"}  # MindSpore's C++ log in a fresh process
 
 
 def test_mindspore_startup_in_a_fresh_process():
     pytest.importorskip("mindspore", reason="MindSpore is not installed")
     # A fresh process: the failure happens once per process, and this one has seen it already.
-    out = _run_python(
+    out = run_python(
         "import numpy as np\n"
         "from slimm import frameworks\n"
         "ms = frameworks.startup('mindspore')\n"
-        "print(ms.ops.reshape(ms.Tensor(np.arange(6.0)), (2, 3)).shape)\n"
+        "print(ms.ops.reshape(ms.Tensor(np.arange(6.0)), (2, 3)).shape)\n",
+        env=GLOG_ERRORS_ONLY,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith("(2, 3)")
@@ -503,7 +504,7 @@ def test_mindspore_startup_in_a_fresh_process():
 def test_mindspore_after_paddle_is_a_clear_error():
     pytest.importorskip("mindspore", reason="MindSpore is not installed")
     pytest.importorskip("paddle", reason="PaddlePaddle is not installed")
-    out = _run_python(
+    out = run_python(
         "import paddle\n"
         "from slimm.errors import BackendUnavailable\n"
         "from slimm import frameworks\n"
@@ -511,7 +512,9 @@ def test_mindspore_after_paddle_is_a_clear_error():
         "    frameworks.startup('mindspore')\n"
         "    print('imported')\n"
         "except BackendUnavailable as e:\n"
-        "    print('BackendUnavailable:', e)\n"
+        "    print('BackendUnavailable:', e)\n",
+        env=GLOG_ERRORS_ONLY,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     # If a future pair of wheels stops clashing, importing is fine too; what must not happen is an

@@ -53,17 +53,35 @@ def test_missing_framework_is_a_skipped_row_with_its_reason(monkeypatch):
 
 
 def _row(backend, precision, decode_tps, weights=1e9, peak=1.2e9, vision_s=1.0, prefill_tps=100.0):
-    return {"backend": backend, "precision": precision, "status": "ok", "load_s": 1.0, "compile_s": 0.0,
-            "weight_bytes": weights, "peak_rss_bytes": peak, "tokens": [1, 2, 3],
-            "decode": {"tokens_per_s": decode_tps, "median_s": 1 / decode_tps},
-            "prefill": {"tokens_per_s": prefill_tps}, "vision": {"median_s": vision_s},
-            "ttft": {"median_s": 2.0}}  # fmt: skip
+    return {
+        "backend": backend,
+        "precision": precision,
+        "status": "ok",
+        "load_s": 1.0,
+        "compile_s": 0.0,
+        "weight_bytes": weights,
+        "peak_rss_bytes": peak,
+        "tokens": [1, 2, 3],
+        "decode": {"tokens_per_s": decode_tps, "median_s": 1 / decode_tps},
+        "prefill": {"tokens_per_s": prefill_tps},
+        "vision": {"median_s": vision_s},
+        "ttft": {"median_s": 2.0},
+    }
 
 
 def test_report_groups_skips_notes_failures_and_checks_goals():
-    meta = {"variant": "plain", "size": "0.5b", "image_size": [448, 448], "prompt_tokens": 256,
-            "decode_steps": 32, "repeats": 2, "rounds": 1, "machine": "test", "versions": {},
-            "read_bandwidth_bytes_per_s": 30e9}  # fmt: skip
+    meta = {
+        "variant": "plain",
+        "size": "0.5b",
+        "image_size": [448, 448],
+        "prompt_tokens": 256,
+        "decode_steps": 32,
+        "repeats": 2,
+        "rounds": 1,
+        "machine": "test",
+        "versions": {},
+        "read_bandwidth_bytes_per_s": 30e9,
+    }
     reason = "int4 is ONNX Runtime weight-only quantization (MatMulNBits): ONNX Runtime only"
     results = [
         _row("transformers", "fp32", 10.0, vision_s=8.0),
@@ -113,9 +131,28 @@ def test_tiny_run_end_to_end(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("jax")
     out = tmp_path / "out"
-    code = bench.main(["--size", "tiny", "--backends", "torch,onnx,jax", "--precision", "fp32,int8",
-                       "--repeats", "1", "--decode-steps", "3", "--prompt-tokens", "16", "--image-size", "56x56",
-                       "--work", str(tmp_path / "work"), "--out", str(out)])  # fmt: skip
+    code = bench.main(
+        [
+            "--size",
+            "tiny",
+            "--backends",
+            "torch,onnx,jax",
+            "--precision",
+            "fp32,int8",
+            "--repeats",
+            "1",
+            "--decode-steps",
+            "3",
+            "--prompt-tokens",
+            "16",
+            "--image-size",
+            "56x56",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     doc = json.loads((out / "results.json").read_text())
     rows = {(r["backend"], r["precision"]): r for r in doc["results"]}

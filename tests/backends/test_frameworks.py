@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 from slimm import frameworks
 from slimm.backends import BACKENDS
@@ -20,8 +20,17 @@ def test_one_registry_read_by_backends_and_wrappers():
 
     assert tuple(WRAPPERS) == frameworks.TENSOR_FRAMEWORKS == ("numpy", "torch", "jax", "paddle", "mindspore")
     assert frameworks.TARGETS == ("jax", "paddle", "mindspore")
-    assert list(BACKENDS) == ["torch", "onnx", "jax", "paddle", "mindspore",
-                              "torch-ort", "jax-ort", "paddle-ort", "mindspore-ort"]  # fmt: skip
+    assert list(BACKENDS) == [
+        "torch",
+        "onnx",
+        "jax",
+        "paddle",
+        "mindspore",
+        "torch-ort",
+        "jax-ort",
+        "paddle-ort",
+        "mindspore-ort",
+    ]
     assert frameworks.FRAMEWORKS["paddle"].package == "paddlepaddle"
     for name in frameworks.FRAMEWORKS:  # every framework module has the same names
         mod = frameworks.get(name)
@@ -43,7 +52,7 @@ def _run(code: str, verbose: bool) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GLOG_", "SLIMM_VERBOSE", "TF_CPP"))}
     if verbose:
         env["SLIMM_VERBOSE"] = "1"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return run_python(code, env=env)
 
 
 # (framework, code run after its start-up that makes it talk, what it says when allowed to)

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prompts import run_python
 
 from slimm.cli import build_parser, main
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "astronaut.png"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "astronaut.png"
 
 
 def test_help_explains_every_command(capsys):
@@ -21,6 +22,10 @@ def test_help_explains_every_command(capsys):
     sub = next(a for a in parser._actions if a.dest == "command")
     for name, p in sub.choices.items():
         assert p.description, name
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0, name
+        assert capsys.readouterr().out.startswith(f"usage: slimm {name}"), name
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
@@ -29,8 +34,19 @@ def test_help_explains_every_command(capsys):
 
 
 def test_generate_streams_an_answer(demo_dir, capsys):
-    code = main(["generate", "--model", str(demo_dir("plain")), "--image", str(EXAMPLE), "--max-new-tokens", "5",
-                 "--stop-token", "0"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(demo_dir("plain")),
+            "--image",
+            str(EXAMPLE),
+            "--max-new-tokens",
+            "5",
+            "--stop-token",
+            "0",
+        ]
+    )
     assert code == 0
     captured = capsys.readouterr()
     assert captured.out.strip()  # some (meaningless) text
@@ -42,9 +58,29 @@ def test_generate_with_image_size_video_and_sampling(demo_dir, tmp_path, capsys)
     frames.mkdir()
     for i in range(3):
         shutil.copy(EXAMPLE, frames / f"{i:03d}.png")
-    code = main(["generate", "--model", str(demo_dir("v1")), "--image", str(EXAMPLE), "--video", str(frames),
-                 "--image-size", "112x140", "--max-new-tokens", "4", "--temperature", "0.8", "--top-k", "5",
-                 "--seed", "1", "--prompt", "What happens?"])  # fmt: skip
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(demo_dir("v1")),
+            "--image",
+            str(EXAMPLE),
+            "--video",
+            str(frames),
+            "--image-size",
+            "112x140",
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "5",
+            "--seed",
+            "1",
+            "--prompt",
+            "What happens?",
+        ]
+    )
     assert code == 0
 
 
@@ -111,8 +147,12 @@ def test_convert_to_all_in_a_fresh_process(exported, tmp_path):
     for fw in ("jax", "paddle", "mindspore"):
         pytest.importorskip(fw)
     out = tmp_path / "all"
-    r = subprocess.run([sys.executable, "-m", "slimm", "convert", str(exported("plain")), "--to", "all", "--out",
-                        str(out)], capture_output=True, text=True, timeout=1200)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-m", "slimm", "convert", str(exported("plain")), "--to", "all", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     for target in ("jax", "paddle", "mindspore"):
         assert (out / target / "manifest.json").exists(), target
@@ -121,8 +161,18 @@ def test_convert_to_all_in_a_fresh_process(exported, tmp_path):
 
 def test_generate_onnx_does_not_import_torch(exported):
     """`slimm generate --backend onnx` on an export: ONNX Runtime and NumPy only (torch is not loaded)."""
-    argv = ["slimm", "generate", "--backend", "onnx", "--model", str(exported("plain")), "--image", str(EXAMPLE),
-            "--max-new-tokens", "2"]  # fmt: skip
+    argv = [
+        "slimm",
+        "generate",
+        "--backend",
+        "onnx",
+        "--model",
+        str(exported("plain")),
+        "--image",
+        str(EXAMPLE),
+        "--max-new-tokens",
+        "2",
+    ]
     code = (
         "import sys, runpy\n"
         f"sys.argv = {argv!r}\n"
@@ -132,7 +182,7 @@ def test_generate_onnx_does_not_import_torch(exported):
         "    assert e.code == 0, e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    r = run_python(code, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
@@ -142,7 +192,7 @@ def test_building_the_parser_imports_no_framework():
         "loaded = [m for m in ('torch', 'onnxruntime', 'jax', 'paddle', 'mindspore', 'PIL') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
@@ -171,12 +221,19 @@ def test_generate_reports_new_tokens_ttft_and_decode_rate(demo_dir, capsys):
 
 @pytest.mark.parametrize(
     "command, option, default",
-    [("generate", "--max-new-tokens", "128"), ("generate", "--repetition-penalty", "1.0"),
-     ("generate", "--backend", "torch"), ("bench", "--size", "tiny"), ("bench", "--variant", "plain"),
-     ("bench", "--image-size", "448x448"), ("demo-checkpoint", "--variant", "plain"),
-     ("demo-checkpoint", "--size", "tiny"), ("demo-checkpoint", "--dtype", "bfloat16"),
-     ("export", "--max-seq-len", "4096")],
-)  # fmt: skip
+    [
+        ("generate", "--max-new-tokens", "128"),
+        ("generate", "--repetition-penalty", "1.0"),
+        ("generate", "--backend", "torch"),
+        ("bench", "--size", "tiny"),
+        ("bench", "--variant", "plain"),
+        ("bench", "--image-size", "448x448"),
+        ("demo-checkpoint", "--variant", "plain"),
+        ("demo-checkpoint", "--size", "tiny"),
+        ("demo-checkpoint", "--dtype", "bfloat16"),
+        ("export", "--max-seq-len", "4096"),
+    ],
+)
 def test_help_shows_defaults(capsys, command, option, default):
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -187,14 +244,22 @@ def test_help_shows_defaults(capsys, command, option, default):
 
 @pytest.mark.parametrize(
     "args, words",
-    [(["--temperature", "-1"], ["temperature"]), (["--temperature", "nan"], ["temperature", "nan"]),
-     (["--repetition-penalty", "nan"], ["repetition_penalty"]), (["--repetition-penalty", "0"], ["repetition_penalty"]),
-     (["--top-p", "0"], ["top_p"]), (["--top-p", "1.5"], ["top_p"]), (["--top-k", "-1"], ["top_k"]),
-     (["--min-pixels", "5000", "--max-pixels", "4000"], ["min_pixels 5000", "max_pixels 4000"]),
-     (["--min-pixels", "-3"], ["min_pixels"]), (["--max-pixels", "-5"], ["max_pixels"]),
-     (["--seed", "-1"], ["seed"]), (["--max-new-tokens", "100000000"], ["max_new_tokens", "32768"]),
-     (["--max-seq-len", "100000000"], ["max_seq_len", "32768"])],
-)  # fmt: skip
+    [
+        (["--temperature", "-1"], ["temperature"]),
+        (["--temperature", "nan"], ["temperature", "nan"]),
+        (["--repetition-penalty", "nan"], ["repetition_penalty"]),
+        (["--repetition-penalty", "0"], ["repetition_penalty"]),
+        (["--top-p", "0"], ["top_p"]),
+        (["--top-p", "1.5"], ["top_p"]),
+        (["--top-k", "-1"], ["top_k"]),
+        (["--min-pixels", "5000", "--max-pixels", "4000"], ["min_pixels 5000", "max_pixels 4000"]),
+        (["--min-pixels", "-3"], ["min_pixels"]),
+        (["--max-pixels", "-5"], ["max_pixels"]),
+        (["--seed", "-1"], ["seed"]),
+        (["--max-new-tokens", "100000000"], ["max_new_tokens", "32768"]),
+        (["--max-seq-len", "100000000"], ["max_seq_len", "32768"]),
+    ],
+)
 def test_bad_generation_settings_exit_2_with_one_line(demo_dir, capsys, args, words):
     one_line_error(
         capsys, ["generate", "--model", str(demo_dir("plain")), "--image", str(EXAMPLE), *args], *words
@@ -205,8 +270,9 @@ def test_max_new_tokens_past_an_exports_cache(exported, capsys):
     one_line_error(
         capsys,
         ["generate", "--backend", "onnx", "--model", str(exported("plain")), "--max-new-tokens", "300"],
-        "max_new_tokens 300", "256 positions",
-    )  # fmt: skip
+        "max_new_tokens 300",
+        "256 positions",
+    )
 
 
 def test_the_api_runs_the_same_checks(demo_dir, torch_model):
@@ -215,8 +281,13 @@ def test_the_api_runs_the_same_checks(demo_dir, torch_model):
 
     model = torch_model("plain")
     ids = np.array([[1, 2, 3]])
-    for kw in ({"temperature": float("nan")}, {"repetition_penalty": float("nan")}, {"seed": -1},
-               {"top_p": 0.0}, {"max_new_tokens": 10**8}):  # fmt: skip
+    for kw in (
+        {"temperature": float("nan")},
+        {"repetition_penalty": float("nan")},
+        {"seed": -1},
+        {"top_p": 0.0},
+        {"max_new_tokens": 10**8},
+    ):
         with pytest.raises(InputError):
             model.generate(input_ids=ids, **kw)
     for kw in ({"min_pixels": 5000, "max_pixels": 4000}, {"max_pixels": -5}):
@@ -226,8 +297,9 @@ def test_the_api_runs_the_same_checks(demo_dir, torch_model):
 
 def test_export_refuses_bad_settings_and_outputs_before_any_work(demo_dir, tmp_path, capsys):
     ckpt = str(demo_dir("plain"))
-    one_line_error(capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "e"), "--max-seq-len", "0"],
-                   "max_seq_len")  # fmt: skip
+    one_line_error(
+        capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "e"), "--max-seq-len", "0"], "max_seq_len"
+    )
     (tmp_path / "file").write_text("x")
     one_line_error(capsys, ["export", "--model", ckpt, "--out", str(tmp_path / "file")], "is a file")
     one_line_error(
@@ -271,13 +343,33 @@ def test_eval_on_synthetic_questions_writes_a_report(exported, tmp_path, capsys)
     import json
 
     out = tmp_path / "report.json"
-    code = main(["eval", "--synthetic", "6", "--model", str(exported("plain")), "--backend", "onnx",
-                 "--max-new-tokens", "4", "--out", str(out)])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--synthetic",
+            "6",
+            "--model",
+            str(exported("plain")),
+            "--backend",
+            "onnx",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
+    )
     printed = capsys.readouterr().out
     assert code == 0 and printed.startswith("accuracy ")
     report = json.loads(out.read_text())
-    assert report["n"] == 6 and report["backend"] == "onnx" and set(report["by_type"]) <= {
-        "colour", "count", "describe", "motion", "position", "shape"}  # fmt: skip
-    one_line_error(capsys, ["eval", str(tmp_path / "nope.jsonl"), "--model", str(exported("plain")),
-                            "--backend", "onnx"], "nope.jsonl", "not found")  # fmt: skip
+    assert (
+        report["n"] == 6
+        and report["backend"] == "onnx"
+        and set(report["by_type"]) <= {"colour", "count", "describe", "motion", "position", "shape"}
+    )
+    one_line_error(
+        capsys,
+        ["eval", str(tmp_path / "nope.jsonl"), "--model", str(exported("plain")), "--backend", "onnx"],
+        "nope.jsonl",
+        "not found",
+    )
     one_line_error(capsys, ["eval", "--model", str(exported("plain")), "--backend", "onnx"], "either")

@@ -15,20 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prompts import ASSISTANT, ENDOFTEXT, IM_END, IM_START, USER, left_pad
+from prompts import IMG as IMAGE_PAD
+from prompts import NL as NEWLINE
+from prompts import VE as VISION_END
+from prompts import VID as VIDEO_PAD
+from prompts import VS as VISION_START
 from safetensors.torch import save_file
 from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
 # Qwen2 tokenizer ids (real ones, so the checkpoint's token-id fields are the released values)
-ENDOFTEXT = 151643  # also the pad token
-IM_START = 151644
-IM_END = 151645
-VISION_START = 151652
-VISION_END = 151653
-IMAGE_PAD = 151655
-VIDEO_PAD = 151656
-NEWLINE, SYSTEM, USER, ASSISTANT = 198, 8948, 872, 77091  # "\n", "system", "user", "assistant"
+SYSTEM = 8948  # "system"
 EOS_IDS = [IM_END, ENDOFTEXT]
-PAD_ID = ENDOFTEXT
+PAD_ID = ENDOFTEXT  # also the pad token
 
 PATCH, MERGE, TEMPORAL, CHANNELS = 14, 2, 2, 3
 PATCH_DIM = CHANNELS * TEMPORAL * PATCH * PATCH  # 1176 values per pixel_values row
@@ -349,13 +348,11 @@ def build_inputs(prompts: Sequence[Sequence[Text | Image | Video]], seed: int = 
     """
     gen = torch.Generator().manual_seed(seed)
     rows = [chat_prompt(p, gen) for p in prompts]
-    length = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, r in enumerate(rows):
-        input_ids[b, length - len(r) :] = torch.tensor(r)
-        attention_mask[b, length - len(r) :] = 1
-    out: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+    input_ids, attention_mask = left_pad(rows)  # PAD_ID is the pad token there too
+    out: dict[str, torch.Tensor] = {
+        "input_ids": torch.from_numpy(input_ids),
+        "attention_mask": torch.from_numpy(attention_mask),
+    }
     for kind, key, grid_key in (
         (Image, "pixel_values", "image_grid_thw"),
         (Video, "pixel_values_videos", "video_grid_thw"),
