@@ -1,6 +1,7 @@
-"""Writing a model directory (export, quantized export, demo checkpoint): `--out` checked before any
-work, the directory built in a temporary sibling and renamed into place only when complete, and its
-files given the modes the user's umask gives ordinary files.
+"""The files of a model directory (export, quantized export, conversion, demo checkpoint): names read
+from a manifest checked to stay inside their directory; `--out` checked before any work, the
+directory built in a temporary sibling and renamed into place only when complete, and its files given
+the modes the user's umask gives ordinary files. Standard library only: the run-time loaders use it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,30 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from slimm.errors import InputError
+from slimm.errors import CheckpointError, InputError
+
+
+def plain_name(name: Any, where: str | Path, what: str) -> str:
+    """`name` if it is a plain file name inside `where`'s directory; else a CheckpointError naming
+    `where` (a manifest or a directory) and `what` (the entry): a hostile manifest must not make us
+    read or write elsewhere."""
+    ok = (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not os.path.isabs(name)
+        and ":" not in name[:2]  # a Windows drive, C:x
+    )
+    if not ok:
+        raise CheckpointError(
+            f"{where}: {what} names {name!r}, which is not a plain file name inside its directory "
+            "(no folders, no '..', not absolute)"
+        )
+    return name
 
 
 def umask() -> int:

@@ -20,11 +20,11 @@ from slimm.convert import (
     get_target,
     import_generated,
 )
-from slimm.convert.files import follow_umask, fresh_sibling, move_into_place, plain_name
 from slimm.convert.ir import ConversionError
 from slimm.convert.validate import validate_part
 from slimm.errors import InputError
 from slimm.export.manifest import MANIFEST, MANIFEST_VERSION, PARTS, read_manifest
+from slimm.outdir import plain_name, staged
 
 
 def convert_export(
@@ -45,9 +45,9 @@ def convert_export(
     manifest = read_manifest(export_dir)
     where = export_dir / MANIFEST
     for part in PARTS:
-        plain_name(manifest["parts"][part]["file"], where, f"part {part} file")
+        plain_name(manifest["parts"][part]["file"], where, f"entry parts.{part}.file")
     for name in manifest.get("files", []):
-        plain_name(name, where, "file")
+        plain_name(name, where, "entry files")
     if manifest.get("quantization"):
         raise ConversionError(
             f"{export_dir}: a {manifest.get('precision')} export runs on ONNX Runtime only (its parts use "
@@ -59,14 +59,8 @@ def convert_export(
         from slimm.errors import BackendUnavailable
 
         raise BackendUnavailable(f"converting to {target} needs its framework installed ({e})") from None
-    build = fresh_sibling(out_dir, "partial")
-    try:
+    with staged(out_dir) as build:
         _convert_into(build, export_dir, manifest, target, tgt, validate, progress)
-        follow_umask(build)
-        move_into_place(build, out_dir)
-    finally:
-        if build.exists():
-            shutil.rmtree(build, ignore_errors=True)
     return out_dir
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from slimm.config import SliMMConfig
 from slimm.errors import CheckpointError
+from slimm.outdir import plain_name
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -131,28 +132,8 @@ def io_spec(cfg: SliMMConfig, part: str, float_type: str) -> tuple[list[Tensor],
 
 
 # ---- manifest.json ----------------------------------------------------------------------------------
-def plain_name(name: Any, where: Path, entry: str) -> str:
-    """`name` if it is a plain file name inside the manifest's directory; else a CheckpointError naming
-    the manifest and the entry (a hostile manifest must not make us read or write elsewhere)."""
-    ok = (
-        isinstance(name, str)
-        and name not in ("", ".", "..")
-        and "/" not in name
-        and "\\" not in name
-        and "\0" not in name
-        and not Path(name).is_absolute()
-        and ":" not in name[:2]  # a Windows drive, C:x
-    )
-    if not ok:
-        raise CheckpointError(
-            f"{where}: entry {entry} names {name!r}, which is not a plain file name inside "
-            f"{where.parent} (no folders, no '..', not absolute)"
-        )
-    return name
-
-
 def _optional_name(name: Any, where: Path, entry: str) -> str | None:
-    return None if name is None else plain_name(name, where, entry)
+    return None if name is None else plain_name(name, where, f"entry {entry}")
 
 
 @dataclass
@@ -187,7 +168,7 @@ class Part:
                 data=_optional_name(d.get("data"), where, f"{at}.data"),
                 name=_optional_name(d.get("name"), where, f"{at}.name"),
                 source=_optional_name(d.get("source"), where, f"{at}.source"),
-                files=[plain_name(f, where, f"{at}.files") for f in d.get("files", [])],
+                files=[plain_name(f, where, f"entry {at}.files") for f in d.get("files", [])],
                 input_order=d.get("input_order"),
             )
         except (KeyError, TypeError) as e:
@@ -322,7 +303,7 @@ class Manifest:
             format=d["format"],
             precision=d.get("precision"),
             opset=d.get("opset"),
-            files=[plain_name(f, path, "files") for f in files],
+            files=[plain_name(f, path, "entry files") for f in files],
             tokenizer=bool(d.get("tokenizer")),
             source=d.get("source"),
             weights_dtype=d.get("weights_dtype"),

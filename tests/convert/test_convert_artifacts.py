@@ -69,7 +69,7 @@ backend = slimm.load(sys.argv[1], backend=sys.argv[2])
 feeds = dict(np.load(sys.argv[3]))
 got = [backend.to_numpy(o) for o in backend.run_part("F", feeds)]
 np.savez(sys.argv[4], *got)
-allowed = {"slimm.convert", "slimm.convert.ir", "slimm.convert.files", "slimm.convert.targets",
+allowed = {"slimm.convert", "slimm.convert.ir", "slimm.convert.targets",
            f"slimm.convert.targets.{sys.argv[2]}", f"slimm.convert.targets.{sys.argv[2]}.runtime"}
 print("CONVERT MODULES", sorted(m for m in sys.modules if m.startswith("slimm.convert") and m not in allowed))
 """

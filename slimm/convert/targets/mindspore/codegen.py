@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 
 from slimm.convert.emitter import Target, header, np_literal
-from slimm.convert.files import current_umask
 from slimm.convert.ir import Program
 from slimm.convert.targets.mindspore import elementwise, nn, reduce, tensor  # noqa: F401  (register the handlers)
 from slimm.convert.targets.mindspore.registry import REGISTRY, ms_name
 from slimm.convert.targets.mindspore.runtime import startup
 from slimm.errors import CheckpointError
+from slimm.outdir import umask
 
 CELL = "Model"  # the generated class
 _CONST_RE = re.compile(r"\bself\.(c_[0-9a-f]{12})\b")
@@ -122,7 +122,7 @@ def _artifact_files(out_dir: Path, name: str) -> list[str]:
 def _usual_permissions(out_dir: Path, files: list[str]) -> None:
     """MindSpore writes its files owner-read-only (0400, and 0700 for the variables folder); a model
     directory is read by other users and copied around like any other: modes as the umask says."""
-    mask = current_umask()
+    mask = umask()
     for f in files:
         (out_dir / f).chmod(0o666 & ~mask)
         if "/" in f:

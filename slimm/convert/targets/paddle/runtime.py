@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from slimm.convert.files import plain_name
 from slimm.errors import CheckpointError, InputError
+from slimm.outdir import plain_name
 
 
 def load(out_dir: str | Path, name: str, threads: int | None = None, onednn: bool = False) -> Predictor:
