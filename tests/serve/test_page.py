@@ -156,9 +156,66 @@ def test_chat_page(page_server, browser, tmp_path):
     assert "more than the 4096 positions" in by_id("error").text and "{" not in by_id("error").text
     assert browser.find_elements("css selector", ".msg.user.failed")
     set_value(browser, "max-tokens", 8)
-    by_id("prompt").send_keys("One more?")
+    assert by_id("prompt").get_attribute("value") == "One more?"  # back in the composer
     by_id("send").click()
     wait_for(lambda: stats().startswith("8 tokens in "), "the answer after Stop")
     assert by_id("error").text == ""
     assert len(answer_texts()) == 3
     browser.save_screenshot(str(tmp_path / "chat-page-after.png"))
+
+
+# a 32x32 PNG made in the page, then dropped on the form or pasted, as a user's drag or Ctrl+V delivers it
+DROP_AND_PASTE = """
+const done = arguments[arguments.length - 1];
+const canvas = document.createElement("canvas");
+canvas.width = canvas.height = 32;
+canvas.getContext("2d").fillRect(0, 0, 16, 16);
+canvas.toBlob((blob) => {
+  const file = () => new File([blob], "square.png", {type: "image/png"});
+  const drop = new DataTransfer();
+  drop.items.add(file());
+  document.getElementById("composer").dispatchEvent(
+    new DragEvent("drop", {dataTransfer: drop, bubbles: true, cancelable: true}));
+  const paste = new DataTransfer();
+  paste.items.add(file());
+  document.getElementById("prompt").dispatchEvent(
+    new ClipboardEvent("paste", {clipboardData: paste, bubbles: true, cancelable: true}));
+  done(true);
+}, "image/png");
+"""
+
+
+def test_drop_paste_and_api_key(torch_demo, browser):
+    with running_server(torch_demo, api_key="sesame") as (base, _):
+        browser.get(base + "/")
+        browser.execute_async_script(DROP_AND_PASTE)
+        wait_for(
+            lambda: len(browser.find_elements("css selector", "#attachments img")) == 2,
+            "two thumbnails (one dropped, one pasted)",
+            10,
+        )
+        browser.find_element("id", "max-tokens").clear()
+        browser.find_element("id", "max-tokens").send_keys("4")
+        browser.find_element("id", "prompt").send_keys("Which shapes?")
+        browser.find_element("id", "send").click()
+        # no key: the server's 401 message, readable
+        wait_for(lambda: browser.find_element("id", "error").text, "the missing-key error", 30)
+        assert "missing or wrong API key" in browser.find_element("id", "error").text
+        # the refused question is back in the composer, its images too
+        assert browser.find_element("id", "prompt").get_attribute("value") == "Which shapes?"
+        assert len(browser.find_elements("css selector", "#attachments img")) == 2
+        # the key, sent as Bearer: answered, both images in the prompt (32x32 -> 4 merged tokens each)
+        browser.find_element("id", "api-key").send_keys("sesame")
+        browser.find_element("id", "send").click()
+        stats = browser.find_element("id", "stats")
+        wait_for(lambda: "tokens/s" in stats.text, "the answer with the key")
+        assert browser.find_element("id", "error").text == ""
+        assert stats.text.startswith("4 tokens in ")
+        assert len(browser.find_elements("css selector", ".msg.user:not(.failed) img")) == 2
+        text_only = httpx.post(
+            base + "/v1/chat/completions",
+            headers={"Authorization": "Bearer sesame"},
+            json={"messages": [{"role": "user", "content": "Which shapes?"}], "max_tokens": 1},
+            timeout=60,
+        ).json()["usage"]["prompt_tokens"]
+        assert int(stats.get_attribute("data-prompt-tokens")) >= text_only + 2 * 4
