@@ -16,11 +16,12 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from importlib import resources
 from io import BytesIO
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -284,6 +285,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return error_response(ApiError(500, f"internal error ({type(e).__name__})", "server_error"))
 
     # ---- routes ----
+    @app.get("/")
+    async def page():
+        # the chat page: one self-contained file shipped in the package (no CDN, works offline)
+        return HTMLResponse(resources.files("slimm.serve").joinpath("static/index.html").read_text("utf-8"))
+
     @app.get("/health")
     async def health():
         stats = engine.stats()
