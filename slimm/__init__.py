@@ -8,7 +8,7 @@ __all__ = ["load", "SliMMError", "CheckpointError", "InputError", "BackendUnavai
 
 
 def load(path, backend: str = "torch", **kwargs):
-    """Load a model directory with the named backend; returns an object with `generate(...)`."""
+    """Load a model directory (or Hugging Face hub id `owner/name`) with the named backend; returns an object with `generate(...)`."""
     from slimm.backends import load_backend
 
     return load_backend(backend, path, **kwargs)

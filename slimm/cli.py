@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from slimm.errors import InputError, SliMMError
+from slimm.hub import resolve_model
 
 # Only what building the parser needs is imported here: torch and the frameworks are imported by the
 # command that runs, so `slimm --help` stays fast and `--verbose` is seen before any framework starts.
@@ -77,7 +78,7 @@ def cmd_generate(args) -> int:
         args.max_seq_len,
         args.seed,
     )
-    model_dir = args.model or demo_dir_for(args.backend)
+    model_dir = resolve_model(args.model) if args.model else demo_dir_for(args.backend)
     kwargs = {"device": args.device}
     if args.backend == "torch":
         kwargs["dtype"] = args.dtype
@@ -126,9 +127,10 @@ def cmd_export(args) -> int:
 
     # refused before the demo checkpoint is built, if it has to be
     check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len)
-    check_out_dir(args.out, source=args.model, overwrite=args.overwrite)
+    model = resolve_model(args.model) if args.model else None
+    check_out_dir(args.out, source=model, overwrite=args.overwrite)
     out = export_model(
-        args.model or demo_model_dir(),
+        model or demo_model_dir(),
         args.out,
         precision=args.precision,
         opset=args.opset,
@@ -195,7 +197,7 @@ def cmd_serve(args) -> int:
         kwargs["dtype"] = args.dtype
     elif args.threads:
         kwargs["threads"] = args.threads
-    name = args.served_model_name or (args.model.name if args.model else f"slimm-demo-{args.backend}")
+    name = args.served_model_name or (Path(args.model).name if args.model else f"slimm-demo-{args.backend}")
     settings = ServerSettings(
         model_name=name,
         api_key=args.api_key or os.environ.get("SLIMM_API_KEY") or None,
@@ -206,7 +208,7 @@ def cmd_serve(args) -> int:
         request_timeout=args.request_timeout,
     )
     run_server(
-        args.model,
+        resolve_model(args.model) if args.model else None,
         args.backend,
         args.host,
         args.port,
@@ -267,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer a prompt about images or video frames, streaming the answer to stdout. "
         "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
     )
-    g.add_argument("--model", type=Path, help="model directory (default: the built-in tiny demo checkpoint)")
+    g.add_argument(
+        "--model", help="model directory or Hugging Face hub id (default: the built-in tiny demo checkpoint)"
+    )
     g.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
     g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     g.add_argument(
@@ -341,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
         "built beside --out and moved into place when complete.",
     )
     e.add_argument(
-        "--model", type=Path, help="checkpoint directory (default: the built-in tiny demo checkpoint)"
+        "--model",
+        help="checkpoint directory or Hugging Face hub id (default: the built-in tiny demo checkpoint)",
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
     e.add_argument(
@@ -410,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--synthetic", type=int, metavar="N", help="N held-out questions of the synthetic task")
     ev.add_argument("--seed", type=int, default=0, help="seed of the synthetic questions")
     ev.add_argument(
-        "--model", type=Path, help="model, export or converted directory (default: the demo model)"
+        "--model", help="model, export or converted directory, or hub id (default: the demo model)"
     )
     ev.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
     ev.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
@@ -445,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Requests share the model: they join a running batch of up to --max-batch at each decode step. With no "
         "--model, the tiny random-weight demo model of --backend is served (its text is meaningless).",
     )
-    sv.add_argument("--model", type=Path, help="model directory (default: the built-in tiny demo model)")
+    sv.add_argument(
+        "--model", help="model directory or Hugging Face hub id (default: the built-in tiny demo model)"
+    )
     sv.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")

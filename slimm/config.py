@@ -152,15 +152,25 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 
 
 def resolve_custom_visual_model(ckpt_dir: Path, name: str) -> Path:
-    """A `custom_visual_model` is looked up beside the checkpoint first, then as given."""
+    """A `custom_visual_model` is looked up under the checkpoint first, then as given, then (an
+    `owner/name` hub id) in the Hugging Face cache, downloaded when online."""
+    from slimm.hub import download_command, looks_like_hub_id, resolve_hub_id
+
     for cand in (ckpt_dir / name, Path(name).expanduser()):
         if cand.is_dir():
             return cand
-    raise CheckpointError(
-        f"custom_visual_model {name!r} (from {ckpt_dir / 'config.json'}) is not a local directory, "
-        f"neither under {ckpt_dir} nor as given; download it (e.g. `huggingface-cli download {name} "
-        f"--local-dir {ckpt_dir / Path(name).name}`) and point custom_visual_model at that directory"
+    where = (
+        f"custom_visual_model {name!r} (from {ckpt_dir / 'config.json'}) is not a directory under {ckpt_dir}"
     )
+    if not looks_like_hub_id(name):
+        raise CheckpointError(f"{where} nor as given")
+    try:
+        return resolve_hub_id(name)
+    except CheckpointError as e:
+        # the hub error ends with its own fetch command; offer the checkpoint-local copy too
+        raise CheckpointError(
+            f"{where}, and {str(e).split(': ', 1)[1]} (or `{download_command(name, ckpt_dir / name)}`)"
+        ) from None
 
 
 def _has_lm_head(ckpt_dir: Path) -> bool:

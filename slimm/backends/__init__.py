@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from slimm import frameworks
 from slimm.errors import BackendUnavailable, InputError
+from slimm.hub import resolve_model
 
 
 @dataclass(frozen=True)
@@ -35,9 +36,11 @@ BACKENDS: dict[str, BackendSpec] = {
 
 
 def load_backend(name: str, path, **kwargs):
-    """Load the model directory `path` with backend `name`; returns a `slimm.backends.base.Backend`."""
+    """Load the model directory (or Hugging Face hub id) `path` with backend `name`; returns a
+    `slimm.backends.base.Backend`."""
     if name not in BACKENDS:
         raise InputError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+    path = resolve_model(path)
     spec = BACKENDS[name]
     try:
         mod = importlib.import_module(spec.module)

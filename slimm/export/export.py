@@ -22,6 +22,7 @@ from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
 from slimm.errors import InputError
 from slimm.export.manifest import PART_ROLES, PARTS, Manifest, Part, Tensor, io_spec, part_file
 from slimm.host.vision_index import vision_host_inputs
+from slimm.hub import resolve_model
 from slimm.model.slimm import SliMMForConditionalGeneration
 from slimm.outdir import check_out_dir, staged
 
@@ -314,7 +315,7 @@ def export_model(
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
     check_export_settings(precision, block_size, opset, max_seq_len, parts)
-    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir = resolve_model(ckpt_dir)
     out_dir = check_out_dir(out_dir, source=ckpt_dir, overwrite=overwrite)
     if precision in QUANTIZED:
         from slimm.export.quantize import quantize_export

@@ -13,6 +13,7 @@ import numpy as np
 
 from slimm.config import read_json
 from slimm.errors import InputError
+from slimm.hub import resolve_model
 from slimm.processing import ImageProcessor, Processor, Tokenizer
 from slimm.processing.messages import ORIGINAL_EXIF_TRANSPOSE
 
@@ -58,7 +59,9 @@ class SliMMQwen2VLProcessor:
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | Path, **kwargs: Any
     ) -> SliMMQwen2VLProcessor:
-        """Load from a local checkpoint directory; `min_pixels` / `max_pixels` override the image bounds."""
+        """Load from a local checkpoint directory or a hub id; `min_pixels` / `max_pixels` override the
+        image bounds."""
+        pretrained_model_name_or_path = resolve_model(pretrained_model_name_or_path)
         processor = Processor.from_pretrained(
             pretrained_model_name_or_path,
             tokenizer_dir=kwargs.get("tokenizer_dir"),

@@ -17,6 +17,7 @@ from slimm.config import MIDLAYER_FEATURE_INDICES, SliMMConfig, load_config
 from slimm.errors import InputError
 from slimm.host.positions import model_rope_index
 from slimm.host.vision_index import vision_chunks, vision_host_inputs
+from slimm.hub import resolve_model
 from slimm.model.language import KVCache, LanguageModel
 from slimm.model.merger import build_merger, efficient_split_patches
 from slimm.model.vision import VisionTower
@@ -127,6 +128,7 @@ class SliMMForConditionalGeneration(nn.Module):
         device_map: str | None = "cpu",
         **kwargs,
     ) -> SliMMForConditionalGeneration:
+        path = resolve_model(path)  # a directory or a hub id, like the original's from_pretrained
         cfg = load_config(path)
         if torch_dtype == "auto":
             dtype = DTYPES.get(cfg.torch_dtype, torch.float32)

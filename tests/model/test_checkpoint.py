@@ -133,7 +133,9 @@ def test_custom_visual_model_directory(demo_dir, tmp_path):
     )
 
 
-def test_custom_visual_model_hub_id_says_download(demo_dir, tmp_path):
+def test_custom_visual_model_hub_id_says_download(demo_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # an empty cache, and no network
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     d = shutil.copytree(demo_dir("plain"), tmp_path / "ckpt")
     edit_json(d / "config.json", vision_config=None, custom_visual_model="someone/some-vit")
     with pytest.raises(CheckpointError, match="download"):
