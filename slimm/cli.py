@@ -79,14 +79,7 @@ def cmd_generate(args) -> int:
         args.seed,
     )
     model_dir = resolve_model(args.model) if args.model else demo_dir_for(args.backend)
-    kwargs = {"device": args.device}
-    if args.backend == "torch":
-        kwargs["dtype"] = args.dtype
-    if args.backend == "onnx" or args.backend.endswith("-ort"):
-        kwargs.update(threads=args.threads, opt_level=args.opt_level)
-    elif args.backend != "torch" and args.threads:
-        kwargs["threads"] = args.threads
-    model = slimm.load(model_dir, backend=args.backend, **kwargs)
+    model = slimm.load(model_dir, backend=args.backend, **load_options(args))
     gen = model.generation_config(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -157,9 +150,6 @@ def cmd_convert(args) -> int:
 def cmd_eval(args) -> int:
     from slimm.evaluation import format_report, run_eval
 
-    kwargs = {"device": args.device}
-    if args.threads is not None:
-        kwargs["threads"] = args.threads
     report = run_eval(
         data_path=args.data,
         synthetic_n=args.synthetic,
@@ -168,7 +158,7 @@ def cmd_eval(args) -> int:
         backend=args.backend,
         out_json=args.out,
         max_new_tokens=args.max_new_tokens,
-        **kwargs,
+        **load_options(args),
     )
     print(format_report(report))
     if args.out is not None:
@@ -192,11 +182,6 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     from slimm.serve.app import ServerSettings, run_server
 
-    kwargs = {"device": args.device}
-    if args.backend == "torch":
-        kwargs["dtype"] = args.dtype
-    elif args.threads:
-        kwargs["threads"] = args.threads
     name = args.served_model_name or (Path(args.model).name if args.model else f"slimm-demo-{args.backend}")
     settings = ServerSettings(
         model_name=name,
@@ -216,7 +201,7 @@ def cmd_serve(args) -> int:
         args.max_queue,
         args.max_seq_len,
         settings,
-        **kwargs,
+        **load_options(args),
     )
     return 0
 
@@ -234,6 +219,47 @@ def cmd_demo_checkpoint(args) -> int:
     )
     print(f"wrote {path} ({args.size}, {args.variant}; random weights: its text is meaningless)")
     return 0
+
+
+def load_options(args) -> dict:
+    """slimm.load's keywords from the model options every model-running command shares."""
+    kwargs = {"device": args.device}
+    if args.backend == "torch":
+        kwargs["dtype"] = args.dtype
+    elif args.threads is not None:
+        kwargs["threads"] = args.threads
+    if args.backend == "onnx" or args.backend.endswith("-ort"):
+        kwargs["opt_level"] = args.opt_level
+    return kwargs
+
+
+def add_model_options(p: argparse.ArgumentParser, backends, default_model: str) -> None:
+    """--model, --backend and how the backend runs: the same for generate, eval and serve."""
+    p.add_argument("--model", help=f"model directory or Hugging Face hub id (default: {default_model})")
+    p.add_argument("--backend", default="torch", choices=list(backends), help="framework to run on")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda", "auto"],
+        help="auto: CUDA when the framework sees a GPU",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="intra-op threads for ONNX Runtime / Paddle / MindSpore (default: the framework's)",
+    )
+    p.add_argument(
+        "--opt-level",
+        default="all",
+        choices=["disable", "basic", "extended", "all"],
+        help="ONNX Runtime graph optimisation level",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="torch backend weights dtype",
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -269,10 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer a prompt about images or video frames, streaming the answer to stdout. "
         "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
     )
-    g.add_argument(
-        "--model", help="model directory or Hugging Face hub id (default: the built-in tiny demo checkpoint)"
-    )
-    g.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
+    add_model_options(g, BACKENDS, "the built-in tiny demo checkpoint")
     g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     g.add_argument(
         "--video", action="append", default=[], help="video file or directory of frames (repeatable)"
@@ -310,29 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=list(DEFAULT_STOP_TOKENS),
         help="token ids that end the answer (STOP_TOKEN)",
-    )
-    g.add_argument(
-        "--device",
-        default="cpu",
-        choices=["cpu", "cuda", "auto"],
-        help="auto: CUDA when the framework sees a GPU",
-    )
-    g.add_argument(
-        "--threads",
-        type=int,
-        help="intra-op threads for ONNX Runtime / Paddle / MindSpore (default: the framework's)",
-    )
-    g.add_argument(
-        "--opt-level",
-        default="all",
-        choices=["disable", "basic", "extended", "all"],
-        help="ONNX Runtime graph optimisation level",
-    )
-    g.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="torch backend weights dtype",
     )
     g.set_defaults(func=cmd_generate)
 
@@ -414,14 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", nargs="?", type=Path, help="JSONL file of rows (or use --synthetic)")
     ev.add_argument("--synthetic", type=int, metavar="N", help="N held-out questions of the synthetic task")
     ev.add_argument("--seed", type=int, default=0, help="seed of the synthetic questions")
-    ev.add_argument(
-        "--model", help="model, export or converted directory, or hub id (default: the demo model)"
-    )
-    ev.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
+    add_model_options(ev, BACKENDS, "the trained demo model")
     ev.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
     ev.add_argument("--out", type=Path, help="write the JSON report (per row and per type) here")
-    ev.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="device")
-    ev.add_argument("--threads", type=int, help="threads for ONNX Runtime and the converted backends")
     ev.set_defaults(func=cmd_eval)
 
     o = command(
@@ -450,10 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Requests share the model: they join a running batch of up to --max-batch at each decode step. With no "
         "--model, the tiny random-weight demo model of --backend is served (its text is meaningless).",
     )
-    sv.add_argument(
-        "--model", help="model directory or Hugging Face hub id (default: the built-in tiny demo model)"
-    )
-    sv.add_argument("--backend", default="torch", choices=list(BACKENDS), help="framework to run on")
+    add_model_options(sv, BACKENDS, "the built-in tiny demo model")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument(
@@ -480,14 +472,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch http(s) image URLs (off: only inline data: URLs)",
     )
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
-    sv.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="auto: CUDA when seen")
-    sv.add_argument("--threads", type=int, help="intra-op threads for ONNX Runtime / Paddle / MindSpore")
-    sv.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="torch backend weights dtype",
-    )
     sv.set_defaults(func=cmd_serve)
 
     d = command(

@@ -92,6 +92,7 @@ def staged(out: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of `out`; when the block completes, it replaces `out` whole
     (no file of what was there before remains). A failed or killed run leaves `out` as it was."""
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)  # a sibling on the same file system: rename moves it
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         yield tmp
