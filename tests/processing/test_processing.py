@@ -619,7 +619,7 @@ def test_one_string_is_one_image(tmp_path, tokenizer):
     from slimm.backends.base import Backend
 
     class Stub(Backend):  # prepare only: no model behind it
-        name, load, prefill, decode = "stub", None, None, None
+        name, load, new_cache, prefill_rows, decode_rows = "stub", None, None, None, None
 
     path = tmp_path / "photo.jpg"
     Image.fromarray(PHOTOS["chelsea"]).save(path)
