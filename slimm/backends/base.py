@@ -161,6 +161,20 @@ class Slots:
         return len(self.used)
 
 
+def chat_inputs(
+    processor, prompt: str, images=(), videos=(), system: str | None = None
+) -> dict[str, np.ndarray]:
+    """One chat turn -> model inputs through a Processor and its chat template: what `prepare` runs,
+    and what `slimm batch` runs in its read stage, where no model is loaded."""
+    images, videos = as_image_list(images), as_video_list(videos)  # one path is one image
+    content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
+    content.append({"type": "text", "text": prompt})
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": content})
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(text=[text], images=images or None, videos=videos or None)
+
+
 class Backend(abc.ABC):
     """A loaded model in one framework. Subclasses implement `load` and three cache steps:
     `new_cache` (a pool of rows), `prefill_rows` (prompts into rows) and `decode_rows` (one token for
@@ -378,13 +392,7 @@ class Backend(abc.ABC):
             raise InputError(
                 "this model directory has no tokenizer files: pass token ids to generate() instead"
             )
-        images, videos = as_image_list(images), as_video_list(videos)  # one path is one image
-        content = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
-        content.append({"type": "text", "text": prompt})
-        messages = [{"role": "system", "content": system}] if system else []
-        messages.append({"role": "user", "content": content})
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        return self.processor(text=[text], images=images or None, videos=videos or None)
+        return chat_inputs(self.processor, prompt, images, videos, system)
 
     def stream(self, prompt: str, images=(), videos=(), **gen_kwargs) -> Iterator[str]:
         """Answer one prompt about images / video frames, yielding text as it is produced."""
