@@ -192,6 +192,23 @@ def cmd_serve(args) -> int:
         allow_remote_images=args.allow_remote_images,
         request_timeout=args.request_timeout,
     )
+    if args.ray:
+        from slimm.serve.ray_serve import run_ray_server
+
+        run_ray_server(
+            args.model,
+            args.backend,
+            args.host,
+            args.port,
+            args.max_batch,
+            args.max_queue,
+            args.max_seq_len,
+            settings,
+            replicas=args.replicas,
+            ray_address=args.ray_address,
+            **load_options(args),
+        )
+        return 0
     run_server(
         resolve_model(args.model) if args.model else None,
         args.backend,
@@ -203,6 +220,29 @@ def cmd_serve(args) -> int:
         settings,
         **load_options(args),
     )
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from slimm.batch.cluster import import_ray
+
+    import_ray()  # which extra to install, before anything else is read
+    from slimm.batch.job import run_batch
+
+    summary = run_batch(
+        args.input,
+        args.output,
+        args.model,
+        args.backend,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        **load_options(args),
+    )
+    print(summary.line(), file=sys.stderr)
     return 0
 
 
@@ -259,6 +299,15 @@ def add_model_options(p: argparse.ArgumentParser, backends, default_model: str) 
         default="float32",
         choices=["float32", "bfloat16", "float16"],
         help="torch backend weights dtype",
+    )
+
+
+def add_ray_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join a running Ray cluster: auto (the one `ray start` began on this machine) or HOST:PORT of "
+        "its head (default: $RAY_ADDRESS, else a local Ray started in this process)",
     )
 
 
@@ -472,7 +521,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch http(s) image URLs (off: only inline data: URLs)",
     )
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
+    sv.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: --replicas copies of the app, one engine each, requests spread across them",
+    )
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the model")
+    add_ray_address(sv)
     sv.set_defaults(func=cmd_serve)
+
+    bt = command(
+        "batch",
+        help="answer a prompt about every image of a folder or table, on Ray Data (one machine or many)",
+        description="Answer every row of INPUT, a folder of images (recursive; id = the path inside it) or a "
+        "JSONL / CSV / Parquet table with an image, images (a list; in CSV a JSON array) or video column and "
+        "optionally prompt and id columns (paths relative to the table). Images are read and preprocessed in "
+        "Ray tasks, a pool of --workers actors runs the model (loaded once each) on batches of --batch-size, "
+        "greedily. OUT (.parquet, or .jsonl) gets id, source, prompt, answer, prompt_tokens, "
+        "completion_tokens, seconds and error: each id once, a bad row with its error. Rows land in "
+        "OUT.parts/ as they are answered; --resume finishes an interrupted run or adds new rows.",
+    )
+    bt.add_argument("input", type=Path, help="folder of images, or a .jsonl / .csv / .parquet table")
+    bt.add_argument("--output", type=Path, required=True, help="file to write: .parquet or .jsonl")
+    add_model_options(bt, BACKENDS, "the built-in tiny demo model")
+    bt.add_argument("--prompt", default="Describe this image.", help="for rows with no prompt of their own")
+    bt.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens at most")
+    add_ray_address(bt)
+    bt.add_argument("--workers", type=int, default=1, help="model actors (each loads the model once)")
+    bt.add_argument("--batch-size", type=int, default=8, help="rows answered together by one worker")
+    bt.add_argument(
+        "--resume", action="store_true", help="keep OUT's rows (and an interrupted run's) and answer the rest"
+    )
+    bt.set_defaults(func=cmd_batch)
 
     d = command(
         "demo-checkpoint",

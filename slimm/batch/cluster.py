@@ -1,0 +1,82 @@
+"""Joining or starting a Ray runtime: the one place that imports ray for `slimm batch` and `slimm serve
+--ray`, names the extra to install when it is missing, and checks an address answers before Ray waits on it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from slimm.errors import BackendUnavailable, InputError
+
+RAY_EXTRA = 'pip install -e ".[ray]"'  # or, from PyPI: pip install "ray[data,serve]"
+CONNECT_TIMEOUT = 5.0  # seconds to wait for a TCP answer from --ray-address before saying it is unreachable
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise BackendUnavailable(
+            f"Ray is not installed; this command runs on Ray Data / Ray Serve: {RAY_EXTRA}"
+        ) from None
+    return ray
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
+    """HOST:PORT (or ray://HOST:PORT) must accept a TCP connection within `timeout` seconds. Ray itself
+    retries an unreachable address for a minute or more; a typo should be an error in seconds."""
+    where = address.removeprefix("ray://")
+    host, sep, port = where.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise InputError(f"--ray-address {address!r}: expected auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        reason = "no answer" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__)
+        raise InputError(
+            f"--ray-address {address}: cannot reach a Ray cluster there ({reason} within {timeout:g} s); "
+            "start its head with `ray start --head` on that machine, or leave --ray-address out to run "
+            "on a local Ray started here"
+        ) from None
+
+
+def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
+    """ray, initialised: already running in this process (kept as it is), the cluster at `address`
+    (auto: the one `ray start` left on this machine), or a local runtime started in-process."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address is None:
+        # the embedded default: nothing to set up, and no dashboard to start on a small machine
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
+    elif address != "auto":
+        check_reachable(address)
+    try:
+        ray.init(address=address, **kwargs)
+    except ConnectionError as e:
+        raise InputError(
+            f"--ray-address {address}: {e}. Start a cluster with `ray start --head`, or leave "
+            "--ray-address out to run on a local Ray started here"
+        ) from None
+    return ray
+
+
+def cluster_cpus(ray: Any) -> float:
+    return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def read_cpus(ray: Any) -> float:
+    """CPUs one read-stage task asks for: one, or half a small cluster."""
+    return min(1.0, cluster_cpus(ray) / 2)
+
+
+def cpus_per_worker(ray: Any, workers: int) -> float:
+    """One CPU per model worker (Ray's accounting, not a thread limit), less where the cluster has fewer
+    than workers + 1, so that the read stage keeps its CPU to prepare the next rows on."""
+    return min(1.0, (cluster_cpus(ray) - read_cpus(ray)) / workers)
