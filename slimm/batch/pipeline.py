@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import io
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -78,7 +79,7 @@ def _media(image, images, video) -> tuple[list, list]:
         raise InputError("the row has no image, images or video")
     pictures = [] if image is None else [image]
     pictures += list(images) if images is not None else []
-    loaded = [_image(p, f"image {p if isinstance(p, str) else ''}".strip()) for p in pictures]
+    loaded = [_image(p, "image") for p in pictures]
     # the same video reading as `slimm generate --video`: a file through PyAV, or a folder of frames
     videos = [] if video is None else [fetch_video({"type": "video", "video": str(video)})]
     return loaded, videos
@@ -285,22 +286,25 @@ def answer_dataset(
         fn_kwargs={"model": model, "backend": backend, "prompt": prompt},
         num_cpus=read_cpus if read_cpus is not None else default_read_cpus(ray),
     )
-    return prepared.map_batches(
-        ModelWorker,
-        batch_format="pyarrow",
-        batch_size=batch_size,
-        fn_constructor_kwargs={
-            "model": model,
-            "backend": backend,
-            "max_new_tokens": max_new_tokens,
-            "stop_tokens": tuple(stop_tokens),
-            "load_kwargs": load_kwargs,
-        },
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        # a killed worker is replaced and its batches rerun; a batch that kills RETRIES workers fails
-        # (its rows are answered again one by one by run_batch); given here, these also keep the
-        # read stage in tasks of its own rather than fused into the workers
-        max_restarts=-1,
-        max_task_retries=RETRIES,
-        num_cpus=worker_cpus if worker_cpus is not None else default_worker_cpus(ray, workers),
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 asks for named parameters in place of ray_remote_args, and has none for the two below
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        return prepared.map_batches(
+            ModelWorker,
+            batch_format="pyarrow",
+            batch_size=batch_size,
+            fn_constructor_kwargs={
+                "model": model,
+                "backend": backend,
+                "max_new_tokens": max_new_tokens,
+                "stop_tokens": tuple(stop_tokens),
+                "load_kwargs": load_kwargs,
+            },
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_cpus=worker_cpus if worker_cpus is not None else default_worker_cpus(ray, workers),
+            # a killed worker is replaced and its batches rerun; a batch that kills RETRIES workers fails
+            # (run_batch answers its rows again one by one); given here, they also keep the read stage
+            # in tasks of its own rather than fused into the workers
+            max_restarts=-1,
+            max_task_retries=RETRIES,
+        )
