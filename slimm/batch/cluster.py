@@ -47,16 +47,16 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     """ray, initialised: already running in this process (kept as it is), the cluster at `address`
     (auto: the one `ray start` left on this machine), or a local runtime started in-process."""
     ray = import_ray()
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+    if address not in (None, "auto"):
+        check_reachable(address)  # a wrong address is an error even where this process runs Ray already
     if ray.is_initialized():
         return ray
     kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
-    if address is None and os.environ.get("RAY_ADDRESS"):
-        address = os.environ["RAY_ADDRESS"]
     if address is None:
         # the embedded default: nothing to set up, and no dashboard to start on a small machine
         kwargs.update(include_dashboard=False, num_cpus=num_cpus)
-    elif address != "auto":
-        check_reachable(address)
     try:
         ray.init(address=address, **kwargs)
     except ConnectionError as e:
