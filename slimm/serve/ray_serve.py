@@ -151,6 +151,9 @@ def run_ray_server(
     import logging
     import time
 
+    from slimm.batch.cluster import import_ray
+
+    import_ray()  # which extra to install, before a model is built
     from ray import serve
 
     settings = settings or ServerSettings()
