@@ -79,7 +79,10 @@ def fastest_peer(results: list[dict[str, Any]], precision: str, metric: str, amo
 
 
 def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each measured slimm row's decode and prefill against the fastest peer at its precision."""
+    """Each measured slimm row's decode and prefill against the fastest peer at its precision (a
+    metric with no peer measured is left out of the row; no rows at all in a run without peers)."""
+    if not any(r.get("peer") for r in results):
+        return []
     out = []
     for r in results:
         if r.get("peer") or "load_s" not in r or r["precision"] not in PEER_PRECISION:
@@ -95,8 +98,7 @@ def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "peer_tokens_per_s": _value(peer, metric),
                 "ratio": _value(r, metric) / _value(peer, metric),
             }
-        if "decode" in line or "prefill" in line:
-            out.append(line)
+        out.append(line)
     return out
 
 
