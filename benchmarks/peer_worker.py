@@ -206,6 +206,8 @@ class OrtGenaiRunner:
         return int(self.generator.get_next_tokens()[0])
 
     def step(self, token: int) -> int:
+        if self.generator.is_done():  # an end-of-sequence token: the remaining steps would not run
+            raise RuntimeError(f"the generator stopped after token {token} (end of sequence)")
         self.generator.generate_next_token()  # runs the model on `token`, the last one picked
         return int(self.generator.get_next_tokens()[0])
 
