@@ -297,7 +297,7 @@ def chart(meta: dict[str, Any], results: list[dict[str, Any]], path: Path) -> st
     if any(roof):
         ax.scatter(
             range(len(llm)),
-            [v or float("nan") for v in roof],  # none for the peers,
+            [v or float("nan") for v in roof],  # no mark for the peers
             marker="_",
             s=900,
             color="tab:red",
