@@ -241,7 +241,14 @@ def run_command(
                 env={**os.environ, **(env or {})},
                 stdout=subprocess.DEVNULL,
                 stderr=err,
+                start_new_session=True,  # its own process group: a kill reaches the builder it runs too
             )
+
+            def kill() -> None:
+                try:
+                    os.killpg(proc.pid, 9)
+                except ProcessLookupError:
+                    pass
 
             def wait(seconds: float) -> None:
                 try:
@@ -249,7 +256,7 @@ def run_command(
                 except subprocess.TimeoutExpired:
                     pass
 
-            over = _watch(proc.pid, lambda: proc.poll() is None, wait, proc.kill, timeout, memory_limit)
+            over = _watch(proc.pid, lambda: proc.poll() is None, wait, kill, timeout, memory_limit)
         if over == "timeout":
             return {"status": "timeout", "reason": f"took more than {timeout:.0f} s"}
         out = _collect(result, over, proc.returncode)
