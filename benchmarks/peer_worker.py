@@ -231,7 +231,10 @@ class LlamaCppRunner:
         )
 
     def _last(self) -> np.ndarray:
-        return self.llm.scores[self.llm.n_tokens - 1].reshape(1, -1)
+        # the last position's logits, read from llama.cpp itself: llama-cpp-python keeps them in
+        # `scores` only with logits_all, which would compute every position's
+        ptr = self.llm._ctx.get_logits_ith(-1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).reshape(1, -1)
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         self.llm.reset()

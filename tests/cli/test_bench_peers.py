@@ -237,7 +237,8 @@ def test_peers_compute_the_same_model_as_slimm(tmp_path):
         row = rows[(engine, "fp32")]
         assert row["status"] == "ok", row.get("reason")
         assert row["tokens_agree_with_torch"] == 9, (engine, row["tokens"])
-        assert row["logits_error"] < 1e-4, engine
+        # llama.cpp keeps its KV cache in f16 by default: ~3e-4 on the tiny model, not ~1e-6
+        assert row["logits_error"] < (1e-3 if engine == "llama.cpp" else 1e-4), engine
     q4 = rows[("llama.cpp", "int4")]
     assert q4["status"] == "ok" and q4["format"] == "q4_0", q4.get("reason")
     assert 1e-4 < q4["logits_error"] < 1.0  # quantized: measured, not zero
