@@ -14,12 +14,14 @@ import multiprocessing
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import peers
 from benchmarks.measure import FRAMEWORKS, PHASES
 from slimm.errors import InputError
 from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
@@ -95,6 +97,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_choices("precision", PRECISIONS),
         default=["fp32"],
         help="comma-separated, from fp32,fp16,int8,int4,w8a8 (int8/int4/w8a8: ONNX Runtime only)",
+    )
+    p.add_argument(
+        "--peers",
+        type=_choices("peer", tuple(peers.ENGINES)),
+        default=[],
+        help=f"comma-separated, from {','.join(peers.ENGINES)}: other engines on the same language model, "
+        "text only, at the requested precisions they have (default: none)",
+    )
+    p.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        metavar="PATH",
+        help="the Python the peers are installed in (default: this one)",
     )
     p.add_argument(
         "--block-size",
@@ -207,26 +222,77 @@ def run_isolated(
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-        start, over = time.monotonic(), None
-        while proc.is_alive() and time.monotonic() - start < timeout:
-            proc.join(0.25)
-            if memory_limit and proc.is_alive() and _rss(proc.pid) > memory_limit:
-                over = f"stopped at the memory limit ({memory_limit / 1e9:.1f} GB resident)"
-                proc.kill()
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+        over = _watch(proc.pid, proc.is_alive, proc.join, proc.kill, timeout, memory_limit)
+        if over == "timeout":
             return {"status": "timeout", "reason": f"took more than {timeout:.0f} s"}
-        proc.join()
-        died = over or f"process exited with status {proc.exitcode}" + (
-            " (killed: out of memory?)" if proc.exitcode == -9 else ""
-        )
-        if result.exists():
-            out = json.loads(result.read_text())
-            if out.get("status") == "running":  # killed mid-way: keep what it had measured
-                out.update(status="failed", reason=f"{died} during {out.get('phase')}")
-            return out
-        return {"status": "failed", "reason": died}
+        return _collect(result, over, proc.exitcode)
+
+
+def run_command(
+    cmd: list[str], timeout: float, env: dict[str, str] | None = None, memory_limit: int | None = None
+) -> dict:
+    """As `run_isolated`, for a command in another Python (a peer's): it is given `--result PATH`
+    and writes its JSON there. When it leaves no result, the last line of its stderr is the reason."""
+    with tempfile.TemporaryDirectory(prefix="slimm-bench-") as tmp:
+        result, log = Path(tmp) / "result.json", Path(tmp) / "stderr.txt"
+        with open(log, "w") as err:
+            proc = subprocess.Popen(
+                [*cmd, "--result", str(result)],
+                env={**os.environ, **(env or {})},
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,  # its own process group: a kill reaches the builder it runs too
+            )
+
+            def kill() -> None:
+                try:
+                    os.killpg(proc.pid, 9)
+                except ProcessLookupError:
+                    pass
+
+            def wait(seconds: float) -> None:
+                try:
+                    proc.wait(seconds)
+                except subprocess.TimeoutExpired:
+                    pass
+
+            over = _watch(proc.pid, lambda: proc.poll() is None, wait, kill, timeout, memory_limit)
+        if over == "timeout":
+            return {"status": "timeout", "reason": f"took more than {timeout:.0f} s"}
+        out = _collect(result, over, proc.returncode)
+        if not result.exists():
+            lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+            out["reason"] += f": {lines[-1][:300]}" if lines else ""
+        return out
+
+
+def _watch(pid: int, alive, join, kill, timeout: float, memory_limit: int | None) -> str | None:
+    """Wait for a process; "timeout" if it ran past `timeout` (then killed), the memory-limit note
+    if it was stopped for that, else None."""
+    start, over = time.monotonic(), None
+    while alive() and time.monotonic() - start < timeout:
+        join(0.25)
+        if memory_limit and alive() and _rss(pid) > memory_limit:
+            over = f"stopped at the memory limit ({memory_limit / 1e9:.1f} GB resident)"
+            kill()
+    if alive():
+        kill()
+        join(None)
+        return "timeout"
+    join(None)
+    return over
+
+
+def _collect(result: Path, over: str | None, exitcode: int | None) -> dict:
+    died = over or f"process exited with status {exitcode}" + (
+        " (killed: out of memory?)" if exitcode == -9 else ""
+    )
+    if result.exists():
+        out = json.loads(result.read_text())
+        if out.get("status") == "running":  # killed mid-way: keep what it had measured
+            out.update(status="failed", reason=f"{died} during {out.get('phase')}")
+        return out
+    return {"status": "failed", "reason": died}
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -267,6 +333,8 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
             from slimm.convert.driver import convert_export
 
             convert_export(spec["src"], spec["target"], spec["tmp"], progress=False)
+        elif kind == "hf-llm":
+            peers.write_hf_llm(spec["src"], spec["tmp"])
         elif kind == "workload":
             from benchmarks.measure import build_workload
 
@@ -303,7 +371,11 @@ class Artefacts:
         h, w = self.args.image_size
         return self.work / f"inputs-{self.variant}-{self.size}-{h}x{w}-{self.args.prompt_tokens}.npz"
 
-    def ensure(self, kind: str, dest: Path, spec: dict[str, Any], timeout: float) -> Path | None:
+    def ensure(
+        self, kind: str, dest: Path, spec: dict[str, Any], timeout: float, python: str | None = None
+    ) -> Path | None:
+        """`dest`, built now unless it exists; None (the reason in `failed`) if its build failed.
+        With `python`, the build is a peer worker command (`benchmarks/peer_worker.py KIND`) run there."""
         key = str(dest)
         if key in self.failed:
             return None
@@ -315,7 +387,10 @@ class Artefacts:
         tmp.unlink(missing_ok=True)
         t = time.perf_counter()
         job = {**spec, "kind": kind, "tmp": str(tmp)}
-        res = run_isolated(build_worker, job, timeout, thread_env(self.args.threads))
+        if python is None:
+            res = run_isolated(build_worker, job, timeout, thread_env(self.args.threads))
+        else:
+            res = run_command(peers.command(python, kind, job), timeout, thread_env(self.args.threads))
         if res.get("status") != "ok":
             self.failed[key] = f"{kind} failed: {res.get('reason')}"
             if res.get("traceback"):
@@ -369,6 +444,36 @@ def model_path(
         return export, None
     dest = art.path(backend, precision)
     out = art.ensure("convert", dest, {"src": str(export), "target": backend}, args.convert_timeout)
+    return (out, None) if out else (None, art.failed[str(dest)])
+
+
+def peer_model_path(art: Artefacts, engine: str, precision: str) -> tuple[Path | None, str | None]:
+    """Build what a peer loads at `precision`: the checkpoint's language model in Hugging Face format,
+    then onnxruntime-genai's model builder on it, or its f32 GGUF and llama.cpp's quantization of it."""
+    args, python = art.args, art.args.peer_python
+    ckpt = art.ensure("checkpoint", art.path("ckpt"), {"variant": art.variant, "size": art.size}, 3600)
+    if ckpt is None:
+        return None, art.failed[str(art.path("ckpt"))]
+    hf = art.ensure("hf-llm", art.path("hf"), {"src": str(ckpt)}, 3600)
+    if hf is None:
+        return None, art.failed[str(art.path("hf"))]
+    fmt = peers.ENGINES[engine][precision]
+    timeout = args.convert_timeout
+    if engine == "onnxruntime-genai":
+        dest = art.path("ortgenai", precision)
+        spec = {"src": str(hf), "precision": fmt, "block_size": args.block_size, "timeout": timeout}
+        out = art.ensure("ortgenai", dest, spec, timeout, python)
+        return (out, None) if out else (None, art.failed[str(dest)])
+    f32 = art.path("gguf", "f32")
+    f32 = f32.with_name(f32.name + ".gguf")
+    if art.ensure("gguf", f32, {"src": str(hf)}, timeout, python) is None:
+        return None, art.failed[str(f32)]
+    if fmt == "f32":
+        return f32, None
+    dest = art.path("gguf", fmt)
+    dest = dest.with_name(dest.name + ".gguf")
+    spec = {"src": str(f32), "format": fmt, "threads": args.threads}
+    out = art.ensure("quantize", dest, spec, timeout, python)
     return (out, None) if out else (None, art.failed[str(dest)])
 
 
@@ -457,6 +562,14 @@ def logits_error(results: list[dict[str, Any]], logits_dir: Path) -> None:
             r["logits_reference"] = ref_name
 
 
+def load_text_ids(workload: Path) -> list[int]:
+    """The text prompt's token ids, as the peers take them."""
+    import numpy as np
+
+    with np.load(workload) as z:
+        return [int(t) for t in z["text.input_ids"][0]]
+
+
 def merge_rounds(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from several rounds of the same backend: per phase the round with the lowest
     median (the least disturbed by the machine's other load), the highest peak memory."""
@@ -486,7 +599,9 @@ def run(args: argparse.Namespace) -> int:
     work = (args.work or default_work_dir()).expanduser()
     work.mkdir(parents=True, exist_ok=True)
     art = Artefacts(work, args.variant, args.size, args)
-    rows = [(b, p) for p in args.precision for b in args.backends]
+    # per precision slimm's backends then the peers: rounds alternate between them
+    peer_rows = peers.rows(args.peers, args.precision)
+    rows = [(b, p) for p in args.precision for b in args.backends + [e for e, q in peer_rows if q == p]]
     results: list[dict[str, Any]] = []
     bar = tqdm(total=2 + len(rows) * (1 + args.rounds), desc="bench", unit="step", file=sys.stderr)
 
@@ -508,12 +623,19 @@ def run(args: argparse.Namespace) -> int:
 
     # build everything first, so that no build runs beside a measurement
     plan = []
+    probed = {e: peers.probe(e, args.peer_python) for e in args.peers}
     for backend, precision in rows:
         bar.set_postfix_str(f"prepare {backend} {precision}")
-        reason = skip_reason(backend, precision, args.variant)
         path = None
-        if reason is None:
-            path, reason = model_path(art, backend, precision, args.convert_timeout)
+        if backend in peers.ENGINES:
+            ok = probed[backend]["status"] == "ok"
+            reason = None if ok else peers.unavailable(backend, probed[backend], args.peer_python)
+            if ok:
+                path, reason = peer_model_path(art, backend, precision)
+        else:
+            reason = skip_reason(backend, precision, args.variant)
+            if reason is None:
+                path, reason = model_path(art, backend, precision, args.convert_timeout)
         plan.append((backend, precision, path, reason))
         bar.update(1)
     if args.prepare_only:
@@ -554,7 +676,13 @@ def run(args: argparse.Namespace) -> int:
                 "repeats": args.repeats,
                 "logits_path": str(logits_dir / f"{backend}-{precision}.npy"),
             }
-            res = run_isolated(worker, spec, args.timeout, thread_env(args.threads), memory_limit)
+            if backend in peers.ENGINES:
+                work_inputs = load_text_ids(workload)
+                peer_spec = {**spec, "engine": backend, "input_ids": work_inputs}
+                cmd = peers.command(args.peer_python, "measure", peer_spec)
+                res = run_command(cmd, args.timeout, thread_env(args.threads), memory_limit)
+            else:
+                res = run_isolated(worker, spec, args.timeout, thread_env(args.threads), memory_limit)
             if res.get("status") == "failed" and res.get("traceback"):
                 print(f"\n{backend} {precision} failed:\n{res['traceback']}", file=sys.stderr)
             runs[i].append(res)
@@ -565,6 +693,10 @@ def run(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"backend": backend, "precision": precision, **merge_rounds(runs[i])}
         if path is not None:
             row["path"] = str(path)
+        if backend in peers.ENGINES:  # text only, in its own format: no roofline from slimm's bytes
+            row.update(peer=True, format=peers.ENGINES[backend][precision])
+            results.append(row)
+            continue
         # the roofline: bytes of decoder + lm_head weights one step reads at this precision
         if "decode" in row:
             if precision not in step_bytes:
@@ -582,7 +714,10 @@ def run(args: argparse.Namespace) -> int:
 
     meta = {
         "machine": machine_line(args.threads),
-        "versions": versions(args.backends),
+        "versions": {
+            **versions(args.backends),
+            **{e: r["version"] for e, r in probed.items() if r["status"] == "ok"},
+        },
         "read_bandwidth_bytes_per_s": bandwidth,
         "size": args.size,
         "variant": args.variant,

@@ -1,4 +1,5 @@
-"""Benchmark results as a Markdown table (with the project's goals checked) and a PNG chart."""
+"""Benchmark results as a Markdown table (with the project's goals checked, and each slimm row against
+the fastest peer engine at its precision) and a PNG chart."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from typing import Any
 
 from slimm.export.quantize import WEIGHT_ONLY
 
-# (what, backend, precision, metric, peer backend, peer precision, bound, direction): the project's
-# targets, each a ratio of two measured rows; direction ">=" (faster) or "<=" (less time)
+# (what, backend, precision, metric, peer backend(s), peer precision, bound, direction): the project's
+# targets, each a ratio of two measured rows (a tuple of peers: the best of them); direction ">="
+# (faster) or "<=" (less time)
 # (left as written: one goal a line reads as a table)
 # fmt: off
 GOALS = (
@@ -26,7 +28,17 @@ GOALS = (
     ("JAX decode vs ONNX Runtime fp32", "jax", "fp32", "decode", "onnx", "fp32", 0.8, ">="),
     ("Paddle decode vs ONNX Runtime fp32", "paddle", "fp32", "decode", "onnx", "fp32", 0.5, ">="),
     ("MindSpore decode vs ONNX Runtime fp32", "mindspore", "fp32", "decode", "onnx", "fp32", 0.5, ">="),
+    # issue 13: the engines users would pick instead, in the same run (`--peers`)
+    ("int4 decode vs the faster of onnxruntime-genai int4 and llama.cpp q4_0", "onnx", "int4", "decode",
+     ("onnxruntime-genai", "llama.cpp"), "int4", 1.0, ">="),
+    ("int4 decode vs the faster int4 peer (stretch)", "onnx", "int4", "decode", ("onnxruntime-genai", "llama.cpp"),
+     "int4", 1.2, ">="),
+    ("int8 decode vs llama.cpp q8_0", "onnx", "int8", "decode", ("llama.cpp",), "int8", 1.0, ">="),
+    ("fp32 decode vs onnxruntime-genai fp32", "onnx", "fp32", "decode", ("onnxruntime-genai",), "fp32", 1.0, ">="),
+    ("int4 prefill vs onnxruntime-genai int4", "onnx", "int4", "prefill", ("onnxruntime-genai",), "int4", 1.3, ">="),
 )
+# slimm precision -> the peers' precision it is compared with (w8a8 stores int8 weights)
+PEER_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4", "w8a8": "int8"}
 # fmt: on
 MEMORY_BOUND = 1.5  # peak resident memory <= 1.5 x the bytes of weights the backend runs
 # The memory goal is about loading the weights without copies; below this many weight bytes the
@@ -46,6 +58,48 @@ def _value(row: dict, metric: str) -> float | None:
 def _measured(results: list[dict[str, Any]]) -> dict[tuple[str, str], dict]:
     """Rows that measured something (complete, or killed after some phases)."""
     return {(r["backend"], r["precision"]): r for r in results if "load_s" in r}
+
+
+def _label(row: dict) -> str:
+    return f"{row['backend']} {row.get('format', row['precision'])}"
+
+
+def fastest_peer(results: list[dict[str, Any]], precision: str, metric: str, among=None) -> dict | None:
+    """The peer row with the most tokens/s in `metric` at the peers' counterpart of `precision`."""
+    want = PEER_PRECISION.get(precision)
+    rows = [
+        r
+        for r in results
+        if r.get("peer")
+        and r["precision"] == want
+        and _value(r, metric) is not None
+        and (among is None or r["backend"] in among)
+    ]
+    return max(rows, key=lambda r: _value(r, metric), default=None)
+
+
+def peer_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each measured slimm row's decode and prefill against the fastest peer at its precision (a
+    metric with no peer measured is left out of the row; no rows at all in a run without peers)."""
+    if not any(r.get("peer") for r in results):
+        return []
+    out = []
+    for r in results:
+        if r.get("peer") or "load_s" not in r or r["precision"] not in PEER_PRECISION:
+            continue
+        line: dict[str, Any] = {"backend": r["backend"], "precision": r["precision"]}
+        for metric in ("decode", "prefill"):
+            peer = fastest_peer(results, r["precision"], metric)
+            if _value(r, metric) is None or peer is None:
+                continue
+            line[metric] = {
+                "tokens_per_s": _value(r, metric),
+                "peer": _label(peer),
+                "peer_tokens_per_s": _value(peer, metric),
+                "ratio": _value(r, metric) / _value(peer, metric),
+            }
+        out.append(line)
+    return out
 
 
 def compare(results: list[dict[str, Any]]) -> None:
@@ -69,15 +123,23 @@ def goals(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ok = _measured(results)
     out = []
     for what, b, p, metric, peer_b, peer_p, bound, direction in GOALS:
-        row, peer = ok.get((b, p)), ok.get((peer_b, peer_p))
+        row = ok.get((b, p))
+        if isinstance(peer_b, tuple):  # the best of these peers that were measured
+            peer = fastest_peer(results, peer_p, metric, among=peer_b)
+        else:
+            peer = ok.get((peer_b, peer_p))
         if row is None or peer is None or _value(row, metric) is None or _value(peer, metric) is None:
             continue
         ratio = _value(row, metric) / _value(peer, metric)
         met = ratio >= bound if direction == ">=" else ratio <= bound
-        out.append({"goal": what, "target": f"{direction} {bound}x", "ratio": ratio, "met": met})
+        goal = {"goal": what, "target": f"{direction} {bound}x", "ratio": ratio, "met": met}
+        if isinstance(peer_b, tuple):
+            goal["against"] = _label(peer)
+        out.append(goal)
     for r in results:
         if (
-            r.get("peak_over_weights") is not None
+            not r.get("peer")  # the goal is slimm's: the peers' memory is theirs
+            and r.get("peak_over_weights") is not None
             and r.get("status") == "ok"
             and r.get("weight_bytes", 0) >= MEMORY_GOAL_MIN_WEIGHTS
         ):
@@ -129,7 +191,9 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         if r.get("status") == "skipped":
             skipped.setdefault((r["precision"], r.get("reason", "")), []).append(r["backend"])
     for r in results:
-        head = f"| {r['backend']} | {r['precision']} |"
+        fmt = r.get("format")
+        precision = f"{r['precision']} ({fmt})" if fmt and fmt != r["precision"] else r["precision"]
+        head = f"| {r['backend']} | {precision} |"
         if r.get("status") == "skipped":
             names = skipped.pop((r["precision"], r.get("reason", "")), None)
             if names:
@@ -169,14 +233,38 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         is_reference = r.get("logits_reference") == f"{r['backend']} {r['precision']}"
         cells.append("" if err is None or is_reference else f"{err:.1e}")
         lines.append(f"{head} " + " | ".join(cells) + " |")
+    if any(r.get("peer") for r in results):
+        notes.append(
+            "- peer rows (onnxruntime-genai, llama.cpp): the language model alone on the text prompt (no "
+            "vision columns, no roofline); weights GB are their model files; greedy decode as slimm's rows"
+        )
     if notes:
         lines += ["", *notes]
+    ratios = peer_ratios(results)
+    if ratios:
+        lines += [
+            "",
+            "| backend | precision | decode tok/s | fastest peer (decode) | x peer | prefill tok/s "
+            "| fastest peer (prefill) | x peer |",
+            "| --- | --- | ---: | --- | ---: | ---: | --- | ---: |",
+        ]
+        for x in ratios:
+            cells = []
+            for metric in ("decode", "prefill"):
+                m = x.get(metric)
+                if m is None:
+                    cells += ["", "no peer measured", ""]
+                else:
+                    cells += [f"{m['tokens_per_s']:.2f}", f"{m['peer']} {m['peer_tokens_per_s']:.2f}"]
+                    cells.append(f"{m['ratio']:.2f}x")
+            lines.append(f"| {x['backend']} | {x['precision']} | " + " | ".join(cells) + " |")
     checked = goals(results)
     if checked:
         lines += ["", "| goal | target | measured | met |", "| --- | --- | ---: | --- |"]
         for g in checked:
+            against = f" (vs {g['against']})" if g.get("against") else ""
             lines.append(
-                f"| {g['goal']} | {g['target']} | {g['ratio']:.2f}x | {'yes' if g['met'] else 'no'} |"
+                f"| {g['goal']} | {g['target']} | {g['ratio']:.2f}x{against} | {'yes' if g['met'] else 'no'} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -191,25 +279,43 @@ def chart(meta: dict[str, Any], results: list[dict[str, Any]], path: Path) -> st
         import matplotlib.pyplot as plt
     except ImportError:
         return "chart skipped: matplotlib is not installed (pip install 'slimm[bench]')"
-    rows = [r for r in results if all(k in r for k in ("decode", "prefill", "vision"))]
-    if not rows:
+    # decode and prefill: slimm's rows and the peers' (text only); vision and memory: slimm's rows
+    llm = [r for r in results if "decode" in r and "prefill" in r]
+    rows = [r for r in llm if "vision" in r]
+    if not llm:
         return "chart skipped: no backend was measured"
-    labels = [f"{r['backend']}\n{r['precision']}" for r in rows]
-    x = range(len(rows))
-    fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.4 * len(rows) + 4), 8))
+
+    def ticks(ax, chosen: list[dict]) -> None:
+        ax.set_xticks(list(range(len(chosen))))
+        ax.set_xticklabels([f"{r['backend']}\n{r.get('format', r['precision'])}" for r in chosen], fontsize=7)
+
+    fig, axes = plt.subplots(2, 2, figsize=(max(8, 1.2 * len(llm) + 4), 8))
+    colors = ["tab:gray" if r.get("peer") else "tab:blue" for r in llm]
     ax = axes[0][0]
-    ax.bar(x, [r["decode"]["tokens_per_s"] for r in rows], color="tab:blue")
-    roof = [r.get("roofline_tokens_per_s") for r in rows]
+    ax.bar(range(len(llm)), [r["decode"]["tokens_per_s"] for r in llm], color=colors)
+    roof = [r.get("roofline_tokens_per_s") for r in llm]
     if any(roof):
-        ax.scatter(x, [v or 0 for v in roof], marker="_", s=900, color="tab:red", label="bandwidth roofline")
+        ax.scatter(
+            range(len(llm)),
+            [v or float("nan") for v in roof],  # no mark for the peers
+            marker="_",
+            s=900,
+            color="tab:red",
+            label="bandwidth roofline",
+        )
         ax.legend(loc="best", fontsize=8)
-    ax.set_title("decode tokens/s (median step)")
+    ax.set_title("decode tokens/s (median step; grey: peers)")
+    ticks(ax, llm)
     ax = axes[0][1]
-    ax.bar(x, [r["prefill"]["tokens_per_s"] for r in rows], color="tab:green")
-    ax.set_title(f"prefill tokens/s ({meta['prompt_tokens']}-token prompt)")
+    colors = ["tab:gray" if r.get("peer") else "tab:green" for r in llm]
+    ax.bar(range(len(llm)), [r["prefill"]["tokens_per_s"] for r in llm], color=colors)
+    ax.set_title(f"prefill tokens/s ({meta['prompt_tokens']}-token prompt; grey: peers)")
+    ticks(ax, llm)
+    x = range(len(rows))
     ax = axes[1][0]
     ax.bar(x, [r["vision"]["median_s"] for r in rows], color="tab:orange")
     ax.set_title(f"vision encode s ({meta['image_size'][0]}x{meta['image_size'][1]} image)")
+    ticks(ax, rows)
     ax = axes[1][1]
     w = 0.4
     ax.bar(
@@ -224,9 +330,7 @@ def chart(meta: dict[str, Any], results: list[dict[str, Any]], path: Path) -> st
     )
     ax.legend(fontsize=8)
     ax.set_title("memory GB")
-    for a in axes.flat:
-        a.set_xticks(list(x))
-        a.set_xticklabels(labels, fontsize=8)
+    ticks(ax, rows)
     fig.suptitle(f"SliMM {meta['variant']} {meta['size']} (random weights) - {meta['machine']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
