@@ -30,6 +30,7 @@ from slimm.errors import InputError, SliMMError
 from slimm.serve import protocol as P
 from slimm.serve.engine import Delta, Engine, EngineStopped, Failed, Finished, QueueFull, SamplingParams
 from slimm.serve.engine import Request as EngineRequest
+from slimm.serve.grammar import response_format_dict
 
 log = logging.getLogger("slimm.serve")
 
@@ -123,7 +124,9 @@ def _download(url: str, settings: ServerSettings, what: str) -> bytes:
     return raw
 
 
-def sampling_params(body: P.ChatCompletionRequest) -> SamplingParams:
+def sampling_params(body: P.ChatCompletionRequest, grammars=None) -> SamplingParams:
+    """The request's sampling settings; its response_format compiled to a grammar (runs off the event
+    loop: the first one builds the grammar library's tokenizer)."""
     if body.n != 1:
         raise ApiError(400, f"n = {body.n}: this server answers with one choice (n = 1) for now", param="n")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
@@ -139,7 +142,24 @@ def sampling_params(body: P.ChatCompletionRequest) -> SamplingParams:
         stop=stop,
         logprobs=body.logprobs,
         top_logprobs=body.top_logprobs or 0,
+        grammar=_grammar(body, grammars),
     )
+
+
+def _grammar(body: P.ChatCompletionRequest, grammars) -> str | None:
+    fmt = body.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_schema" and fmt.json_schema is None:
+        raise ApiError(
+            400, "response_format: type json_schema needs a json_schema object", param="response_format"
+        )
+    if grammars is None:
+        raise ApiError(400, "response_format: the served model has no tokenizer", param="response_format")
+    try:
+        return grammars.compile(response_format_dict(fmt))
+    except InputError as e:
+        raise ApiError(400, str(e), param="response_format") from None
 
 
 def model_inputs(body: P.ChatCompletionRequest, backend, settings: ServerSettings) -> dict[str, Any]:
@@ -319,7 +339,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
                 "not_found_error",
                 param="model",
             )
-        params = sampling_params(body)
+        params = await run_in_threadpool(sampling_params, body, engine.grammars)
         inputs = await run_in_threadpool(model_inputs, body, engine.backend, settings)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

@@ -4,7 +4,7 @@ fields ignored, as OpenAI's server does) and what they read back, error bodies i
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,20 @@ class StreamOptions(_In):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(_In):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    # `schema` on the wire; another name here, as pydantic's BaseModel has a `schema` method
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_In):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(_In):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -58,6 +72,7 @@ class ChatCompletionRequest(_In):
     # extensions (vLLM's names): top_k -1 or 0 = off
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0)
+    response_format: ResponseFormat | None = None
 
 
 # ---- responses -------------------------------------------------------------------------------------------
