@@ -201,6 +201,7 @@ def cmd_serve(args) -> int:
         args.max_queue,
         args.max_seq_len,
         settings,
+        visual_cache_mb=args.visual_cache_mb,
         **load_options(args),
     )
     return 0
@@ -472,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch http(s) image URLs (off: only inline data: URLs)",
     )
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
+    sv.add_argument(
+        "--visual-cache-mb", type=float, default=256, help="vision encodings kept by image content (0: off)"
+    )
     sv.set_defaults(func=cmd_serve)
 
     d = command(

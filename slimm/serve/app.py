@@ -318,7 +318,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     @app.get("/metrics")
     async def metrics():
         s = engine.stats()
-        text = engine.metrics.render(s["waiting"], s["running"], s["max_batch"])
+        visual = engine.visual_cache.stats() if engine.visual_cache is not None else None
+        text = engine.metrics.render(s["waiting"], s["running"], s["max_batch"], visual)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -479,6 +480,7 @@ def run_server(
     max_seq_len: int | None = None,
     settings: ServerSettings | None = None,
     log_level: str = "info",
+    visual_cache_mb: float = 256,
     **load_kwargs,
 ) -> None:
     """Load the model, start its engine, serve until interrupted (what `slimm serve` calls)."""
@@ -492,7 +494,13 @@ def run_server(
     if loaded.processor is None:
         raise InputError(f"{path}: no tokenizer files, so chat messages cannot be encoded")
     settings = settings or ServerSettings(model_name=str(path).rstrip("/").split("/")[-1])
-    engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, capacity=max_seq_len)
+    engine = Engine(
+        loaded,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        capacity=max_seq_len,
+        visual_cache_mb=visual_cache_mb,
+    )
     if settings.api_key is None and not is_loopback(host):
         log.warning("serving on %s without --api-key: anyone who reaches this address can use it", host)
     print(

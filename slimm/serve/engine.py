@@ -28,6 +28,7 @@ from slimm.generate import (
 )
 from slimm.serve.grammar import Grammars
 from slimm.serve.metrics import Metrics
+from slimm.serve.visual_cache import VisualCache
 
 log = logging.getLogger("slimm.serve")
 
@@ -175,6 +176,7 @@ class Engine:
         max_queue: int = 64,
         capacity: int | None = None,
         tokenizer=None,
+        visual_cache_mb: float = 256,
     ) -> None:
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -190,7 +192,17 @@ class Engine:
             raise InputError(
                 f"capacity {self.capacity} is outside 1..{limit}, the positions this model holds"
             )
+        if not (isinstance(visual_cache_mb, int | float) and visual_cache_mb >= 0):
+            raise InputError(f"visual_cache_mb must be a number >= 0 (0: off), got {visual_cache_mb!r}")
         self.backend = backend
+        # every image's encoder output by content, so that a chat's next turn re-sending it skips the
+        # vision encoder; set on the backend, whose prefill consults it
+        backend.visual_cache = (
+            VisualCache(int(visual_cache_mb * 2**20), backend.config.spatial_merge_size)
+            if visual_cache_mb
+            else None
+        )
+        self.visual_cache = backend.visual_cache
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.tokenizer = tokenizer or (backend.processor.tokenizer if backend.processor else None)
