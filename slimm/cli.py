@@ -190,6 +190,8 @@ def cmd_serve(args) -> int:
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
         allow_remote_images=args.allow_remote_images,
+        allowed_local_dir=args.allowed_local_dir,
+        max_video_frames=args.max_video_frames,
         request_timeout=args.request_timeout,
     )
     run_server(
@@ -473,6 +475,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch http(s) image URLs (off: only inline data: URLs)",
     )
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
+    sv.add_argument(
+        "--allowed-local-dir", help="read file:// image and video URLs inside this directory only"
+    )
+    sv.add_argument("--max-video-frames", type=int, default=32, help="frames of one video")
     sv.add_argument(
         "--visual-cache-mb", type=float, default=256, help="vision encodings kept by image content (0: off)"
     )

@@ -28,7 +28,25 @@ class ImagePart(_In):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_In):
+    url: str
+
+
+class VideoURLPart(_In):
+    """vLLM's video part: a video file as a data:video/...;base64, URL (or an allowed file:// path)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class FramesPart(_In):
+    """A video as its frames, each an image URL (qwen-vl-utils' `{"type": "video", "video": [...]}`)."""
+
+    type: Literal["video"]
+    video: list[str] = Field(min_length=1)
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoURLPart | FramesPart, Field(discriminator="type")]
 
 
 class Message(_In):
