@@ -108,6 +108,8 @@ class Server:
             "256",
             "--served-model-name",
             "bench",
+            "--request-timeout",
+            "3600",  # a loaded machine is slow, not broken: measure it rather than time out
         ]
         if args.backend != "torch":
             cmd += ["--threads", str(args.threads)]
