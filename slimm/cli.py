@@ -190,6 +190,8 @@ def cmd_serve(args) -> int:
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
         allow_remote_images=args.allow_remote_images,
+        allowed_local_dir=args.allowed_local_dir,
+        max_video_frames=args.max_video_frames,
         request_timeout=args.request_timeout,
     )
     if args.ray:
@@ -218,6 +220,7 @@ def cmd_serve(args) -> int:
         args.max_queue,
         args.max_seq_len,
         settings,
+        visual_cache_mb=args.visual_cache_mb,
         **load_options(args),
     )
     return 0
@@ -528,6 +531,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the model")
     add_ray_address(sv)
+    sv.add_argument(
+        "--allowed-local-dir", help="read file:// image and video URLs inside this directory only"
+    )
+    sv.add_argument("--max-video-frames", type=int, default=32, help="frames of one video")
+    sv.add_argument(
+        "--visual-cache-mb", type=float, default=256, help="vision encodings kept by image content (0: off)"
+    )
     sv.set_defaults(func=cmd_serve)
 
     bt = command(

@@ -190,6 +190,9 @@ class Backend(abc.ABC):
         # engine while it has requests running; code driving the steps itself takes it too)
         self.lock = threading.Lock()
         self.slots: Slots | None = None
+        # vision-encoder outputs by image content (slimm.serve.visual_cache), set by the server: prefill
+        # then encodes only the images it has not seen
+        self.visual_cache = None
 
     @classmethod
     @abc.abstractmethod

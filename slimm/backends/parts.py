@@ -152,7 +152,10 @@ class PartsBackend(Backend):
         ):
             if pix not in inputs:
                 continue
-            tokens, slices = self.encode_visual(inputs[pix], inputs[grid])
+            if self.visual_cache is None:
+                tokens, slices = self.encode_visual(inputs[pix], inputs[grid])
+            else:
+                tokens, slices = self.visual_cache.encode(inputs[pix], inputs[grid], self.encode_visual)
             pos = np.flatnonzero(ids.reshape(-1) == token).astype(np.int64)
             if pos.size != tokens.shape[0]:
                 raise InputError(

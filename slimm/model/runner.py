@@ -57,8 +57,12 @@ class ModelRunner(Backend):
             inputs.get("image_grid_thw"),
             self._t(inputs.get("pixel_values_videos")),
             inputs.get("video_grid_thw"),
+            encode_visual=None if self.visual_cache is None else self._cached_visual,
         )
         return logits.cpu().numpy(), deltas.cpu().numpy().astype(np.int64).reshape(-1)
+
+    def _cached_visual(self, pixels, grid):
+        return self.visual_cache.encode(pixels, grid, self.model.visual.encode)
 
     @torch.no_grad()
     def decode_rows(self, slots, tokens):

@@ -163,8 +163,10 @@ class SliMMForConditionalGeneration(nn.Module):
         image_grid_thw=None,
         pixel_values_videos=None,
         video_grid_thw=None,
+        encode_visual=None,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """Token embeddings with visual tokens written in; returns (embeds, slices, visual_pos)."""
+        """Token embeddings with visual tokens written in; returns (embeds, slices, visual_pos).
+        `encode_visual` replaces `self.visual.encode` (the server's visual cache goes in here)."""
         cfg = self.config
         h = self.model.embed_tokens(input_ids)  # (B, S, d)
         B, S, d = h.shape
@@ -178,7 +180,8 @@ class SliMMForConditionalGeneration(nn.Module):
                 continue
             if grid is None:
                 raise InputError(f"{what} pixel values were given without {what}_grid_thw")
-            tokens, slices = self.visual.encode(torch.as_tensor(pixels).to(self.device), grid)
+            encode = encode_visual or self.visual.encode
+            tokens, slices = encode(torch.as_tensor(pixels).to(self.device), grid)
             pos = (input_ids.reshape(-1) == token).nonzero().squeeze(1)  # (L,)
             if pos.numel() != tokens.shape[0]:
                 raise InputError(
@@ -221,12 +224,13 @@ class SliMMForConditionalGeneration(nn.Module):
         pixel_values_videos=None,
         video_grid_thw=None,
         last_only: bool = True,
+        encode_visual=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt (filling `cache` if given); returns (logits (B, V) of the last position
         or (B, S, V), rope_deltas (B, 1))."""
         cfg = self.config
         h, slices, visual_pos = self.embed(
-            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw
+            input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, encode_visual
         )
         position_ids, deltas = self.rope_index(input_ids, image_grid_thw, video_grid_thw, attention_mask)
         cos, sin = self.model.rope(position_ids, h.dtype)

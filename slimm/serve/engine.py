@@ -26,7 +26,9 @@ from slimm.generate import (
     make_sampler,
     position_limit,
 )
+from slimm.serve.grammar import Grammars
 from slimm.serve.metrics import Metrics
+from slimm.serve.visual_cache import VisualCache
 
 log = logging.getLogger("slimm.serve")
 
@@ -53,6 +55,7 @@ class SamplingParams:
     stop_tokens: tuple[int, ...] | None = None  # None: the model's end-of-sequence tokens
     logprobs: bool = False
     top_logprobs: int = 0
+    grammar: str | None = None  # an llguidance grammar the answer must follow (response_format)
 
     def __post_init__(self) -> None:
         check_generation_settings(
@@ -158,6 +161,8 @@ class _Running:
         self.generated = 0
         self.last = -1
         self.last_time = 0.0
+        # the grammar's matcher: masks the logits before each draw, advanced by each accepted token
+        self.constraint = engine.grammars.matcher(p.grammar) if p.grammar else None
 
 
 class Engine:
@@ -171,6 +176,7 @@ class Engine:
         max_queue: int = 64,
         capacity: int | None = None,
         tokenizer=None,
+        visual_cache_mb: float = 256,
     ) -> None:
         if not (isinstance(max_batch, int) and max_batch >= 1):
             raise InputError(f"max_batch must be an integer >= 1, got {max_batch!r}")
@@ -186,11 +192,26 @@ class Engine:
             raise InputError(
                 f"capacity {self.capacity} is outside 1..{limit}, the positions this model holds"
             )
+        if not (isinstance(visual_cache_mb, int | float) and visual_cache_mb >= 0):
+            raise InputError(f"visual_cache_mb must be a number >= 0 (0: off), got {visual_cache_mb!r}")
         self.backend = backend
+        # every image's encoder output by content, so that a chat's next turn re-sending it skips the
+        # vision encoder; set on the backend, whose prefill consults it
+        backend.visual_cache = (
+            VisualCache(int(visual_cache_mb * 2**20), backend.config.spatial_merge_size)
+            if visual_cache_mb
+            else None
+        )
+        self.visual_cache = backend.visual_cache
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.tokenizer = tokenizer or (backend.processor.tokenizer if backend.processor else None)
         self.stop_tokens = tuple(backend.config.eos_token_id)
+        self.grammars = (
+            Grammars(self.tokenizer, backend.config.text.vocab_size, self.stop_tokens[0])
+            if self.tokenizer is not None
+            else None
+        )
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: dict[int, _Running] = {}  # slot -> request
         self._cond = threading.Condition()
@@ -289,8 +310,8 @@ class Engine:
                 self._finish(req, Finished("cancelled", req.prompt_tokens, 0))
                 continue
             slot = free[0]
-            run = _Running(req, self)
             try:
+                run = _Running(req, self)
                 logits = self.backend.prefill_slot(slot, req.inputs)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 self._fail(req, e)
@@ -332,7 +353,11 @@ class Engine:
             x = raw
             for p in run.procs:
                 x = p(run.history, x)
+            if run.constraint is not None:
+                x = run.constraint.apply(x)
             tok = int(run.sampler(x)[0])
+            if run.constraint is not None and tok not in run.stop_tokens:
+                run.constraint.accept(tok)
         except Exception as e:  # noqa: BLE001
             self._leave(slot, None)
             self._fail(run.req, e)
@@ -355,6 +380,8 @@ class Engine:
         if p.logprobs:
             info.append(self._token_info(tok, raw[0], p.top_logprobs))
         reason = "stop" if tok in run.stop_tokens else self._push_text(run, tok)
+        if reason is None and run.constraint is not None and run.constraint.complete:
+            reason = "stop"  # the JSON value is closed: only the end could follow
         if reason is None and run.generated >= run.limit:
             reason = "length"
         # text that may be the start of a stop string waits until the next tokens tell

@@ -45,7 +45,7 @@ class Metrics:
         self.ttft = Histogram()  # submission -> first token
         self.itl = Histogram()  # between two tokens of one request
 
-    def render(self, waiting: int, running: int, max_batch: int) -> str:
+    def render(self, waiting: int, running: int, max_batch: int, visual: dict[str, int] | None = None) -> str:
         with self.lock:
             lines = [
                 "# HELP slimm_requests_total Requests finished, by finish reason.",
@@ -72,5 +72,17 @@ class Metrics:
                 "# HELP slimm_inter_token_latency_seconds Between two tokens of one request.",
                 "# TYPE slimm_inter_token_latency_seconds histogram",
                 *self.itl.lines("slimm_inter_token_latency_seconds"),
+            ]
+        if visual is not None:
+            lines += [
+                "# HELP slimm_visual_cache_hits_total Images whose encoding came from the visual cache.",
+                "# TYPE slimm_visual_cache_hits_total counter",
+                f"slimm_visual_cache_hits_total {visual['hits']}",
+                "# HELP slimm_visual_cache_misses_total Images run through the vision encoder.",
+                "# TYPE slimm_visual_cache_misses_total counter",
+                f"slimm_visual_cache_misses_total {visual['misses']}",
+                "# HELP slimm_visual_cache_bytes Bytes of encodings the visual cache holds.",
+                "# TYPE slimm_visual_cache_bytes gauge",
+                f"slimm_visual_cache_bytes {visual['bytes']}",
             ]
         return "\n".join(lines) + "\n"

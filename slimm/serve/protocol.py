@@ -4,7 +4,7 @@ fields ignored, as OpenAI's server does) and what they read back, error bodies i
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +28,25 @@ class ImagePart(_In):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_In):
+    url: str
+
+
+class VideoURLPart(_In):
+    """vLLM's video part: a video file as a data:video/...;base64, URL (or an allowed file:// path)."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+class FramesPart(_In):
+    """A video as its frames, each an image URL (qwen-vl-utils' `{"type": "video", "video": [...]}`)."""
+
+    type: Literal["video"]
+    video: list[str] = Field(min_length=1)
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoURLPart | FramesPart, Field(discriminator="type")]
 
 
 class Message(_In):
@@ -39,6 +57,20 @@ class Message(_In):
 
 class StreamOptions(_In):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_In):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "response"
+    description: str | None = None
+    # `schema` on the wire; another name here, as pydantic's BaseModel has a `schema` method
+    schema_: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_In):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(_In):
@@ -58,6 +90,7 @@ class ChatCompletionRequest(_In):
     # extensions (vLLM's names): top_k -1 or 0 = off
     top_k: int | None = Field(None, ge=-1)
     repetition_penalty: float | None = Field(None, gt=0)
+    response_format: ResponseFormat | None = None
 
 
 # ---- responses -------------------------------------------------------------------------------------------

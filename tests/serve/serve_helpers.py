@@ -14,14 +14,23 @@ import numpy as np
 
 
 @contextlib.contextmanager
-def running_server(backend, max_batch: int = 4, max_queue: int = 16, capacity: int = 256, **settings):
+def running_server(
+    backend,
+    max_batch: int = 4,
+    max_queue: int = 16,
+    capacity: int = 256,
+    visual_cache_mb: float = 256,
+    **settings,
+):
     """(base URL, engine) of a server on a free port; stopped on exit."""
     import uvicorn
 
     from slimm.serve.app import ServerSettings, create_app
     from slimm.serve.engine import Engine
 
-    engine = Engine(backend, max_batch=max_batch, max_queue=max_queue, capacity=capacity)
+    engine = Engine(
+        backend, max_batch=max_batch, max_queue=max_queue, capacity=capacity, visual_cache_mb=visual_cache_mb
+    )
     app = create_app(engine, ServerSettings(model_name="demo", **settings))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

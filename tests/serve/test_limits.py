@@ -46,7 +46,7 @@ CASES = {
     "bad temperature": (user(TEXT, temperature="hot"), 422, "temperature", "sekret"),
     "unknown role": ({"messages": [{"role": "robot", "content": "x"}]}, 422, "messages.0.role", "sekret"),
     "unknown part type": (user({"type": "input_audio", "x": 1}), 422, "messages.0.content", "sekret"),
-    "n > 1": (user(TEXT, n=2), 400, "n = 2", "sekret"),
+    "n over the limit": (user(TEXT, n=9), 400, "n = 9", "sekret"),
     "other model": (user(TEXT, model="gpt-4o"), 404, "'gpt-4o' does not exist", "sekret"),
     "empty stop": (user(TEXT, stop=[""]), 400, "stop strings must not be empty", "sekret"),
     "too many images": (
@@ -66,6 +66,30 @@ CASES = {
         user({"type": "image_url", "image_url": {"url": "/etc/passwd"}}),
         400,
         "data:image",
+        "sekret",
+    ),
+    "file URL without --allowed-local-dir": (
+        user({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}),
+        400,
+        "--allowed-local-dir",
+        "sekret",
+    ),
+    "remote video": (
+        user({"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}),
+        400,
+        "remote video URLs are not fetched",
+        "sekret",
+    ),
+    "not a video": (
+        user({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,aGVsbG8="}}),
+        400,
+        "cannot read it",
+        "sekret",
+    ),
+    "an image as a video": (
+        user({"type": "video_url", "video_url": {"url": image_url(56, 56)}}),
+        400,
+        "data:video",
         "sekret",
     ),
     "not an image": (
