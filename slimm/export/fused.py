@@ -35,7 +35,7 @@ class _Graph:
         from onnx import numpy_helper
 
         name = self.name(hint)
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, order="C"), name))
         return name
 
     def ints(self, *values: int, hint: str = "i") -> str:
