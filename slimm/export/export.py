@@ -296,8 +296,8 @@ def check_export_settings(
 
         if precision not in FUSED_PRECISIONS:
             raise InputError(
-                f"--fused exists for {', '.join(FUSED_PRECISIONS)}, not {precision}: fp16's float16 weights "
-                "are cast back to float32 at every step, which a fused decoder would only repeat; "
+                f"--fused is made for {', '.join(FUSED_PRECISIONS)}, not {precision}: fp16 only halves the files "
+                "(its weights are cast to float32 at every step, which no fused operator saves); "
                 "use --precision fp32 --fused, or int8"
             )
         if "F" not in parts:
