@@ -119,7 +119,7 @@ def cmd_export(args) -> int:
     from slimm.outdir import check_out_dir
 
     # refused before the demo checkpoint is built, if it has to be
-    check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len)
+    check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len, fused=args.fused)
     model = resolve_model(args.model) if args.model else None
     check_out_dir(args.out, source=model, overwrite=args.overwrite)
     out = export_model(
@@ -130,6 +130,7 @@ def cmd_export(args) -> int:
         max_seq_len=args.max_seq_len,
         block_size=args.block_size,
         overwrite=args.overwrite,
+        fused=args.fused,
     )
     print(f"wrote {out}: {', '.join(f'SliMM_{p}.onnx' for p in 'ABCDEF')} + manifest.json")
     return 0
@@ -422,6 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"int8 / int4: weights per scale along the reduction axis (default {BLOCK_SIZE}; 128 decodes "
         "faster and is less accurate, see benchmarks/README.md)",
+    )
+    e.add_argument(
+        "--fused",
+        action="store_true",
+        help="write the decoder (SliMM_F) with ONNX Runtime's fused operators (GroupQueryAttention, "
+        "SkipSimplifiedLayerNormalization, RotaryEmbedding) for faster decoding; fp32, int8, int4 and "
+        "w8a8; runs on ONNX Runtime only (slimm convert refuses it)",
     )
     e.add_argument("--opset", type=int, default=20, help="ONNX opset (18 or newer)")
     e.add_argument(

@@ -48,6 +48,17 @@ def convert_export(
         plain_name(manifest["parts"][part]["file"], where, f"entry parts.{part}.file")
     for name in manifest.get("files", []):
         plain_name(name, where, "entry files")
+    contrib = {
+        p: manifest["parts"][p].get("contrib_ops") for p in PARTS if manifest["parts"][p].get("contrib_ops")
+    }
+    if contrib:
+        what = "; ".join(f"part {p} uses {', '.join(ops)}" for p, ops in contrib.items())
+        fused = " fused" if "GroupQueryAttention" in contrib.get("F", []) else ""
+        raise ConversionError(
+            f"{export_dir}: a {manifest.get('precision')}{fused} export runs on ONNX Runtime only ({what}: "
+            "ONNX Runtime's own operators, which no target converts); convert an fp32 or fp16 export "
+            "made without --fused instead"
+        )
     if manifest.get("quantization"):
         raise ConversionError(
             f"{export_dir}: a {manifest.get('precision')} export runs on ONNX Runtime only (its parts use "

@@ -273,6 +273,7 @@ def check_export_settings(
     opset: int = DEFAULT_OPSET,
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     parts: tuple[str, ...] = PARTS,
+    fused: bool = False,
 ) -> None:
     """export_model's settings, checked before any work (the CLI runs this before building a demo)."""
     from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
@@ -290,6 +291,17 @@ def check_export_settings(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+    if fused:
+        from slimm.export.fused import FUSED_PRECISIONS
+
+        if precision not in FUSED_PRECISIONS:
+            raise InputError(
+                f"--fused is made for {', '.join(FUSED_PRECISIONS)}, not {precision}: fp16 only halves the files "
+                "(its weights are cast to float32 at every step, which no fused operator saves); "
+                "use --precision fp32 --fused, or int8"
+            )
+        if "F" not in parts:
+            raise InputError("--fused replaces part F, which this export leaves out")
 
 
 def export_model(
@@ -302,6 +314,7 @@ def export_model(
     progress: bool = True,
     block_size: int | None = None,
     overwrite: bool = False,
+    fused: bool = False,
 ) -> Path:
     """Export a checkpoint directory to `out_dir`: SliMM_A..F.onnx (+ .onnx.data), manifest.json,
     and the tokenizer / chat template / preprocessor files.
@@ -310,18 +323,21 @@ def export_model(
     (slimm.export.quantize; `block_size` is int8 / int4's). `out_dir` is written whole or not at all
     (built beside it, renamed into place); a non-empty `out_dir` that is not a slimm export is
     refused unless `overwrite`.
+
+    `fused`: part F written with ONNX Runtime's fused operators (slimm.export.fused), same inputs and
+    outputs; such an export runs on ONNX Runtime only.
     """
     from slimm.export.quantize import BLOCK_SIZE
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
-    check_export_settings(precision, block_size, opset, max_seq_len, parts)
+    check_export_settings(precision, block_size, opset, max_seq_len, parts, fused)
     ckpt_dir = resolve_model(ckpt_dir)
     out_dir = check_out_dir(out_dir, source=ckpt_dir, overwrite=overwrite)
     if precision in QUANTIZED:
         from slimm.export.quantize import quantize_export
 
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.fp32-", dir=out_dir.parent) as fp32:
-            _export_parts(ckpt_dir, Path(fp32), "fp32", opset, max_seq_len, parts, progress)
+            _export_parts(ckpt_dir, Path(fp32), "fp32", opset, max_seq_len, parts, progress, fused)
             return quantize_export(
                 fp32,
                 out_dir,
@@ -331,16 +347,25 @@ def export_model(
                 overwrite=True,  # checked above, before the float32 export
             )
     with staged(out_dir) as tmp:
-        _export_parts(ckpt_dir, tmp, precision, opset, max_seq_len, parts, progress)
+        _export_parts(ckpt_dir, tmp, precision, opset, max_seq_len, parts, progress, fused)
     return out_dir
 
 
 def _export_parts(
-    ckpt_dir: Path, out_dir: Path, precision: str, opset: int, max_seq_len: int, parts, progress: bool
+    ckpt_dir: Path,
+    out_dir: Path,
+    precision: str,
+    opset: int,
+    max_seq_len: int,
+    parts,
+    progress: bool,
+    fused: bool = False,
 ) -> None:
     import uuid
 
     from tqdm import tqdm
+
+    from slimm.export.fused import contrib_ops
 
     model = SliMMForConditionalGeneration.from_pretrained(ckpt_dir, torch_dtype="float32")
     model.model.fuse()  # part F: one matmul for q, k and v in each layer
@@ -360,17 +385,22 @@ def _export_parts(
         bar.set_postfix_str(f"{part}: {PART_ROLES[part]}")
         ins, outs = io_spec(cfg, part, "float32")
         path = out_dir / part_file(part)
-        with torch.no_grad():
-            args = example_inputs(cfg, part, torch.float32)
-            _quiet_export(
-                modules[part],
-                args,
-                path,
-                ins,
-                outs,
-                dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
-                opset,
-            )
+        if fused and part == "F":
+            from slimm.export.fused import fused_decoder
+
+            _save(fused_decoder(model, cfg, ins, outs), path)
+        else:
+            with torch.no_grad():
+                args = example_inputs(cfg, part, torch.float32)
+                _quiet_export(
+                    modules[part],
+                    args,
+                    path,
+                    ins,
+                    outs,
+                    dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
+                    opset,
+                )
         if precision == "fp16":
             _to_fp16_weights(path)
         _stamp(path, export_id, part)
@@ -378,7 +408,12 @@ def _export_parts(
         if data.exists() and data.stat().st_size == 0:
             data.unlink()
         manifest_parts[part] = Part(
-            PART_ROLES[part], ins, outs, file=path.name, data=data.name if data.exists() else None
+            PART_ROLES[part],
+            ins,
+            outs,
+            file=path.name,
+            data=data.name if data.exists() else None,
+            contrib_ops=contrib_ops(path),
         )
     copied = []
     for name in RUNTIME_FILES:

@@ -150,6 +150,8 @@ class Part:
     source: str | None = None  # converted: the generated module
     files: list[str] = field(default_factory=list)  # converted: the artifact's files
     input_order: list[str] | None = None  # converted: positional order of the artifact's inputs
+    # exports: ONNX Runtime's own operators (com.microsoft) the part uses; no converter target has them
+    contrib_ops: list[str] = field(default_factory=list)
 
     def input(self, name: str) -> Tensor:
         return next(t for t in self.inputs if t.name == name)
@@ -159,6 +161,9 @@ class Part:
         if not isinstance(d, dict):
             raise CheckpointError(f"{where}: entry parts.{part} is not an object")
         at = f"parts.{part}"
+        ops = d.get("contrib_ops", [])
+        if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+            raise CheckpointError(f"{where}: entry {at}.contrib_ops is not a list of operator names")
         try:
             return cls(
                 role=d.get("role", ""),
@@ -170,6 +175,7 @@ class Part:
                 source=_optional_name(d.get("source"), where, f"{at}.source"),
                 files=[plain_name(f, where, f"entry {at}.files") for f in d.get("files", [])],
                 input_order=d.get("input_order"),
+                contrib_ops=ops,
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{where}: entry {at} is unreadable ({type(e).__name__}: {e})") from None
@@ -177,7 +183,8 @@ class Part:
     def to_dict(self) -> dict[str, Any]:
         io = {"inputs": [t.as_dict() for t in self.inputs], "outputs": [t.as_dict() for t in self.outputs]}
         if self.file is not None:
-            return {"file": self.file, "data": self.data, "role": self.role, **io}
+            extra = {"contrib_ops": list(self.contrib_ops)} if self.contrib_ops else {}
+            return {"file": self.file, "data": self.data, "role": self.role, **io, **extra}
         return {
             "name": self.name,
             "source": self.source,

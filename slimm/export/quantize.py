@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from slimm.errors import InputError
+from slimm.export.fused import contrib_ops
 from slimm.export.manifest import PARTS, Manifest, Quantization
 from slimm.outdir import check_out_dir, staged
 
@@ -218,7 +219,9 @@ def quantize_dynamic_part(path: Path, out: Path) -> dict[str, int]:
             per_channel=True,
             reduce_range=W8A8_REDUCE_RANGE,
             use_external_data_format=True,
-            extra_options={"MatMulConstBOnly": True},
+            # ONNX's shape inference cannot type the outputs of ONNX Runtime's own operators (the
+            # fused part F): their float activations are float32
+            extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.setLevel(level)
@@ -291,6 +294,7 @@ def _quantize_into(
             else:  # w8a8's A: the 8-bit embedding gather, as int8's
                 rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
             entry.data = _data_file(dst).name if _data_file(dst).exists() else None
+            entry.contrib_ops = contrib_ops(dst)
         else:
             for name in (entry.file, entry.data):
                 if name:

@@ -1,0 +1,193 @@
+"""slimm.export.fused: the fused part F (ONNX Runtime's contrib operators) against the exported F at
+the same precision, on the tiny demo checkpoints (plain and a DeepStack variant).
+
+Tolerances (max |fused - unfused| / max |unfused| over the prefill and 32 greedy decode steps; the
+greedy tokens must be identical), measured on an AVX-512 VNNI Xeon:
+
+| precision | measured | limit | why not 0 |
+| fp32 | 6-7e-7 | 1e-5 | summation order (fused kernels) |
+| int8, int4 | 0.007-0.011 | 0.03 | accuracy_level 4 quantizes activations to int8 per block: a 1e-7 change of an input can move a rounding step |
+| w8a8 | 3e-7 / 0.015 (batch2) | 0.05 | one activation scale per tensor, set by the padded rows too, whose (unused) values differ |
+
+A broken fused graph (rotary, bias, cache offsets, DeepStack) gives errors of order 1 and other tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from prompts import CASES, make_inputs, rel_err
+
+pytest.importorskip("onnxruntime")
+
+STEPS = 32
+TOLERANCE = {"fp32": 1e-5, "int8": 3e-2, "int4": 3e-2, "w8a8": 5e-2}
+FUSED_OPS = {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "QuickGelu"}
+
+
+@pytest.fixture(scope="module")
+def fused(demo_dir, tmp_path_factory):
+    """fused(variant, precision) -> export directory with the fused F; int4 through export_model's
+    own path (float32 export, then quantized), the others quantized from the fused fp32 export."""
+    from slimm.export import export_model
+    from slimm.export.quantize import quantize_export
+
+    made = {}
+
+    def get(variant="plain", precision="fp32"):
+        key = (variant, precision)
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"fused-{variant}-{precision}")
+            if precision in ("fp32", "int4"):
+                made[key] = export_model(
+                    demo_dir(variant), out, precision, max_seq_len=256, progress=False, fused=True
+                )
+            else:
+                made[key] = quantize_export(get(variant), out, precision, progress=False)
+        return made[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def unfused(exported, tmp_path_factory):
+    from slimm.export.quantize import quantize_export
+
+    made = {}
+
+    def get(variant="plain", precision="fp32"):
+        if precision == "fp32":
+            return exported(variant)
+        if (variant, precision) not in made:
+            out = tmp_path_factory.mktemp(f"unfused-{variant}-{precision}")
+            made[variant, precision] = quantize_export(exported(variant), out, precision, progress=False)
+        return made[variant, precision]
+
+    return get
+
+
+def greedy(model_dir, inputs):
+    """Prefill and STEPS greedy decode steps: logits (STEPS + 1, B, V) and tokens (STEPS, B)."""
+    import slimm
+
+    b = slimm.load(model_dir, backend="onnx", device="cpu")
+    logits = [b.prefill(inputs, inputs["input_ids"].shape[1] + STEPS + 1)]
+    tokens = []
+    for _ in range(STEPS):
+        tokens.append(logits[-1].argmax(-1))
+        logits.append(b.decode(tokens[-1]))
+    return np.stack(logits), np.stack(tokens)
+
+
+@pytest.mark.parametrize(
+    "variant,precision",
+    [
+        ("plain", "fp32"),
+        ("plain", "int8"),
+        ("plain", "int4"),
+        ("plain", "w8a8"),
+        ("midlayers", "fp32"),
+        ("midlayers", "int4"),
+    ],
+)
+@pytest.mark.parametrize("case", ["image", "batch2"])
+def test_fused_matches_unfused(fused, unfused, variant, precision, case):
+    import slimm
+
+    cfg = slimm.load(unfused(variant), backend="onnx", device="cpu").config
+    inputs = make_inputs(cfg, CASES[case])
+    ref_logits, ref_tokens = greedy(unfused(variant, precision), inputs)
+    logits, tokens = greedy(fused(variant, precision), inputs)
+    assert (tokens == ref_tokens).all(), f"{variant} {precision} {case}: greedy tokens differ"
+    err = rel_err(logits, ref_logits)
+    assert err < TOLERANCE[precision], f"{variant} {precision} {case}: max relative error {err:.2e}"
+
+
+def test_deepstack_reaches_the_fused_decoder(fused):
+    """The DeepStack slices change the fused F's prefill logits (so the comparison above sees them)."""
+    import slimm
+
+    b = slimm.load(fused("midlayers"), backend="onnx", device="cpu")
+    inputs = make_inputs(b.config, CASES["image"])
+    with_slices = b.prefill(inputs, 64)
+    real = b.run_part
+
+    def zero_slices(part, feeds):
+        if part == "F":
+            feeds = {**feeds, "deepstack": np.zeros_like(feeds["deepstack"])}
+        return real(part, feeds)
+
+    b.run_part = zero_slices
+    without = b.prefill(inputs, 64)
+    assert rel_err(without, with_slices) > 1e-2
+
+
+def test_fused_manifest_and_graph(fused, unfused):
+    import onnx
+
+    d = fused("plain", "int4")
+    m = json.loads((d / "manifest.json").read_text())
+    ops = set(m["parts"]["F"]["contrib_ops"])
+    assert FUSED_OPS | {"MatMulNBits"} <= ops
+    assert m["parts"]["A"]["contrib_ops"] == ["GatherBlockQuantized"]
+    assert "contrib_ops" not in m["parts"]["B"]  # parts without them keep their entry as before
+    # same contract: inputs and outputs as the exported F's
+    ref = json.loads((unfused("plain", "int4") / "manifest.json").read_text())["parts"]["F"]
+    assert m["parts"]["F"]["inputs"] == ref["inputs"] and m["parts"]["F"]["outputs"] == ref["outputs"]
+    nodes = [onnx.load(str(x / "SliMM_F.onnx"), load_external_data=False).graph.node for x in (d, unfused())]
+    layers = m["model"]["text"]["num_hidden_layers"]
+    # the point of it: a few kernels per layer instead of dozens
+    assert len(nodes[0]) < 20 * layers + 60 < len(nodes[1])
+    weights = {i.name for i in onnx.load(str(d / "SliMM_F.onnx"), load_external_data=False).graph.initializer}
+    assert not [n.name for n in nodes[0] if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+def test_fused_decode_step_shapes_never_change(fused):
+    from slimm.backends.onnx import OnnxBackend
+
+    backend = OnnxBackend(fused("midlayers", "int4"))
+    shapes = []
+    real = backend.run_part
+
+    def spy(part, feeds):
+        if part == "F":
+            shapes.append({k: v.shape for k, v in feeds.items()})
+        return real(part, feeds)
+
+    backend.run_part = spy
+    inputs = make_inputs(backend.config, CASES["batch2"], seed=5)
+    backend.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    assert len(shapes) == 6 and all(s == shapes[1] for s in shapes[1:])
+    assert shapes[1]["past_key.0"][2] == shapes[0]["past_key.0"][2] and shapes[1]["inputs_embeds"][1] == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_convert_refuses_fused_exports(fused, precision, tmp_path):
+    from slimm.convert.driver import convert_export
+    from slimm.convert.ir import ConversionError
+
+    with pytest.raises(ConversionError, match=f"a {precision} fused export runs on ONNX Runtime only") as e:
+        convert_export(fused("plain", precision), "jax", tmp_path / "jax", progress=False)
+    assert "part F uses" in str(e.value) and "GroupQueryAttention" in str(e.value)
+    assert not (tmp_path / "jax").exists()
+
+
+def test_fused_fp16_is_refused(tmp_path, capsys):
+    from slimm.cli import main
+
+    assert main(["export", "--out", str(tmp_path / "out"), "--precision", "fp16", "--fused"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("error: --fused is made for fp32, int8, int4, w8a8, not fp16") and err.count("\n") == 1
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_fused_needs_part_f(demo_dir, tmp_path):
+    from slimm.errors import InputError
+    from slimm.export import export_model
+
+    with pytest.raises(InputError, match="--fused replaces part F, which this export leaves out"):
+        export_model(demo_dir("plain"), tmp_path / "o", parts=("A", "B"), fused=True, progress=False)
