@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from slimm.config import SliMMConfig, load_config
 from slimm.processing import QWEN2_VL_CHAT_TEMPLATE, Processor
-from slimm.synthetic import QUESTION_TYPES, Sample, all_texts, make_sample
+from slimm.synthetic import COLOURS, KINDS, QUESTION_TYPES, Sample, all_texts, make_sample
 
 VARIANT = "v1"  # DeepStack: four slices of each visual token's sub-patches added in LLM layers 1..4
 LLM = dict(
@@ -59,6 +59,7 @@ class TrainSettings:
     eval_n: int = 120
     # question types drawn for training, by weight (counting is the hardest to learn)
     type_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.6, 1.2, 1.0)
+    aux_weight: float = 1.0  # the per-cell loss (AUX_HEADS) beside the answer loss
 
 
 # ---- the checkpoint around the weights ---------------------------------------------------------------
@@ -143,9 +144,12 @@ class Encoded:
     pixels: np.ndarray | None
     grid: np.ndarray | None
     is_video: bool
+    cells: np.ndarray | None = None  # (L, 4) per visual token: AUX_HEADS targets, -100 where unknown
 
 
-def encode(processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: int) -> Encoded:
+def encode(
+    processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: int, spatial_merge: int = 2
+) -> Encoded:
     media = "video" if sample.frames is not None else "image"
     messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": sample.question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -156,9 +160,44 @@ def encode(processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: i
         inputs = processor(text=[text], images=[sample.image])
         pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     answer = processor.tokenizer.encode(sample.answer) + [stop_id]
+    cells = None if media == "video" else cell_targets(sample, grid[0], spatial_merge)
     return Encoded(
-        vocab.to_compact(inputs["input_ids"][0]), vocab.to_compact(answer), pixels, grid, media == "video"
+        vocab.to_compact(inputs["input_ids"][0]),
+        vocab.to_compact(answer),
+        pixels,
+        grid,
+        media == "video",
+        cells,
     )
+
+
+# what each visual token (one 28 x 28 cell after the merger) is taught to say about itself while
+# training, through a linear head that is not part of the checkpoint: the kind and colour of the shape
+# whose centre falls in the cell (each shape is then named by exactly one token, which is what counting
+# needs) and which half of the image the cell lies in. A dense signal straight into the vision tower:
+# without it the language loss alone reaches the vision tower too weakly, and the model learns to
+# answer from the question's priors instead of looking.
+AUX_HEADS = (("kind", 1 + len(KINDS)), ("colour", 1 + len(COLOURS)), ("x_half", 2), ("y_half", 2))
+
+
+def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    _, gh, gw = (int(v) for v in grid_thw)
+    rows, cols = gh // merge, gw // merge
+    w, h = sample.image.size
+    cw, ch = w / cols, h / rows
+    t = np.zeros((rows, cols, 4), dtype=np.int64)
+    for s in sample.shapes:
+        cx, cy = s.centre
+        r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+        t[r, c, 0] = 1 + KINDS.index(s.kind)
+        t[r, c, 1] = 1 + list(COLOURS).index(s.colour)
+    xs = (np.arange(cols) + 0.5) * cw
+    ys = (np.arange(rows) + 0.5) * ch
+    t[:, :, 2] = np.where(xs < w / 2, 0, 1)[None, :]
+    t[:, :, 3] = np.where(ys < h / 2, 0, 1)[:, None]
+    t[:, np.abs(xs - w / 2) < 1e-6, 2] = -100  # the middle column of an odd grid is in neither half
+    t[np.abs(ys - h / 2) < 1e-6, :, 3] = -100
+    return t.reshape(rows * cols, 4)
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -183,6 +222,9 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "targets": torch.tensor(targets),
         "answer_of": torch.tensor([b for b, e in enumerate(items) for _ in e.answer]),
     }
+    cells = [e.cells for e in items if e.cells is not None]
+    if cells:
+        batch["cells"] = torch.from_numpy(np.concatenate(cells))
     for key, video in (("", False), ("_videos", True)):
         chosen = [e for e in items if e.is_video == video]
         if chosen:
@@ -212,8 +254,9 @@ def init_weights(model: torch.nn.Module, vocab: CompactVocab, seed: int) -> None
         model.model.embed_tokens.weight[torch.from_numpy(vocab.frozen)] = 0.0
 
 
-def forward_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (A, n) at the answer positions over the compact rows."""
+def forward_answers(model, batch: dict[str, torch.Tensor], with_visual: bool = False):
+    """Logits (A, n) at the answer positions over the compact rows (and, with `with_visual`, the
+    image tokens as the merger wrote them into the sequence, in prompt order)."""
     cfg = model.config
     ids, mask = batch["input_ids"], batch["attention_mask"]
     h, slices, visual_pos = model.embed(
@@ -237,7 +280,19 @@ def forward_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg.local_features_interval,
     )
     picked = hidden[batch["rows"], batch["cols"]]  # (A, d)
-    return picked @ model.model.embed_tokens.weight.T  # (A, n)
+    logits = picked @ model.model.embed_tokens.weight.T  # (A, n)
+    if not with_visual:
+        return logits
+    return logits, h[ids == cfg.image_token_id]
+
+
+def aux_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the AUX_HEADS groups of `scores` (L, sum of sizes) against (L, 4)."""
+    total, start = torch.zeros(()), 0
+    for i, (_, n) in enumerate(AUX_HEADS):
+        total = total + F.cross_entropy(scores[:, start : start + n], targets[:, i], ignore_index=-100)
+        start += n
+    return total / len(AUX_HEADS)
 
 
 def full_vocab_loss(logits: torch.Tensor, targets: torch.Tensor, n_zero_rows: int) -> torch.Tensor:
@@ -308,6 +363,8 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         lr=s.lr,
         betas=(0.9, 0.98),
     )
+    aux_head = torch.nn.Linear(cfg.text.hidden_size, sum(n for _, n in AUX_HEADS))
+    opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0})
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     log(
         f"demo model: {VARIANT} DeepStack, LLM {LLM['num_hidden_layers']}x{LLM['hidden_size']}, vision "
@@ -318,7 +375,8 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
     type_rng = np.random.default_rng([seed, 7])
     weights = np.asarray(s.type_weights, dtype=np.float64) / sum(s.type_weights)
     heldout_samples = [make_sample(seed, i, "heldout") for i in range(s.eval_n)]
-    heldout = [encode(processor, vocab, x, stop_id) for x in heldout_samples]
+    merge = cfg.vision.spatial_merge_size
+    heldout = [encode(processor, vocab, x, stop_id, merge) for x in heldout_samples]
     heldout_types = [x.type for x in heldout_samples]
     record: dict = {"seed": seed, "settings": dataclasses.asdict(s), "log": []}
     start, cpu_start = time.monotonic(), time.process_time()
@@ -330,9 +388,11 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         samples = [
             make_sample(seed, step * s.batch + j, "train", QUESTION_TYPES[q]) for j, q in enumerate(qtypes)
         ]
-        batch = collate([encode(processor, vocab, x, stop_id) for x in samples], pad_id)
-        logits = forward_answers(model, batch)
-        loss = full_vocab_loss(logits, batch["targets"], n_zero_rows)
+        batch = collate([encode(processor, vocab, x, stop_id, merge) for x in samples], pad_id)
+        logits, visual = forward_answers(model, batch, with_visual=True)
+        answer_loss = full_vocab_loss(logits, batch["targets"], n_zero_rows)
+        aux = aux_loss(aux_head(visual), batch["cells"]) if "cells" in batch else torch.zeros(())
+        loss = answer_loss + s.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -342,13 +402,14 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         if step % s.log_every == 0 or step == s.steps - 1:
             acc = exact_matches(logits.detach(), batch, len(samples)).float().mean().item()
             log(
-                f"step {step:5d}  loss {loss.item():.4f}  batch exact {acc:.2f}  "
+                f"step {step:5d}  loss {answer_loss.item():.4f}  cells {aux.item():.4f}  batch exact {acc:.2f}  "
                 f"{elapsed:7.1f}s wall  {work:7.1f}s cpu/thread"
             )
             record["log"].append(
                 {
                     "step": step,
-                    "loss": round(loss.item(), 5),
+                    "loss": round(answer_loss.item(), 5),
+                    "cells_loss": round(aux.item(), 5),
                     "seconds": round(elapsed, 1),
                     "cpu": round(work, 1),
                 }
