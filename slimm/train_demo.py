@@ -31,7 +31,9 @@ from safetensors.torch import save_file
 
 from slimm.config import SliMMConfig, load_config
 from slimm.processing import QWEN2_VL_CHAT_TEMPLATE, Processor
-from slimm.synthetic import COLOURS, KINDS, QUESTION_TYPES, Sample, all_texts, make_sample
+from slimm.synthetic import COLOURS, KINDS, MAX_COUNT, QUESTION_TYPES, Sample, all_texts, make_sample
+
+DIRECTIONS = ("left", "right", "up", "down")
 
 VARIANT = "v1"  # DeepStack: four slices of each visual token's sub-patches added in LLM layers 1..4
 LLM = dict(
@@ -144,7 +146,7 @@ class Encoded:
     pixels: np.ndarray | None
     grid: np.ndarray | None
     is_video: bool
-    cells: np.ndarray | None = None  # (L, 4) per visual token: AUX_HEADS targets, -100 where unknown
+    cells: np.ndarray | None = None  # (L, len(AUX_HEADS)) per visual token, IGNORE where unknown
 
 
 def encode(
@@ -160,7 +162,7 @@ def encode(
         inputs = processor(text=[text], images=[sample.image])
         pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     answer = processor.tokenizer.encode(sample.answer) + [stop_id]
-    cells = None if media == "video" else cell_targets(sample, grid[0], spatial_merge)
+    cells = cell_targets(sample, grid[0], spatial_merge)
     return Encoded(
         vocab.to_compact(inputs["input_ids"][0]),
         vocab.to_compact(answer),
@@ -171,68 +173,66 @@ def encode(
     )
 
 
-# what each visual token (one 28 x 28 cell after the merger) is taught to say about itself while
-# training, through a linear head that is not part of the checkpoint: the kind and colour of the shape
-# whose centre falls in the cell (each shape is then named by exactly one token, which is what counting
-# needs) and which half of the image the cell lies in. A dense signal straight into the vision tower:
-# without it the language loss alone reaches the vision tower too weakly, and the model learns to
-# answer from the question's priors instead of looking.
-AUX_HEADS = (("kind", 1 + len(KINDS)), ("colour", 1 + len(COLOURS)), ("x_half", 2), ("y_half", 2))
+# what each visual token (one 28 x 28 cell after the merger, per temporal step for a video) is taught
+# to say about itself while training, through a linear head that is not part of the checkpoint: the
+# kind and colour of the shape whose centre falls in the cell (each shape is then named by exactly one
+# token), how many shapes of that kind the image holds, which half of the image the cell lies in, and
+# for a video which way the shape in the cell moves (the two frames of a temporal patch show it). A
+# dense signal straight into the vision tower: with the answer loss alone it reaches the vision tower
+# too weakly, and the model learns the question's priors before it learns to look.
+AUX_HEADS = (
+    ("kind", 1 + len(KINDS)),
+    ("colour", 1 + len(COLOURS)),
+    ("count", 1 + MAX_COUNT + 2),  # shapes of the centred shape's kind (count scenes add up to 2 others)
+    ("x_half", 2),
+    ("y_half", 2),
+    ("motion", 1 + len(DIRECTIONS)),
+)
+IGNORE = -100
 
 
 def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray:
-    _, gh, gw = (int(v) for v in grid_thw)
+    """(t * rows * cols, len(AUX_HEADS)) targets in the merger's token order (t, row, col)."""
+    gt, gh, gw = (int(v) for v in grid_thw)
     rows, cols = gh // merge, gw // merge
-    w, h = sample.image.size
+    frames = sample.frames if sample.frames is not None else [sample.image]
+    w, h = frames[0].size
     cw, ch = w / cols, h / rows
-    t = np.zeros((rows, cols, 4), dtype=np.int64)
-    for s in sample.shapes:
-        cx, cy = s.centre
-        r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
-        t[r, c, 0] = 1 + KINDS.index(s.kind)
-        t[r, c, 1] = 1 + list(COLOURS).index(s.colour)
-    xs = (np.arange(cols) + 0.5) * cw
-    ys = (np.arange(rows) + 0.5) * ch
-    t[:, :, 2] = np.where(xs < w / 2, 0, 1)[None, :]
-    t[:, :, 3] = np.where(ys < h / 2, 0, 1)[:, None]
-    t[:, np.abs(xs - w / 2) < 1e-6, 2] = -100  # the middle column of an odd grid is in neither half
-    t[np.abs(ys - h / 2) < 1e-6, :, 3] = -100
-    return t.reshape(rows * cols, 4)
+    xs, ys = (np.arange(cols) + 0.5) * cw, (np.arange(rows) + 0.5) * ch
+    out = np.full((gt, rows, cols, len(AUX_HEADS)), IGNORE, dtype=np.int64)
+    for t in range(gt):
+        cell = out[t]
+        cell[:, :, :3] = 0
+        if sample.frames is None:
+            shapes = sample.shapes
+        else:  # the video's one shape, found in the first frame of this temporal patch
+            first = frames[t * (len(frames) // gt)]
+            shapes = [dataclasses.replace(sample.shapes[0], box=_box_of(first))]
+            cell[:, :, 5] = 0
+            direction = DIRECTIONS.index(sample.answer.rstrip(".").lower())
+            for f in frames[t * (len(frames) // gt) : (t + 1) * (len(frames) // gt)]:
+                x0, y0, x1, y1 = _box_of(f)
+                r0, r1 = int(y0 // ch), min(rows - 1, int((y1 - 1) // ch))
+                c0, c1 = int(x0 // cw), min(cols - 1, int((x1 - 1) // cw))
+                cell[r0 : r1 + 1, c0 : c1 + 1, 5] = 1 + direction
+        for sh in shapes:
+            cx, cy = sh.centre
+            r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+            cell[r, c, 0] = 1 + KINDS.index(sh.kind)
+            cell[r, c, 1] = 1 + list(COLOURS).index(sh.colour)
+            cell[r, c, 2] = sum(o.kind == sh.kind for o in shapes)
+        cell[:, :, 3] = np.where(xs < w / 2, 0, 1)[None, :]
+        cell[:, :, 4] = np.where(ys < h / 2, 0, 1)[:, None]
+        cell[:, np.abs(xs - w / 2) < 1e-6, 3] = IGNORE  # the middle column of an odd grid: neither half
+        cell[np.abs(ys - h / 2) < 1e-6, :, 4] = IGNORE
+    return out.reshape(-1, len(AUX_HEADS))
 
 
-def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Left-padded prompt+answer rows; `targets` at `rows`/`cols` are the tokens predicted there."""
-    seqs = [np.concatenate([e.prompt, e.answer]) for e in items]
-    S = max(len(s) for s in seqs)
-    ids = np.full((len(items), S), pad_id, dtype=np.int64)
-    mask = np.zeros((len(items), S), dtype=np.int64)
-    rows, cols, targets = [], [], []
-    for b, (e, s) in enumerate(zip(items, seqs, strict=True)):
-        ids[b, S - len(s) :] = s
-        mask[b, S - len(s) :] = 1
-        first = S - len(e.answer)  # position of the first answer token
-        rows += [b] * len(e.answer)
-        cols += list(range(first - 1, S - 1))  # the position before each answer token predicts it
-        targets += e.answer.tolist()
-    batch = {
-        "input_ids": torch.from_numpy(ids),
-        "attention_mask": torch.from_numpy(mask),
-        "rows": torch.tensor(rows),
-        "cols": torch.tensor(cols),
-        "targets": torch.tensor(targets),
-        "answer_of": torch.tensor([b for b, e in enumerate(items) for _ in e.answer]),
-    }
-    cells = [e.cells for e in items if e.cells is not None]
-    if cells:
-        batch["cells"] = torch.from_numpy(np.concatenate(cells))
-    for key, video in (("", False), ("_videos", True)):
-        chosen = [e for e in items if e.is_video == video]
-        if chosen:
-            batch["pixel_values" + key] = torch.from_numpy(np.concatenate([e.pixels for e in chosen]))
-            batch[("video" if video else "image") + "_grid_thw"] = torch.from_numpy(
-                np.concatenate([e.grid for e in chosen])
-            )
-    return batch
+def _box_of(frame) -> tuple[int, int, int, int]:
+    """Bounding box of what is not background (the corner pixel's colour) in a scene."""
+    a = np.asarray(frame)
+    ys, xs = np.nonzero((a != a[0, 0]).any(axis=2))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 # ---- the model ---------------------------------------------------------------------------------------
@@ -283,14 +283,16 @@ def forward_answers(model, batch: dict[str, torch.Tensor], with_visual: bool = F
     logits = picked @ model.model.embed_tokens.weight.T  # (A, n)
     if not with_visual:
         return logits
-    return logits, h[ids == cfg.image_token_id]
+    visual = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+    return logits, h[visual]
 
 
 def aux_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the AUX_HEADS groups of `scores` (L, sum of sizes) against (L, 4)."""
+    """Mean cross-entropy of the AUX_HEADS groups of `scores` (L, sum of sizes) against (L, heads)."""
     total, start = torch.zeros(()), 0
     for i, (_, n) in enumerate(AUX_HEADS):
-        total = total + F.cross_entropy(scores[:, start : start + n], targets[:, i], ignore_index=-100)
+        if (targets[:, i] != IGNORE).any():
+            total = total + F.cross_entropy(scores[:, start : start + n], targets[:, i], ignore_index=IGNORE)
         start += n
     return total / len(AUX_HEADS)
 
@@ -391,18 +393,19 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         batch = collate([encode(processor, vocab, x, stop_id, merge) for x in samples], pad_id)
         logits, visual = forward_answers(model, batch, with_visual=True)
         answer_loss = full_vocab_loss(logits, batch["targets"], n_zero_rows)
-        aux = aux_loss(aux_head(visual), batch["cells"]) if "cells" in batch else torch.zeros(())
+        aux = aux_loss(aux_head(visual), batch["cells"])
         loss = answer_loss + s.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
         elapsed = time.monotonic() - start
         work = (time.process_time() - cpu_start) / s.threads
         if step % s.log_every == 0 or step == s.steps - 1:
             acc = exact_matches(logits.detach(), batch, len(samples)).float().mean().item()
             log(
-                f"step {step:5d}  loss {answer_loss.item():.4f}  cells {aux.item():.4f}  batch exact {acc:.2f}  "
+                f"step {step:5d}  loss {answer_loss.item():.4f}  cells {aux.item():.4f}  grad {grad_norm:.2f}  "
+                f"batch exact {acc:.2f}  "
                 f"{elapsed:7.1f}s wall  {work:7.1f}s cpu/thread"
             )
             record["log"].append(
