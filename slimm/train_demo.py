@@ -235,6 +235,39 @@ def _box_of(frame) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompt+answer rows; `targets` at `rows`/`cols` are the tokens predicted there."""
+    seqs = [np.concatenate([e.prompt, e.answer]) for e in items]
+    S = max(len(s) for s in seqs)
+    ids = np.full((len(items), S), pad_id, dtype=np.int64)
+    mask = np.zeros((len(items), S), dtype=np.int64)
+    rows, cols, targets = [], [], []
+    for b, (e, s) in enumerate(zip(items, seqs, strict=True)):
+        ids[b, S - len(s) :] = s
+        mask[b, S - len(s) :] = 1
+        first = S - len(e.answer)  # position of the first answer token
+        rows += [b] * len(e.answer)
+        cols += list(range(first - 1, S - 1))  # the position before each answer token predicts it
+        targets += e.answer.tolist()
+    batch = {
+        "input_ids": torch.from_numpy(ids),
+        "attention_mask": torch.from_numpy(mask),
+        "rows": torch.tensor(rows),
+        "cols": torch.tensor(cols),
+        "targets": torch.tensor(targets),
+        "answer_of": torch.tensor([b for b, e in enumerate(items) for _ in e.answer]),
+    }
+    batch["cells"] = torch.from_numpy(np.concatenate([e.cells for e in items]))  # row order = token order
+    for key, video in (("", False), ("_videos", True)):
+        chosen = [e for e in items if e.is_video == video]
+        if chosen:
+            batch["pixel_values" + key] = torch.from_numpy(np.concatenate([e.pixels for e in chosen]))
+            batch[("video" if video else "image") + "_grid_thw"] = torch.from_numpy(
+                np.concatenate([e.grid for e in chosen])
+            )
+    return batch
+
+
 # ---- the model ---------------------------------------------------------------------------------------
 
 
