@@ -114,16 +114,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from slimm.cache import demo_model_dir
     from slimm.export.export import check_export_settings, export_model
+    from slimm.trained_demo import trained_demo_dir
     from slimm.outdir import check_out_dir
 
-    # refused before the demo checkpoint is built, if it has to be
+    # refused before the demo model is unpacked, if it has to be
     check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len)
     model = resolve_model(args.model) if args.model else None
     check_out_dir(args.out, source=model, overwrite=args.overwrite)
     out = export_model(
-        model or demo_model_dir(),
+        model or trained_demo_dir(),
         args.out,
         precision=args.precision,
         opset=args.opset,
@@ -293,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt about images / video, streaming the text",
         description="Answer a prompt about images or video frames, streaming the answer to stdout. "
-        "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
+        "With no --model, the built-in demo model answers: a tiny SliMM trained on pictures of coloured shapes "
+        "(colours, shapes, positions, counts, motion; it knows nothing else).",
     )
-    add_model_options(g, BACKENDS, "the built-in tiny demo checkpoint")
+    add_model_options(g, BACKENDS, "the built-in demo model")
     g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     g.add_argument(
         "--video", action="append", default=[], help="video file or directory of frames (repeatable)"
@@ -346,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--model",
-        help="checkpoint directory or Hugging Face hub id (default: the built-in tiny demo checkpoint)",
+        help="checkpoint directory or Hugging Face hub id (default: the built-in demo model)",
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
     e.add_argument(
@@ -443,9 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over an OpenAI-compatible HTTP API, batching requests continuously",
         description="Serve POST /v1/chat/completions (text and images, streaming), GET /v1/models and GET /health. "
         "Requests share the model: they join a running batch of up to --max-batch at each decode step. With no "
-        "--model, the tiny random-weight demo model of --backend is served (its text is meaningless).",
+        "--model, the built-in demo model (trained on pictures of coloured shapes) is served.",
     )
-    add_model_options(sv, BACKENDS, "the built-in tiny demo model")
+    add_model_options(sv, BACKENDS, "the built-in demo model")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument(
