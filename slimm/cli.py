@@ -115,8 +115,8 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     from slimm.export.export import check_export_settings, export_model
-    from slimm.trained_demo import trained_demo_dir
     from slimm.outdir import check_out_dir
+    from slimm.trained_demo import trained_demo_dir
 
     # refused before the demo model is unpacked, if it has to be
     check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len)
