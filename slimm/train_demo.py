@@ -60,7 +60,7 @@ class TrainSettings:
     eval_every: int = 250  # teacher-forced held-out check on `eval_n` samples (cheap, batched)
     eval_n: int = 120
     # question types drawn for training, by weight (counting is the hardest to learn)
-    type_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.6, 1.2, 1.0)
+    type_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.6, 1.6, 1.0)
     aux_weight: float = 1.0  # the per-cell loss (AUX_HEADS) beside the answer loss
 
 
@@ -187,6 +187,8 @@ AUX_HEADS = (
     ("x_half", 2),
     ("y_half", 2),
     ("motion", 1 + len(DIRECTIONS)),
+    ("layout", 2),  # two-shape scenes: side by side / one above the other (centre cells only)
+    ("first", 2),  # two-shape scenes: the left (upper) shape / the other, the order "describe" names them
 )
 IGNORE = -100
 
@@ -221,6 +223,13 @@ def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray
             cell[r, c, 0] = 1 + KINDS.index(sh.kind)
             cell[r, c, 1] = 1 + list(COLOURS).index(sh.colour)
             cell[r, c, 2] = sum(o.kind == sh.kind for o in shapes)
+        if sample.type != "count" and len(shapes) == 2:
+            horizontal = shapes[0].box[2] <= w / 2 <= shapes[1].box[0]
+            for i, sh in enumerate(shapes):
+                cx, cy = sh.centre
+                r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+                cell[r, c, 6] = 0 if horizontal else 1
+                cell[r, c, 7] = i
         cell[:, :, 3] = np.where(xs < w / 2, 0, 1)[None, :]
         cell[:, :, 4] = np.where(ys < h / 2, 0, 1)[:, None]
         cell[:, np.abs(xs - w / 2) < 1e-6, 3] = IGNORE  # the middle column of an odd grid: neither half
