@@ -28,32 +28,17 @@ ROWS = (
 )
 
 
-def model_dir(backend: str, precision: str) -> Path:
-    """The demo model's checkpoint, export or conversion that `backend` at `precision` loads."""
-    from slimm.cache import trained_demo_converted_dir, trained_demo_export_dir
-    from slimm.trained_demo import trained_demo_dir
-
-    if backend == "torch":
-        if precision != "fp32":
-            raise ValueError(f"torch rows are fp32 here, not {precision}")
-        return trained_demo_dir()
-    if backend == "onnx":
-        return trained_demo_export_dir(precision)
-    if precision != "fp32":
-        raise ValueError(f"{backend} runs converted fp32 exports, not {precision}")
-    return trained_demo_converted_dir(backend)
-
-
 def measure(
     rows=ROWS, n: int = 500, seed: int = 0, progress: bool = True, reference: dict | None = None
 ) -> list[dict[str, Any]]:
     """One eval report per (backend, precision), each with `delta_points` and `identical` against
     the torch fp32 report (`reference`, else the first row, which must then be torch fp32)."""
-    from slimm.evaluation import run_eval
+    from slimm.cache import demo_dir_for
+    from slimm.evaluation import compare, run_eval
 
     out = []
     for backend, precision in rows:
-        path = model_dir(backend, precision)
+        path = demo_dir_for(backend, precision)
         t = time.monotonic()
         report = run_eval(synthetic_n=n, seed=seed, model=path, backend=backend, progress=progress)
         report.update(precision=precision, wall_seconds=round(time.monotonic() - t, 1))
@@ -64,19 +49,6 @@ def measure(
         report.update(compare(report, reference))
         out.append(report)
     return out
-
-
-def compare(report: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
-    """Points of accuracy above the reference and the share of identical answers, over the rows both
-    scored (matched by id)."""
-    ref = {r["id"]: r["prediction"] for r in reference["rows"]}
-    both = [r for r in report["rows"] if r["id"] in ref]
-    same = sum(r["prediction"] == ref[r["id"]] for r in both)
-    ref_acc = sum(r["correct"] for r in reference["rows"] if r["id"] in {x["id"] for x in both})
-    return {
-        "delta_points": round(100 * (report["correct"] - ref_acc) / max(1, len(both)), 2),
-        "identical": same / max(1, len(both)),
-    }
 
 
 def table(reports: list[dict[str, Any]]) -> str:

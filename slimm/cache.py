@@ -78,13 +78,15 @@ def trained_demo_converted_dir(target: str) -> Path:
     return path
 
 
-def demo_dir_for(backend: str) -> Path:
-    """What `backend` loads when no model is given: the trained demo model's checkpoint, its export or
-    its conversion."""
+def demo_dir_for(backend: str, precision: str = "fp32") -> Path:
+    """What `backend` loads when no model is given: the trained demo model's checkpoint, its export
+    (at `precision`) or its conversion."""
+    if backend == "onnx" or backend.endswith("-ort"):
+        return trained_demo_export_dir(precision)
+    if precision != "fp32":
+        raise ValueError(f"the {backend} backend runs the demo model in fp32, not {precision}")
     if backend == "torch":
         from slimm.trained_demo import trained_demo_dir
 
         return trained_demo_dir()
-    if backend == "onnx" or backend.endswith("-ort"):
-        return trained_demo_export_dir()
     return trained_demo_converted_dir(backend)
