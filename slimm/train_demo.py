@@ -191,6 +191,12 @@ AUX_HEADS = (
     ("first", 2),  # two-shape scenes: the left (upper) shape / the other, the order "describe" names them
 )
 IGNORE = -100
+# the kind and colour heads score a visual token against the embeddings of the words that name them
+# (" triangle", " red", as in "A red triangle left of ..."), next to a learned "none" row: the token
+# that shows a red triangle then points where the question's words point, so the language model's
+# attention finds it by the word itself instead of first learning how one space maps onto the other
+WORD_HEADS = {"kind": [" " + k for k in KINDS], "colour": [" " + c for c in COLOURS]}
+WORD_SCALE = 10.0  # cosine similarities to logits
 
 
 def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray:
@@ -329,6 +335,33 @@ def forward_answers(model, batch: dict[str, torch.Tensor], with_visual: bool = F
     return logits, h[visual]
 
 
+class CellHead(torch.nn.Module):
+    """AUX_HEADS scores of visual tokens: WORD_HEADS by cosine against the word embeddings (and a
+    learned "none" row), the rest by a linear layer. Training only; not part of the checkpoint."""
+
+    def __init__(self, hidden: int, embed: torch.nn.Embedding, word_rows: dict[str, list[int]]) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, sum(n for _, n in AUX_HEADS))
+        self.embed = [embed]  # not a submodule: the model owns it
+        self.word_rows = {k: torch.tensor(v) for k, v in word_rows.items()}
+        self.none = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(torch.randn(hidden) * 0.02) for k in word_rows}
+        )
+
+    def forward(self, visual: torch.Tensor) -> torch.Tensor:
+        scores = self.linear(visual)
+        v = F.normalize(visual, dim=-1)
+        start, parts = 0, []
+        for name, n in AUX_HEADS:
+            if name in self.word_rows:
+                table = torch.cat([self.none[name][None], self.embed[0].weight[self.word_rows[name]]])
+                parts.append(WORD_SCALE * v @ F.normalize(table, dim=-1).T)
+            else:
+                parts.append(scores[:, start : start + n])
+            start += n
+        return torch.cat(parts, dim=1)
+
+
 def aux_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the AUX_HEADS groups of `scores` (L, sum of sizes) against (L, heads)."""
     total, start = torch.zeros(()), 0
@@ -407,7 +440,11 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         lr=s.lr,
         betas=(0.9, 0.98),
     )
-    aux_head = torch.nn.Linear(cfg.text.hidden_size, sum(n for _, n in AUX_HEADS))
+    word_rows = {
+        name: [int(vocab.to_compact(processor.tokenizer.encode(w))[0]) for w in words]
+        for name, words in WORD_HEADS.items()
+    }
+    aux_head = CellHead(cfg.text.hidden_size, model.model.embed_tokens, word_rows)
     opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0})
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     log(
