@@ -48,7 +48,9 @@ ANSWER_TOKENS_MAX = 16  # longest answer ("A yellow triangle left of a green cir
 class TrainSettings:
     steps: int = 3000  # 0.15-0.3 s per step on an idle 2-core machine: 8-15 minutes
     batch: int = 16
-    lr: float = 2e-3  # 4e-3 blew the visual tokens up to 300x the text embeddings' scale
+    # 2e-3 kept the look-up from settling (colour questions alone learnt only as the short cosine
+    # schedule of a 300-step run brought it down to ~1e-3); 4e-3 blew the visual tokens up
+    lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
     # cap on the work done: process CPU time / threads, which is the wall time on an idle machine
