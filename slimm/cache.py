@@ -1,6 +1,6 @@
 """The user's slimm cache ($SLIMM_CACHE, else $XDG_CACHE_HOME/slimm or ~/.cache/slimm) and the demo
-artefacts built in it once, on first use: the trained demo model (unpacked from the package), its
-export and conversions, and the random-weight checkpoints of the released sizes.
+artefacts built in it once, on first use: the random-weight demo checkpoint, its export and
+conversions, and the trained demo model's (unpacked from the package when it ships there).
 """
 
 from __future__ import annotations
@@ -78,9 +78,18 @@ def trained_demo_converted_dir(target: str) -> Path:
     return path
 
 
-def demo_dir_for(backend: str, precision: str = "fp32") -> Path:
-    """What `backend` loads when no model is given: the trained demo model's checkpoint, its export
-    (at `precision`) or its conversion."""
+def demo_dir_for(backend: str) -> Path:
+    """What `backend` loads when no model is given: the random-weight demo checkpoint, its export or
+    a conversion. (The trained demo model replaces it here once it is shipped; see trained_demo_dir_for.)"""
+    if backend == "torch":
+        return demo_model_dir()
+    if backend == "onnx" or backend.endswith("-ort"):
+        return demo_export_dir()
+    return demo_converted_dir(backend)
+
+
+def trained_demo_dir_for(backend: str, precision: str = "fp32") -> Path:
+    """The trained demo model's checkpoint, export (at `precision`) or conversion that `backend` loads."""
     if backend == "onnx" or backend.endswith("-ort"):
         return trained_demo_export_dir(precision)
     if precision != "fp32":

@@ -114,16 +114,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from slimm.cache import demo_model_dir
     from slimm.export.export import check_export_settings, export_model
     from slimm.outdir import check_out_dir
-    from slimm.trained_demo import trained_demo_dir
 
-    # refused before the demo model is unpacked, if it has to be
+    # refused before the demo checkpoint is built, if it has to be
     check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len)
     model = resolve_model(args.model) if args.model else None
     check_out_dir(args.out, source=model, overwrite=args.overwrite)
     out = export_model(
-        model or trained_demo_dir(),
+        model or demo_model_dir(),
         args.out,
         precision=args.precision,
         opset=args.opset,
@@ -190,8 +190,27 @@ def cmd_serve(args) -> int:
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
         allow_remote_images=args.allow_remote_images,
+        allowed_local_dir=args.allowed_local_dir,
+        max_video_frames=args.max_video_frames,
         request_timeout=args.request_timeout,
     )
+    if args.ray:
+        from slimm.serve.ray_serve import run_ray_server
+
+        run_ray_server(
+            args.model,
+            args.backend,
+            args.host,
+            args.port,
+            args.max_batch,
+            args.max_queue,
+            args.max_seq_len,
+            settings,
+            replicas=args.replicas,
+            ray_address=args.ray_address,
+            **load_options(args),
+        )
+        return 0
     run_server(
         resolve_model(args.model) if args.model else None,
         args.backend,
@@ -201,8 +220,32 @@ def cmd_serve(args) -> int:
         args.max_queue,
         args.max_seq_len,
         settings,
+        visual_cache_mb=args.visual_cache_mb,
         **load_options(args),
     )
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from slimm.batch.cluster import import_ray
+
+    import_ray()  # which extra to install, before anything else is read
+    from slimm.batch.job import run_batch
+
+    summary = run_batch(
+        args.input,
+        args.output,
+        args.model,
+        args.backend,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        resume=args.resume,
+        **load_options(args),
+    )
+    print(summary.line(), file=sys.stderr)
     return 0
 
 
@@ -262,6 +305,15 @@ def add_model_options(p: argparse.ArgumentParser, backends, default_model: str) 
     )
 
 
+def add_ray_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join a running Ray cluster: auto (the one `ray start` began on this machine) or HOST:PORT of "
+        "its head (default: $RAY_ADDRESS, else a local Ray started in this process)",
+    )
+
+
 class Parser(argparse.ArgumentParser):
     """argparse's own errors as one line, `error: ...`, with exit status 2 like every other error."""
 
@@ -293,10 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt about images / video, streaming the text",
         description="Answer a prompt about images or video frames, streaming the answer to stdout. "
-        "With no --model, the built-in demo model answers: a tiny SliMM trained on pictures of coloured shapes "
-        "(colours, shapes, positions, counts, motion; it knows nothing else).",
+        "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
     )
-    add_model_options(g, BACKENDS, "the built-in demo model")
+    add_model_options(g, BACKENDS, "the built-in tiny demo checkpoint")
     g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     g.add_argument(
         "--video", action="append", default=[], help="video file or directory of frames (repeatable)"
@@ -347,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--model",
-        help="checkpoint directory or Hugging Face hub id (default: the built-in demo model)",
+        help="checkpoint directory or Hugging Face hub id (default: the built-in tiny demo checkpoint)",
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
     e.add_argument(
@@ -444,9 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over an OpenAI-compatible HTTP API, batching requests continuously",
         description="Serve POST /v1/chat/completions (text and images, streaming), GET /v1/models and GET /health. "
         "Requests share the model: they join a running batch of up to --max-batch at each decode step. With no "
-        "--model, the built-in demo model (trained on pictures of coloured shapes) is served.",
+        "--model, the tiny random-weight demo model of --backend is served (its text is meaningless).",
     )
-    add_model_options(sv, BACKENDS, "the built-in demo model")
+    add_model_options(sv, BACKENDS, "the built-in tiny demo model")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument(
@@ -473,7 +524,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="fetch http(s) image URLs (off: only inline data: URLs)",
     )
     sv.add_argument("--request-timeout", type=float, default=600.0, help="seconds for one answer")
+    sv.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: --replicas copies of the app, one engine each, requests spread across them",
+    )
+    sv.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the model")
+    add_ray_address(sv)
+    sv.add_argument(
+        "--allowed-local-dir", help="read file:// image and video URLs inside this directory only"
+    )
+    sv.add_argument("--max-video-frames", type=int, default=32, help="frames of one video")
+    sv.add_argument(
+        "--visual-cache-mb", type=float, default=256, help="vision encodings kept by image content (0: off)"
+    )
     sv.set_defaults(func=cmd_serve)
+
+    bt = command(
+        "batch",
+        help="answer a prompt about every image of a folder or table, on Ray Data (one machine or many)",
+        description="Answer every row of INPUT, a folder of images (recursive; id = the path inside it) or a "
+        "JSONL / CSV / Parquet table with an image, images (a list; in CSV a JSON array) or video column and "
+        "optionally prompt and id columns (paths relative to the table). Images are read and preprocessed in "
+        "Ray tasks, a pool of --workers actors runs the model (loaded once each) on batches of --batch-size, "
+        "greedily. OUT (.parquet, or .jsonl) gets id, source, prompt, answer, prompt_tokens, "
+        "completion_tokens, seconds and error: each id once, a bad row with its error. Rows land in "
+        "OUT.parts/ as they are answered; --resume finishes an interrupted run or adds new rows.",
+    )
+    bt.add_argument("input", type=Path, help="folder of images, or a .jsonl / .csv / .parquet table")
+    bt.add_argument("--output", type=Path, required=True, help="file to write: .parquet or .jsonl")
+    add_model_options(bt, BACKENDS, "the built-in tiny demo model")
+    bt.add_argument("--prompt", default="Describe this image.", help="for rows with no prompt of their own")
+    bt.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens at most")
+    add_ray_address(bt)
+    bt.add_argument("--workers", type=int, default=1, help="model actors (each loads the model once)")
+    bt.add_argument("--batch-size", type=int, default=8, help="rows answered together by one worker")
+    bt.add_argument(
+        "--resume", action="store_true", help="keep OUT's rows (and an interrupted run's) and answer the rest"
+    )
+    bt.set_defaults(func=cmd_batch)
 
     d = command(
         "demo-checkpoint",

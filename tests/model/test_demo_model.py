@@ -330,10 +330,12 @@ def test_shipped_demo_model_sees(torch_report):
     [("onnx", HELD_OUT), ("jax", CONVERTED_N), ("paddle", CONVERTED_N), ("mindspore", CONVERTED_N)],
 )
 def test_every_backend_answers_as_torch(torch_report, backend, n):
-    from slimm.cache import demo_dir_for
+    from slimm.cache import trained_demo_dir_for
     from slimm.evaluation import compare
 
-    report = run_eval(synthetic_n=n, seed=0, model=demo_dir_for(backend), backend=backend, progress=False)
+    report = run_eval(
+        synthetic_n=n, seed=0, model=trained_demo_dir_for(backend), backend=backend, progress=False
+    )
     got = compare(report, torch_report)
     assert got["n"] == n
     assert got["identical"] >= 0.99, (backend, got)
@@ -342,10 +344,10 @@ def test_every_backend_answers_as_torch(torch_report, backend, n):
 
 @pytest.mark.parametrize("precision", list(MAX_DROP))
 def test_quantized_exports_keep_the_answers(torch_report, precision):
-    from slimm.cache import demo_dir_for
+    from slimm.cache import trained_demo_dir_for
     from slimm.evaluation import compare
 
-    model = demo_dir_for("onnx", precision)
+    model = trained_demo_dir_for("onnx", precision)
     report = run_eval(synthetic_n=QUANTIZED_N, seed=0, model=model, backend="onnx", progress=False)
     got = compare(report, torch_report)
     assert got["delta_points"] >= -MAX_DROP[precision], (precision, got, report["by_type"])
