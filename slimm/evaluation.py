@@ -225,6 +225,18 @@ def summarise(results: list[dict[str, Any]], errors: list[dict[str, Any]], secon
     }
 
 
+def compare(report: dict[str, Any], reference: dict[str, Any]) -> dict[str, float]:
+    """`report` against `reference` over the rows both scored (matched by id): its accuracy minus the
+    reference's in points, and the share of answers identical to the reference's."""
+    ref = {r["id"]: r for r in reference["rows"]}
+    both = [r for r in report["rows"] if r["id"] in ref]
+    if not both:
+        raise InputError("the two reports share no scored rows (ids)")
+    same = sum(r["prediction"] == ref[r["id"]]["prediction"] for r in both)
+    delta = sum(int(r["correct"]) - int(ref[r["id"]]["correct"]) for r in both)
+    return {"n": len(both), "delta_points": round(100 * delta / len(both), 2), "identical": same / len(both)}
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The lines `slimm eval` prints."""
     lines = [f"accuracy {report['accuracy']:.4f} ({report['correct']}/{report['n']})"]

@@ -31,7 +31,9 @@ from safetensors.torch import save_file
 
 from slimm.config import SliMMConfig, load_config
 from slimm.processing import QWEN2_VL_CHAT_TEMPLATE, Processor
-from slimm.synthetic import QUESTION_TYPES, Sample, all_texts, make_sample
+from slimm.synthetic import COLOURS, KINDS, MAX_COUNT, QUESTION_TYPES, Sample, all_texts, make_sample
+
+DIRECTIONS = ("left", "right", "up", "down")
 
 VARIANT = "v1"  # DeepStack: four slices of each visual token's sub-patches added in LLM layers 1..4
 LLM = dict(
@@ -46,7 +48,9 @@ ANSWER_TOKENS_MAX = 16  # longest answer ("A yellow triangle left of a green cir
 class TrainSettings:
     steps: int = 3000  # 0.15-0.3 s per step on an idle 2-core machine: 8-15 minutes
     batch: int = 16
-    lr: float = 2e-3  # 4e-3 blew the visual tokens up to 300x the text embeddings' scale
+    # 2e-3 kept the look-up from settling (colour questions alone learnt only as the short cosine
+    # schedule of a 300-step run brought it down to ~1e-3); 4e-3 blew the visual tokens up
+    lr: float = 1e-3
     warmup: int = 50
     weight_decay: float = 0.01
     # cap on the work done: process CPU time / threads, which is the wall time on an idle machine
@@ -58,7 +62,14 @@ class TrainSettings:
     eval_every: int = 250  # teacher-forced held-out check on `eval_n` samples (cheap, batched)
     eval_n: int = 120
     # question types drawn for training, by weight (counting is the hardest to learn)
-    type_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.6, 1.2, 1.0)
+    type_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.2, 1.2, 0.8)
+    # a curriculum: the share of the steps after which each question type joins. Drawn together from
+    # the start, the types kept each other at chance for thousands of steps (measured: colour
+    # questions alone 0.70 teacher-forced after 300 steps; colour with describe 0.20 after 300; all
+    # six 0.20-0.35 after 6000). Colour first builds the look-up the others reuse (find the cell a
+    # word names, read what it holds); each later type then only adds what it reads.
+    join_at: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2, 0.4, 0.3)  # QUESTION_TYPES order
+    aux_weight: float = 1.0  # the per-cell loss (AUX_HEADS) beside the answer loss
 
 
 # ---- the checkpoint around the weights ---------------------------------------------------------------
@@ -143,9 +154,12 @@ class Encoded:
     pixels: np.ndarray | None
     grid: np.ndarray | None
     is_video: bool
+    cells: np.ndarray | None = None  # (L, len(AUX_HEADS)) per visual token, IGNORE where unknown
 
 
-def encode(processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: int) -> Encoded:
+def encode(
+    processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: int, spatial_merge: int = 2
+) -> Encoded:
     media = "video" if sample.frames is not None else "image"
     messages = [{"role": "user", "content": [{"type": media}, {"type": "text", "text": sample.question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -156,9 +170,92 @@ def encode(processor: Processor, vocab: CompactVocab, sample: Sample, stop_id: i
         inputs = processor(text=[text], images=[sample.image])
         pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     answer = processor.tokenizer.encode(sample.answer) + [stop_id]
+    cells = cell_targets(sample, grid[0], spatial_merge)
     return Encoded(
-        vocab.to_compact(inputs["input_ids"][0]), vocab.to_compact(answer), pixels, grid, media == "video"
+        vocab.to_compact(inputs["input_ids"][0]),
+        vocab.to_compact(answer),
+        pixels,
+        grid,
+        media == "video",
+        cells,
     )
+
+
+# what each visual token (one 28 x 28 cell after the merger, per temporal step for a video) is taught
+# to say about itself while training, through a linear head that is not part of the checkpoint: the
+# kind and colour of the shape whose centre falls in the cell (each shape is then named by exactly one
+# token), how many shapes of that kind the image holds, which half of the image the cell lies in, and
+# for a video which way the shape in the cell moves (the two frames of a temporal patch show it). A
+# dense signal straight into the vision tower: with the answer loss alone it reaches the vision tower
+# too weakly, and the model learns the question's priors before it learns to look.
+AUX_HEADS = (
+    ("kind", 1 + len(KINDS)),
+    ("colour", 1 + len(COLOURS)),
+    ("count", 1 + MAX_COUNT + 2),  # shapes of the centred shape's kind (count scenes add up to 2 others)
+    ("x_half", 2),
+    ("y_half", 2),
+    ("motion", 1 + len(DIRECTIONS)),
+    ("layout", 2),  # two-shape scenes: side by side / one above the other (centre cells only)
+    ("first", 2),  # two-shape scenes: the left (upper) shape / the other, the order "describe" names them
+)
+IGNORE = -100
+# the kind and colour heads score a visual token against the embeddings of the words that name them
+# (" triangle", " red", as in "A red triangle left of ..."), next to a learned "none" row: the token
+# that shows a red triangle then points where the question's words point, so the language model's
+# attention finds it by the word itself instead of first learning how one space maps onto the other
+WORD_HEADS = {"kind": [" " + k for k in KINDS], "colour": [" " + c for c in COLOURS]}
+WORD_SCALE = 10.0  # cosine similarities to logits
+
+
+def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray:
+    """(t * rows * cols, len(AUX_HEADS)) targets in the merger's token order (t, row, col)."""
+    gt, gh, gw = (int(v) for v in grid_thw)
+    rows, cols = gh // merge, gw // merge
+    frames = sample.frames if sample.frames is not None else [sample.image]
+    w, h = frames[0].size
+    cw, ch = w / cols, h / rows
+    xs, ys = (np.arange(cols) + 0.5) * cw, (np.arange(rows) + 0.5) * ch
+    out = np.full((gt, rows, cols, len(AUX_HEADS)), IGNORE, dtype=np.int64)
+    for t in range(gt):
+        cell = out[t]
+        cell[:, :, :3] = 0
+        if sample.frames is None:
+            shapes = sample.shapes
+        else:  # the video's one shape, found in the first frame of this temporal patch
+            first = frames[t * (len(frames) // gt)]
+            shapes = [dataclasses.replace(sample.shapes[0], box=_box_of(first))]
+            cell[:, :, 5] = 0
+            direction = DIRECTIONS.index(sample.answer.rstrip(".").lower())
+            for f in frames[t * (len(frames) // gt) : (t + 1) * (len(frames) // gt)]:
+                x0, y0, x1, y1 = _box_of(f)
+                r0, r1 = int(y0 // ch), min(rows - 1, int((y1 - 1) // ch))
+                c0, c1 = int(x0 // cw), min(cols - 1, int((x1 - 1) // cw))
+                cell[r0 : r1 + 1, c0 : c1 + 1, 5] = 1 + direction
+        for sh in shapes:
+            cx, cy = sh.centre
+            r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+            cell[r, c, 0] = 1 + KINDS.index(sh.kind)
+            cell[r, c, 1] = 1 + list(COLOURS).index(sh.colour)
+            cell[r, c, 2] = sum(o.kind == sh.kind for o in shapes)
+        if sample.type != "count" and len(shapes) == 2:
+            horizontal = shapes[0].box[2] <= w / 2 <= shapes[1].box[0]
+            for i, sh in enumerate(shapes):
+                cx, cy = sh.centre
+                r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+                cell[r, c, 6] = 0 if horizontal else 1
+                cell[r, c, 7] = i
+        cell[:, :, 3] = np.where(xs < w / 2, 0, 1)[None, :]
+        cell[:, :, 4] = np.where(ys < h / 2, 0, 1)[:, None]
+        cell[:, np.abs(xs - w / 2) < 1e-6, 3] = IGNORE  # the middle column of an odd grid: neither half
+        cell[np.abs(ys - h / 2) < 1e-6, :, 4] = IGNORE
+    return out.reshape(-1, len(AUX_HEADS))
+
+
+def _box_of(frame) -> tuple[int, int, int, int]:
+    """Bounding box of what is not background (the corner pixel's colour) in a scene."""
+    a = np.asarray(frame)
+    ys, xs = np.nonzero((a != a[0, 0]).any(axis=2))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -183,6 +280,7 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "targets": torch.tensor(targets),
         "answer_of": torch.tensor([b for b, e in enumerate(items) for _ in e.answer]),
     }
+    batch["cells"] = torch.from_numpy(np.concatenate([e.cells for e in items]))  # row order = token order
     for key, video in (("", False), ("_videos", True)):
         chosen = [e for e in items if e.is_video == video]
         if chosen:
@@ -212,8 +310,9 @@ def init_weights(model: torch.nn.Module, vocab: CompactVocab, seed: int) -> None
         model.model.embed_tokens.weight[torch.from_numpy(vocab.frozen)] = 0.0
 
 
-def forward_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (A, n) at the answer positions over the compact rows."""
+def forward_answers(model, batch: dict[str, torch.Tensor], with_visual: bool = False):
+    """Logits (A, n) at the answer positions over the compact rows (and, with `with_visual`, the
+    image tokens as the merger wrote them into the sequence, in prompt order)."""
     cfg = model.config
     ids, mask = batch["input_ids"], batch["attention_mask"]
     h, slices, visual_pos = model.embed(
@@ -237,14 +336,63 @@ def forward_answers(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         cfg.local_features_interval,
     )
     picked = hidden[batch["rows"], batch["cols"]]  # (A, d)
-    return picked @ model.model.embed_tokens.weight.T  # (A, n)
+    logits = picked @ model.model.embed_tokens.weight.T  # (A, n)
+    if not with_visual:
+        return logits
+    visual = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
+    return logits, h[visual]
 
 
-def full_vocab_loss(logits: torch.Tensor, targets: torch.Tensor, n_zero_rows: int) -> torch.Tensor:
+class CellHead(torch.nn.Module):
+    """AUX_HEADS scores of visual tokens: WORD_HEADS by cosine against the word embeddings (and a
+    learned "none" row), the rest by a linear layer. Training only; not part of the checkpoint."""
+
+    def __init__(self, hidden: int, embed: torch.nn.Embedding, word_rows: dict[str, list[int]]) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, sum(n for _, n in AUX_HEADS))
+        self.embed = [embed]  # not a submodule: the model owns it
+        self.word_rows = {k: torch.tensor(v) for k, v in word_rows.items()}
+        self.none = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(torch.randn(hidden) * 0.02) for k in word_rows}
+        )
+
+    def forward(self, visual: torch.Tensor) -> torch.Tensor:
+        scores = self.linear(visual)
+        v = F.normalize(visual, dim=-1)
+        start, parts = 0, []
+        for name, n in AUX_HEADS:
+            if name in self.word_rows:
+                table = torch.cat([self.none[name][None], self.embed[0].weight[self.word_rows[name]]])
+                parts.append(WORD_SCALE * v @ F.normalize(table, dim=-1).T)
+            else:
+                parts.append(scores[:, start : start + n])
+            start += n
+        return torch.cat(parts, dim=1)
+
+
+def aux_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the AUX_HEADS groups of `scores` (L, sum of sizes) against (L, heads)."""
+    total, start = torch.zeros(()), 0
+    for i, (_, n) in enumerate(AUX_HEADS):
+        if (targets[:, i] != IGNORE).any():
+            total = total + F.cross_entropy(scores[:, start : start + n], targets[:, i], ignore_index=IGNORE)
+        start += n
+    return total / len(AUX_HEADS)
+
+
+def full_vocab_loss(
+    logits: torch.Tensor, targets: torch.Tensor, n_zero_rows: int, answer_of: torch.Tensor
+) -> torch.Tensor:
     """Cross-entropy over all 151936 rows: every row outside the compact table is zero in the
-    checkpoint and scores exactly 0, so together they weigh log(n_zero_rows) in the softmax."""
+    checkpoint and scores exactly 0, so together they weigh log(n_zero_rows) in the softmax.
+    Each sample weighs the same, whatever its answer's length: averaged over tokens, the long
+    "describe" answers and the trivial tokens ("." and the stop token) drowned the one token a
+    colour or shape question turns on, and those types stayed at chance for thousands of steps."""
     zero = torch.full((logits.shape[0], 1), math.log(n_zero_rows))
-    return F.cross_entropy(torch.cat([logits, zero], dim=1), targets)
+    ce = F.cross_entropy(torch.cat([logits, zero], dim=1), targets, reduction="none")
+    n = int(answer_of.max()) + 1
+    per_token = torch.bincount(answer_of, minlength=n).to(ce.dtype)[answer_of]
+    return (ce / per_token).sum() / n
 
 
 def exact_matches(logits: torch.Tensor, batch: dict[str, torch.Tensor], n_rows: int) -> torch.Tensor:
@@ -308,6 +456,12 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         lr=s.lr,
         betas=(0.9, 0.98),
     )
+    word_rows = {
+        name: [int(vocab.to_compact(processor.tokenizer.encode(w))[0]) for w in words]
+        for name, words in WORD_HEADS.items()
+    }
+    aux_head = CellHead(cfg.text.hidden_size, model.model.embed_tokens, word_rows)
+    opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0})
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     log(
         f"demo model: {VARIANT} DeepStack, LLM {LLM['num_hidden_layers']}x{LLM['hidden_size']}, vision "
@@ -318,7 +472,8 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
     type_rng = np.random.default_rng([seed, 7])
     weights = np.asarray(s.type_weights, dtype=np.float64) / sum(s.type_weights)
     heldout_samples = [make_sample(seed, i, "heldout") for i in range(s.eval_n)]
-    heldout = [encode(processor, vocab, x, stop_id) for x in heldout_samples]
+    merge = cfg.vision.spatial_merge_size
+    heldout = [encode(processor, vocab, x, stop_id, merge) for x in heldout_samples]
     heldout_types = [x.type for x in heldout_samples]
     record: dict = {"seed": seed, "settings": dataclasses.asdict(s), "log": []}
     start, cpu_start = time.monotonic(), time.process_time()
@@ -326,29 +481,34 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
     for step in range(s.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
-        qtypes = type_rng.choice(len(QUESTION_TYPES), s.batch, p=weights)
+        now = np.where(step >= np.asarray(s.join_at) * s.steps, weights, 0.0)
+        qtypes = type_rng.choice(len(QUESTION_TYPES), s.batch, p=now / now.sum())
         samples = [
             make_sample(seed, step * s.batch + j, "train", QUESTION_TYPES[q]) for j, q in enumerate(qtypes)
         ]
-        batch = collate([encode(processor, vocab, x, stop_id) for x in samples], pad_id)
-        logits = forward_answers(model, batch)
-        loss = full_vocab_loss(logits, batch["targets"], n_zero_rows)
+        batch = collate([encode(processor, vocab, x, stop_id, merge) for x in samples], pad_id)
+        logits, visual = forward_answers(model, batch, with_visual=True)
+        answer_loss = full_vocab_loss(logits, batch["targets"], n_zero_rows, batch["answer_of"])
+        aux = aux_loss(aux_head(visual), batch["cells"])
+        loss = answer_loss + s.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         opt.step()
         elapsed = time.monotonic() - start
         work = (time.process_time() - cpu_start) / s.threads
         if step % s.log_every == 0 or step == s.steps - 1:
             acc = exact_matches(logits.detach(), batch, len(samples)).float().mean().item()
             log(
-                f"step {step:5d}  loss {loss.item():.4f}  batch exact {acc:.2f}  "
+                f"step {step:5d}  loss {answer_loss.item():.4f}  cells {aux.item():.4f}  grad {grad_norm:.2f}  "
+                f"batch exact {acc:.2f}  "
                 f"{elapsed:7.1f}s wall  {work:7.1f}s cpu/thread"
             )
             record["log"].append(
                 {
                     "step": step,
-                    "loss": round(loss.item(), 5),
+                    "loss": round(answer_loss.item(), 5),
+                    "cells_loss": round(aux.item(), 5),
                     "seconds": round(elapsed, 1),
                     "cpu": round(work, 1),
                 }

@@ -30,7 +30,9 @@ SMALL_FILES = (
     "README.md",
     "training.json",
 )
-EXAMPLE_QUESTIONS = ("describe", "colour", "position", "shape")
+# questions about the one shipped scene (these three types draw the same scene for an index; a
+# "describe" sample draws its own)
+EXAMPLE_QUESTIONS = ("colour", "position", "shape")
 
 
 def _sha256(path: Path) -> str:
@@ -45,8 +47,6 @@ def pack(ckpt_dir: str | Path, asset_dir: str | Path = ASSET_DIR, example_seed: 
     """Pack a trained demo checkpoint: its small JSON files, the weights with only the non-zero
     embedding rows (and their ids), xz-compressed, an example scene, and a manifest holding the
     checksum of the model.safetensors that unpacking must rebuild. Returns `asset_dir`."""
-    from slimm.synthetic import make_sample
-
     ckpt_dir, asset_dir = Path(ckpt_dir), Path(asset_dir)
     state = load_file(ckpt_dir / "model.safetensors")
     embed = state[EMBED]
@@ -63,11 +63,9 @@ def pack(ckpt_dir: str | Path, asset_dir: str | Path = ASSET_DIR, example_seed: 
     for name in SMALL_FILES:
         if (ckpt_dir / name).exists():
             shutil.copyfile(ckpt_dir / name, tmp / name)
-    examples = []
-    for qtype in EXAMPLE_QUESTIONS:  # one scene (the same seed and index), several questions about it
-        sample = make_sample(example_seed, 0, "example", qtype)
-        examples.append({"image": "example.png", "question": sample.question, "answer": sample.answer})
-    sample.image.save(tmp / "example.png")
+    samples = example_samples(example_seed)
+    examples = [{"image": "example.png", "question": x.question, "answer": x.answer} for x in samples]
+    samples[0].image.save(tmp / "example.png")
     manifest = {
         "format": 1,
         "vocab_size": int(embed.shape[0]),
@@ -79,6 +77,20 @@ def pack(ckpt_dir: str | Path, asset_dir: str | Path = ASSET_DIR, example_seed: 
         shutil.rmtree(asset_dir)
     tmp.rename(asset_dir)
     return asset_dir
+
+
+def example_samples(seed: int = 0) -> list:
+    """The shipped example: the first scene of the example stream with two shapes, and a question
+    of each EXAMPLE_QUESTIONS type about it (checked to be the same picture)."""
+    from slimm.synthetic import make_sample
+
+    for index in range(100):
+        samples = [make_sample(seed, index, "example", q) for q in EXAMPLE_QUESTIONS]
+        if len(samples[0].shapes) == 2:
+            break
+    pixels = {s.image.tobytes() for s in samples}
+    assert len(pixels) == 1, "the example questions must be about one scene"
+    return samples
 
 
 def read_manifest(asset_dir: Path = ASSET_DIR) -> dict:

@@ -303,10 +303,54 @@ def shipped(tmp_path_factory):
             os.environ["SLIMM_CACHE"] = old
 
 
-def test_shipped_demo_model_sees(shipped):
-    report = run_eval(synthetic_n=100, seed=0, model=shipped, backend="torch", progress=False)
-    assert report["n_errors"] == 0
-    assert report["accuracy"] >= 0.95, report["by_type"]
+# The bar: 500 held-out questions, >= 95% on torch; every backend within 0.5 points of torch
+# with >= 99% identical answers. torch and onnx answer all 500; the converted backends, which compile
+# once per prompt shape, answer the first 200 of the same questions (a 0.5-point difference is then
+# one question). Quantized exports: 300 questions each, against the limits below.
+HELD_OUT = 500
+CONVERTED_N = 200
+QUANTIZED_N = 300
+# points of accuracy a quantized export may lose against torch fp32 (int8: the 2 points;
+# int4 and w8a8: what was measured, with margin; see README "Accuracy")
+MAX_DROP = {"fp16": 0.5, "int8": 2.0, "int4": 6.0, "w8a8": 6.0}
+
+
+@pytest.fixture(scope="module")
+def torch_report(shipped):
+    return run_eval(synthetic_n=HELD_OUT, seed=0, model=shipped, backend="torch", progress=False)
+
+
+def test_shipped_demo_model_sees(torch_report):
+    assert torch_report["n_errors"] == 0
+    assert torch_report["accuracy"] >= 0.95, torch_report["by_type"]
+
+
+@pytest.mark.parametrize(
+    "backend,n",
+    [("onnx", HELD_OUT), ("jax", CONVERTED_N), ("paddle", CONVERTED_N), ("mindspore", CONVERTED_N)],
+)
+def test_every_backend_answers_as_torch(torch_report, backend, n):
+    from slimm.cache import trained_demo_dir_for
+    from slimm.evaluation import compare
+
+    report = run_eval(
+        synthetic_n=n, seed=0, model=trained_demo_dir_for(backend), backend=backend, progress=False
+    )
+    got = compare(report, torch_report)
+    assert got["n"] == n
+    assert got["identical"] >= 0.99, (backend, got)
+    assert abs(got["delta_points"]) <= 0.5, (backend, got, report["by_type"])
+
+
+@pytest.mark.parametrize("precision", list(MAX_DROP))
+def test_quantized_exports_keep_the_answers(torch_report, precision):
+    from slimm.cache import trained_demo_dir_for
+    from slimm.evaluation import compare
+
+    model = trained_demo_dir_for("onnx", precision)
+    report = run_eval(synthetic_n=QUANTIZED_N, seed=0, model=model, backend="onnx", progress=False)
+    got = compare(report, torch_report)
+    assert got["delta_points"] >= -MAX_DROP[precision], (precision, got, report["by_type"])
 
 
 def test_shipped_example_is_answered(shipped):
