@@ -195,35 +195,22 @@ def cmd_serve(args) -> int:
         max_video_frames=args.max_video_frames,
         request_timeout=args.request_timeout,
     )
+    # the same server either way: one process here, or replicas on Ray Serve
+    shared = (args.host, args.port, args.max_batch, args.max_queue, args.max_seq_len, settings)
     if args.ray:
         from slimm.serve.ray_serve import run_ray_server
 
         run_ray_server(
             args.model,
             args.backend,
-            args.host,
-            args.port,
-            args.max_batch,
-            args.max_queue,
-            args.max_seq_len,
-            settings,
+            *shared,
             replicas=args.replicas,
             ray_address=args.ray_address,
             **load_options(args),
         )
         return 0
-    run_server(
-        resolve_model(args.model) if args.model else None,
-        args.backend,
-        args.host,
-        args.port,
-        args.max_batch,
-        args.max_queue,
-        args.max_seq_len,
-        settings,
-        visual_cache_mb=args.visual_cache_mb,
-        **load_options(args),
-    )
+    model = resolve_model(args.model) if args.model else None
+    run_server(model, args.backend, *shared, visual_cache_mb=args.visual_cache_mb, **load_options(args))
     return 0
 
 
