@@ -194,6 +194,7 @@ def cmd_serve(args) -> int:
         allowed_local_dir=args.allowed_local_dir,
         max_video_frames=args.max_video_frames,
         request_timeout=args.request_timeout,
+        visual_cache_mb=args.visual_cache_mb,
     )
     # the same server either way: one process here, or replicas on Ray Serve
     shared = (args.host, args.port, args.max_batch, args.max_queue, args.max_seq_len, settings)
@@ -210,7 +211,7 @@ def cmd_serve(args) -> int:
         )
         return 0
     model = resolve_model(args.model) if args.model else None
-    run_server(model, args.backend, *shared, visual_cache_mb=args.visual_cache_mb, **load_options(args))
+    run_server(model, args.backend, *shared, **load_options(args))
     return 0
 
 

@@ -55,6 +55,7 @@ class ServerSettings:
     max_n: int = 8  # choices per request (`n`), each decoded in its own slot
     remote_image_timeout: float = 10.0  # seconds for one remote image
     request_timeout: float = 600.0  # seconds from submission to the last token
+    visual_cache_mb: float = 256  # vision-encoder outputs kept by image content (0: off), per engine
 
 
 class ApiError(Exception):
@@ -584,7 +585,6 @@ def run_server(
     max_seq_len: int | None = None,
     settings: ServerSettings | None = None,
     log_level: str = "info",
-    visual_cache_mb: float = 256,
     **load_kwargs,
 ) -> None:
     """Load the model, start its engine, serve until interrupted (what `slimm serve` calls)."""
@@ -603,7 +603,7 @@ def run_server(
         max_batch=max_batch,
         max_queue=max_queue,
         capacity=max_seq_len,
-        visual_cache_mb=visual_cache_mb,
+        visual_cache_mb=settings.visual_cache_mb,
     )
     if settings.api_key is None and not is_loopback(host):
         log.warning("serving on %s without --api-key: anyone who reaches this address can use it", host)

@@ -38,7 +38,13 @@ class Replica:
         loaded = slimm.load(path, backend=backend, **load_kwargs)
         if loaded.processor is None:
             raise InputError(f"{path}: no tokenizer files, so chat messages cannot be encoded")
-        self.engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, capacity=max_seq_len)
+        self.engine = Engine(
+            loaded,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            capacity=max_seq_len,
+            visual_cache_mb=settings.visual_cache_mb,
+        )
         self.settings = settings
 
     def __serve_build_asgi_app__(self):
