@@ -199,14 +199,15 @@ def cmd_serve(args) -> int:
     # the same server either way: one process here, or replicas on Ray Serve
     shared = (args.host, args.port, args.max_batch, args.max_queue, args.max_seq_len, settings)
     if args.ray:
-        from slimm.serve.ray_serve import run_ray_server
+        from slimm.serve import ray_serve
 
-        run_ray_server(
+        ray_serve.start(
             args.model,
             args.backend,
             *shared,
             replicas=args.replicas,
             ray_address=args.ray_address,
+            serve_forever=True,
             **load_options(args),
         )
         return 0

@@ -120,14 +120,24 @@ def start(
     *,
     replicas: int = 1,
     ray_address: str | None = None,
+    serve_forever: bool = False,
     **load_kwargs,
 ) -> None:
-    """Deploy on Ray Serve (a local Ray unless `ray_address`) and return once every replica is up."""
+    """Deploy on Ray Serve (a local Ray unless `ray_address`) and return once every replica is up;
+    with `serve_forever` (what `slimm serve --ray` does), serve until interrupted, then take the app
+    down."""
     import logging
+    import time
 
-    from slimm.batch.cluster import connect
+    from slimm.batch.cluster import connect, import_ray
     from slimm.batch.pipeline import model_path
 
+    import_ray()  # which extra to install, before a model is built
+    settings = settings or ServerSettings()
+    if settings.api_key is None and not is_loopback(host):
+        logging.getLogger("slimm.serve").warning(
+            "serving on %s without --api-key: anyone who reaches this address can use it", host
+        )
     model_path(model, backend)  # a missing model is an error now, not in every replica
     connect(ray_address)
     from ray import serve
@@ -137,49 +147,8 @@ def start(
         model, backend, max_batch, max_queue, max_seq_len, settings, replicas=replicas, **load_kwargs
     )
     serve.run(app, name=APP_NAME, route_prefix="/")
-
-
-def run_ray_server(
-    model: str | None = None,
-    backend: str = "torch",
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 8,
-    max_queue: int = 64,
-    max_seq_len: int | None = None,
-    settings: ServerSettings | None = None,
-    *,
-    replicas: int = 1,
-    ray_address: str | None = None,
-    **load_kwargs,
-) -> None:
-    """What `slimm serve --ray` calls: deploy, serve until interrupted, then take the app down."""
-    import logging
-    import time
-
-    from slimm.batch.cluster import import_ray
-
-    import_ray()  # which extra to install, before a model is built
-    from ray import serve
-
-    settings = settings or ServerSettings()
-    if settings.api_key is None and not is_loopback(host):
-        logging.getLogger("slimm.serve").warning(
-            "serving on %s without --api-key: anyone who reaches this address can use it", host
-        )
-    start(
-        model,
-        backend,
-        host,
-        port,
-        max_batch,
-        max_queue,
-        max_seq_len,
-        settings,
-        replicas=replicas,
-        ray_address=ray_address,
-        **load_kwargs,
-    )
+    if not serve_forever:
+        return
     print(
         f"serving {settings.model_name!r} on Ray Serve at http://{host}:{port}/v1 — {replicas} replicas of "
         f"{max_batch} slots (Ctrl-C stops it)",
