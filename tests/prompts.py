@@ -1,5 +1,6 @@
 """Shared test helpers: hand-built model inputs for any SliMM config (no processor), the Qwen2 token ids
-they use, relative error, edited copies of JSON files, Python run in a fresh process."""
+they use, the decoder's feed shapes step by step, relative error, edited copies of JSON files, Python
+run in a fresh process."""
 
 from __future__ import annotations
 
@@ -90,6 +91,22 @@ def make_inputs(cfg: SliMMConfig, prompts, seed: int = 0) -> dict[str, np.ndarra
             out[pix] = patch_rows(cfg, grids[kind], rng)
             out[grid] = np.array(grids[kind], np.int64)
     return out
+
+
+def decoder_feed_shapes(backend, inputs: dict[str, np.ndarray], steps: int) -> list[dict[str, tuple]]:
+    """The shapes of every part-F call an ONNX backend makes while generating `steps` tokens greedily
+    (the prefill first, then one per decode step)."""
+    shapes = []
+    real = backend.run_part
+
+    def spy(part, feeds):
+        if part == "F":
+            shapes.append({k: v.shape for k, v in feeds.items()})
+        return real(part, feeds)
+
+    backend.run_part = spy
+    backend.generate(**inputs, max_new_tokens=steps, eos_token_id=[])
+    return shapes
 
 
 def rel_err(a, b) -> float:

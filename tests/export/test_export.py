@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from prompts import CASES, edit_json, make_inputs, rel_err
+from prompts import CASES, decoder_feed_shapes, edit_json, make_inputs, rel_err
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -161,17 +161,7 @@ def test_fp16_export_within_fp16_tolerance(exported, torch_model):
 
 def test_decode_step_shapes_never_change(exported, torch_model):
     backend = OnnxBackend(exported("v1"))
-    shapes = []
-    real = backend.run_part
-
-    def spy(part, feeds):
-        if part == "F":
-            shapes.append({k: v.shape for k, v in feeds.items()})
-        return real(part, feeds)
-
-    backend.run_part = spy
-    inputs = make_inputs(torch_model("v1").config, CASES["batch2"], seed=5)
-    backend.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    shapes = decoder_feed_shapes(backend, make_inputs(torch_model("v1").config, CASES["batch2"], seed=5), 6)
     assert len(shapes) == 6
     assert all(s == shapes[1] for s in shapes[1:])  # every decode step: identical shapes
     cap = shapes[0]["past_key.0"][2]

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import pytest
-from prompts import CASES, make_inputs, rel_err
+from prompts import CASES, decoder_feed_shapes, make_inputs, rel_err
 
 pytest.importorskip("onnxruntime")
 
@@ -148,17 +148,7 @@ def test_fused_decode_step_shapes_never_change(fused):
     from slimm.backends.onnx import OnnxBackend
 
     backend = OnnxBackend(fused("midlayers", "int4"))
-    shapes = []
-    real = backend.run_part
-
-    def spy(part, feeds):
-        if part == "F":
-            shapes.append({k: v.shape for k, v in feeds.items()})
-        return real(part, feeds)
-
-    backend.run_part = spy
-    inputs = make_inputs(backend.config, CASES["batch2"], seed=5)
-    backend.generate(**inputs, max_new_tokens=6, eos_token_id=[])
+    shapes = decoder_feed_shapes(backend, make_inputs(backend.config, CASES["batch2"], seed=5), 6)
     assert len(shapes) == 6 and all(s == shapes[1] for s in shapes[1:])
     assert shapes[1]["past_key.0"][2] == shapes[0]["past_key.0"][2] and shapes[1]["inputs_embeds"][1] == 1
 
