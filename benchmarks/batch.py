@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from slimm.batch.cluster import local_cpus
     from slimm.cache import demo_dir_for
 
     demo_dir_for(args.backend)  # built before anything is timed
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         images = make_images(Path(tmp), args.rows)
         runs = {"loop": plain_loop(images, args.backend, args.max_new_tokens, args.batch_size, args.threads)}
         t0 = time.perf_counter()
-        ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, logging_level="WARNING")
+        ray.init(num_cpus=local_cpus(2), include_dashboard=False, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
         ray_start = time.perf_counter() - t0
         for workers in (1, 2):

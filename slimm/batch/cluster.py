@@ -67,8 +67,19 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     return ray
 
 
+def local_cpus(workers: int) -> int:
+    """CPUs of the Ray runtime `slimm batch` starts here: this machine's, plus one for the read stage,
+    which mostly waits on the model workers (its share of the work is a few percent)."""
+    return max(os.cpu_count() or 1, workers) + 1
+
+
 def cluster_cpus(ray: Any) -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def smallest_node_cpus(ray: Any) -> float:
+    nodes = [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")]
+    return min((c for c in nodes if c > 0), default=1.0)
 
 
 def read_cpus(ray: Any) -> float:
@@ -76,7 +87,17 @@ def read_cpus(ray: Any) -> float:
     return min(1.0, cluster_cpus(ray) / 2)
 
 
-def cpus_per_worker(ray: Any, workers: int) -> float:
-    """One CPU per model worker (Ray's accounting, not a thread limit), less where the cluster has fewer
-    than workers + 1, so that the read stage keeps its CPU to prepare the next rows on."""
-    return min(1.0, (cluster_cpus(ray) - read_cpus(ray)) / workers)
+def cpus_per_worker(ray: Any, workers: int, read: float) -> float:
+    """CPUs one model worker reserves, and the threads its framework runs (`threads_for`): the cluster's
+    CPUs less the read stage's, split between the workers; whole CPUs, no more than the smallest machine
+    has (a worker runs on one machine), where each gets one or more; a fraction where the cluster has
+    fewer CPUs than workers. Reservation and threads agree, so workers on one machine do not run more
+    threads than it has cores."""
+    share = (cluster_cpus(ray) - read) / workers
+    if share < 1:
+        return share
+    return float(min(int(share), max(1, int(smallest_node_cpus(ray)))))
+
+
+def threads_for(worker_cpus: float) -> int:
+    return max(1, int(worker_cpus))

@@ -8,7 +8,6 @@ kills its worker is written as an error row: nothing is lost and nothing is writ
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,7 @@ def run_batch(
     **load_kwargs,
 ) -> Summary:
     """Answer every row of `input` not yet in `output` on Ray (a local runtime unless `ray_address`)."""
-    from slimm.batch.cluster import connect, import_ray
+    from slimm.batch.cluster import connect, import_ray, local_cpus
     from slimm.generate import check_generation_settings
 
     check_generation_settings(max_new_tokens)
@@ -85,7 +84,7 @@ def run_batch(
         # by one process rather than by every worker at the same time
         model_path(model, backend)
         started = not _ray_running()
-        ray = connect(ray_address, num_cpus=max(os.cpu_count() or 1, workers + 1))
+        ray = connect(ray_address, num_cpus=local_cpus(workers))
         context = ray.data.DataContext.get_current()
         errored_blocks, context.max_errored_blocks = context.max_errored_blocks, -1
         try:

@@ -161,10 +161,18 @@ class ModelWorker:
         max_new_tokens: int,
         stop_tokens: tuple[int, ...] = STOP_TOKENS,
         load_kwargs: dict | None = None,
+        threads: int | None = None,
     ) -> None:
         import slimm
 
-        self.backend = slimm.load(model_path(model, backend), backend=backend, **(load_kwargs or {}))
+        load_kwargs = dict(load_kwargs or {})
+        if threads is not None and backend == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
+        elif threads is not None:
+            load_kwargs.setdefault("threads", threads)
+        self.backend = slimm.load(model_path(model, backend), backend=backend, **load_kwargs)
         if self.backend.processor is None:
             raise InputError(f"{model}: no tokenizer files, so a text prompt cannot be encoded")
         self.gen = self.backend.generation_config(
@@ -267,8 +275,12 @@ def answer_dataset(
     """A ray.data.Dataset with an `image` (path, bytes or H x W x 3 array), `images` (list) or `video`
     column and optionally `prompt` -> the same rows plus answer, prompt_tokens, completion_tokens,
     seconds and error (greedy answers; a bad row gets its error and no answer). `workers` actors each
-    load the model once; `model` None is the built-in demo model of `backend`."""
-    from slimm.batch.cluster import connect
+    load the model once; `model` None is the built-in demo model of `backend`. Each worker reserves
+    `worker_cpus` CPUs (default: the cluster's, less the read stage's, split between the workers; see
+    cpus_per_worker) and runs that many framework threads unless `threads` says otherwise; the read
+    stage runs at most `workers` tasks at a time (preprocessing is a few percent of the model's work),
+    each reserving `read_cpus`."""
+    from slimm.batch.cluster import connect, threads_for
     from slimm.batch.cluster import cpus_per_worker as default_worker_cpus
     from slimm.batch.cluster import read_cpus as default_read_cpus
     from slimm.generate import check_generation_settings
@@ -279,12 +291,17 @@ def answer_dataset(
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     ray = connect()
+    read = read_cpus if read_cpus is not None else default_read_cpus(ray)
+    if worker_cpus is None:
+        given = load_kwargs.get("threads")
+        worker_cpus = float(given) if given else default_worker_cpus(ray, workers, read)
     prepared = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
         batch_size=batch_size,
         fn_kwargs={"model": model, "backend": backend, "prompt": prompt},
-        num_cpus=read_cpus if read_cpus is not None else default_read_cpus(ray),
+        num_cpus=read,
+        concurrency=workers,
     )
     with warnings.catch_warnings():
         # Ray 2.60 asks for named parameters in place of ray_remote_args, and has none for the two below
@@ -299,9 +316,10 @@ def answer_dataset(
                 "max_new_tokens": max_new_tokens,
                 "stop_tokens": tuple(stop_tokens),
                 "load_kwargs": load_kwargs,
+                "threads": load_kwargs.get("threads") or threads_for(worker_cpus),
             },
             compute=ray.data.ActorPoolStrategy(size=workers),
-            num_cpus=worker_cpus if worker_cpus is not None else default_worker_cpus(ray, workers),
+            num_cpus=worker_cpus,
             # a killed worker is replaced and its batches rerun; a batch that kills RETRIES workers fails
             # (run_batch answers its rows again one by one); given here, they also keep the read stage
             # in tasks of its own rather than fused into the workers

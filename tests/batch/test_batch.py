@@ -180,3 +180,45 @@ def test_images_as_arrays_from_read_images(ray_runtime, images, expected):
     for r in rows:
         rid = Path("/" + r["path"].lstrip("/")).relative_to(root).as_posix()
         assert r["answer"] == expected[rid], rid
+
+
+def test_video_rows(ray_runtime, images, model, tmp_path):
+    """A folder of frames in the video column, beside image rows: the answer `slimm generate --video`
+    gives for the same folder."""
+    from PIL import Image
+
+    from slimm.batch.pipeline import STOP_TOKENS
+    from slimm.processing.messages import fetch_video
+
+    root, paths = images
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for t in range(4):  # a square moving right
+        frame = Image.new("RGB", (112, 84), "white")
+        frame.paste((200, 30, 30), (10 + 20 * t, 20, 40 + 20 * t, 50))
+        frame.save(clip / f"{t}.png")
+    table = tmp_path / "rows.jsonl"
+    rows = [{"id": "clip", "video": "clip"}, {"id": "still", "image": str(paths["img03.png"])}]
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    summary = run(table, out, workers=1)
+    got = {r["id"]: r for r in read_out(out)}
+    assert summary.errors == 0 and sorted(got) == ["clip", "still"]
+    frames = fetch_video({"type": "video", "video": str(clip)})
+    want = "".join(
+        model.stream(PROMPT, videos=[frames], max_new_tokens=MAX_NEW_TOKENS, eos_token_id=list(STOP_TOKENS))
+    )
+    assert got["clip"]["answer"] == want and got["clip"]["prompt_tokens"] > got["still"]["prompt_tokens"] / 4
+    assert got["still"]["answer"] == generate_answer(model, paths["img03.png"])
+
+
+def test_workers_split_the_cpus_into_threads(ray_runtime):
+    """Each model worker reserves whole CPUs and runs that many threads, so workers on one machine do
+    not run more threads than it has: the test runtime has 2 CPUs, the read stage takes one."""
+    from slimm.batch.cluster import cpus_per_worker, local_cpus, read_cpus, threads_for
+
+    read = read_cpus(ray_runtime)
+    assert read == 1.0
+    assert cpus_per_worker(ray_runtime, 1, read) == 1.0 and threads_for(1.0) == 1
+    assert cpus_per_worker(ray_runtime, 2, read) == 0.5 and threads_for(0.5) == 1
+    assert local_cpus(1) == (os.cpu_count() or 1) + 1  # the read stage's CPU beside the machine's
