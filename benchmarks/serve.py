@@ -236,10 +236,17 @@ def run_level(client, n: int, args: argparse.Namespace, server: Server) -> dict[
             out.append(timed_request(client, msgs, args.max_tokens))
         return out
 
+    before = scrape(server.url)
     with server.sample_peak() as mem, ThreadPoolExecutor(n) as pool:
         t0 = time.perf_counter()
         results = [r for rs in pool.map(one_client, range(n)) for r in rs]
         wall = time.perf_counter() - t0
+    after = scrape(server.url)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    decode_s = delta("slimm_decode_seconds_total")
     tokens = sum(r["tokens"] for r in results)
     ttft = [r["ttft"] for r in results]
     itl = [x for r in results for x in r["itl"]]
@@ -249,6 +256,11 @@ def run_level(client, n: int, args: argparse.Namespace, server: Server) -> dict[
         "tokens": tokens,
         "wall_s": wall,
         "tok_per_s": tokens / wall,
+        # the decode steps' own rate: tokens they gave / time in them (no prefill, no vision encoder)
+        "decode_tok_per_s": delta("slimm_decode_tokens_total") / decode_s if decode_s else float("nan"),
+        "mean_decode_batch": delta("slimm_decode_tokens_total") / max(delta("slimm_decode_steps_total"), 1),
+        "prefill_s": delta("slimm_prefill_seconds_total"),
+        "decode_s": decode_s,
         "ttft_p50": pct(ttft, 50),
         "ttft_p95": pct(ttft, 95),
         "itl_p50": pct(itl, 50),
@@ -311,13 +323,15 @@ def table(res: dict[str, Any]) -> str:
         f"Each client sends {res['requests']} requests one after another: a new {res['image']} image + "
         f'"{QUESTION}", {res["max_tokens"]} answer tokens (greedy, streamed), {rows[0]["prompt_tokens"]} prompt tokens.',
         "",
-        "| clients | requests | tokens/s | × 1 client | TTFT p50 s | TTFT p95 s | TTFT p95 × 1 client "
-        "| ITL p50 ms | ITL p95 ms | peak RSS GB |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| clients | requests | tokens/s | × 1 client | decode tok/s (mean batch) | × 1 client | prefill s "
+        "| TTFT p50 s | TTFT p95 s | TTFT p95 × 1 client | ITL p50 ms | ITL p95 ms | peak RSS GB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['clients']} | {r['requests']} | {r['tok_per_s']:.1f} | {r['tok_per_s'] / base['tok_per_s']:.2f} "
+            f"| {r['decode_tok_per_s']:.1f} ({r['mean_decode_batch']:.1f}) "
+            f"| {r['decode_tok_per_s'] / base['decode_tok_per_s']:.2f} | {r['prefill_s']:.1f} "
             f"| {r['ttft_p50']:.2f} | {r['ttft_p95']:.2f} | {r['ttft_p95'] / base['ttft_p95']:.2f} "
             f"| {1000 * r['itl_p50']:.0f} | {1000 * r['itl_p95']:.0f} | {r['peak_rss_gb']:.2f} |"
         )

@@ -59,10 +59,13 @@ class NativeBackend(PartsBackend):
             cls = known[target]
         return cls(path, **options)
 
-    def cache_feeds(self, lo, hi):
+    def past_length(self, needed):
+        return self.past_mask.shape[1]  # compiled frameworks: the pool's bucketed capacity, one shape
+
+    def cache_feeds(self, lo, hi, length=None):
         # frameworks may read a NumPy input after the call returns (asynchronous dispatch, zero-copy
         # on CPU): hand them a snapshot of the mask, which the host updates in place afterwards
-        feeds = super().cache_feeds(lo, hi)
+        feeds = super().cache_feeds(lo, hi, length)
         feeds["past_mask"] = feeds["past_mask"].copy()
         return feeds
 

@@ -94,18 +94,32 @@ class PartsBackend(Backend):
             buf[rows[:, None], :, idx] = self.to_numpy(new)[src].transpose(0, 2, 1, 3)
         self.past_mask[rows[:, None], idx] = cur_mask[src]
 
-    def cache_feeds(self, lo: int, hi: int) -> dict[str, Any]:
-        """Pool rows lo..hi-1 as F's past inputs (NumPy slices are views: nothing is copied)."""
+    def cache_feeds(self, lo: int, hi: int, length: int | None = None) -> dict[str, Any]:
+        """Pool rows lo..hi-1, their first `length` positions (default: all), as F's past inputs.
+        Whole rows are views of the pool; fewer positions are a copy of just those (ONNX Runtime takes
+        contiguous arrays), far less than F reading every row's full capacity each step."""
         n = self.config.text.num_hidden_layers
-        whole = (lo, hi) == (0, self.past_mask.shape[0])
+        cap = self.past_mask.shape[1]
+        length = cap if length is None else length
+        whole = (lo, hi, length) == (0, self.past_mask.shape[0], cap)
 
         def rows(buf):
-            return buf if whole else buf[lo:hi]
+            return buf if whole else np.ascontiguousarray(buf[lo:hi, :, :length])
 
         feeds = {f"past_key.{i}": rows(self.keys[i]) for i in range(n)}
         feeds.update({f"past_value.{i}": rows(self.values[i]) for i in range(n)})
-        feeds["past_mask"] = self.past_mask[lo:hi]
+        feeds["past_mask"] = np.ascontiguousarray(self.past_mask[lo:hi, :length])
         return feeds
+
+    def past_length(self, needed: int) -> int:
+        """Positions of the pool a step reads when its rows hold at most `needed` entries: a power of
+        two from 64 (a few shapes), or the whole capacity (no copy) where that is at most twice as
+        much. A serving pool gives every slot the export's whole maximum sequence length; reading all
+        of it for every row, every step, made a step's cost grow with the batch as if every row were
+        full."""
+        cap = self.past_mask.shape[1]
+        length = max(64, 1 << max(needed - 1, 0).bit_length())
+        return cap if 2 * length > cap else length
 
     # ---- prefill and decode -----------------------------------------------------------------------------
     def encode_visual(self, pixels: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -209,7 +223,8 @@ class PartsBackend(Backend):
         `offsets`); logits (k, V) of those batch rows."""
         feeds = {"inputs_embeds": embeds, "cos": cos, "sin": sin, "cur_mask": cur_mask}
         feeds.update(deepstack)
-        feeds.update(self.cache_feeds(lo, hi))
+        needed = 0 if offsets.size == 0 else int(offsets.max())
+        feeds.update(self.cache_feeds(lo, hi, self.past_length(needed)))
         out = self.run("F", feeds)
         self.write_cache(out[2:], src, rows, offsets, cur_mask)
         return self.to_numpy(out[0])[src].astype(np.float32, copy=False)

@@ -312,10 +312,13 @@ class Engine:
             slot = free[0]
             try:
                 run = _Running(req, self)
+                t0 = time.monotonic()
                 logits = self.backend.prefill_slot(slot, req.inputs)
             except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
                 self._fail(req, e)
                 continue
+            with self.metrics.lock:
+                self.metrics.prefill_seconds += time.monotonic() - t0
             with self._cond:
                 self._running[slot] = run
             self._take(slot, run, logits[None])
@@ -328,10 +331,16 @@ class Engine:
     def _step(self) -> None:
         slots = sorted(self._running)
         tokens = np.array([self._running[s].last for s in slots], np.int64)
+        t0 = time.monotonic()
         try:
             logits = self.backend.decode_slots(slots, tokens)
         except Exception:  # noqa: BLE001 - find which slot fails, and let the others go on
             logits = None
+        with self.metrics.lock:
+            m = self.metrics
+            m.decode_steps += 1
+            m.decode_tokens += len(slots) if logits is not None else 0
+            m.decode_seconds += time.monotonic() - t0
         if logits is None:
             for slot, tok in zip(slots, tokens, strict=True):
                 try:

@@ -42,6 +42,10 @@ class Metrics:
         self.finished: Counter[str] = Counter()  # by finish reason, "error" for failures
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.decode_steps = 0  # batched decode steps run
+        self.decode_tokens = 0  # tokens those steps gave (a step gives one per running request)
+        self.decode_seconds = 0.0  # time inside them: decode tokens / decode seconds is the decode rate
+        self.prefill_seconds = 0.0  # time in prompts' prefill (vision encoder included)
         self.ttft = Histogram()  # submission -> first token
         self.itl = Histogram()  # between two tokens of one request
 
@@ -57,6 +61,18 @@ class Metrics:
                 "# HELP slimm_generation_tokens_total Tokens generated.",
                 "# TYPE slimm_generation_tokens_total counter",
                 f"slimm_generation_tokens_total {self.generation_tokens}",
+                "# HELP slimm_decode_steps_total Batched decode steps.",
+                "# TYPE slimm_decode_steps_total counter",
+                f"slimm_decode_steps_total {self.decode_steps}",
+                "# HELP slimm_decode_tokens_total Tokens the decode steps gave.",
+                "# TYPE slimm_decode_tokens_total counter",
+                f"slimm_decode_tokens_total {self.decode_tokens}",
+                "# HELP slimm_decode_seconds_total Time in decode steps.",
+                "# TYPE slimm_decode_seconds_total counter",
+                f"slimm_decode_seconds_total {self.decode_seconds}",
+                "# HELP slimm_prefill_seconds_total Time in prefill (vision encoder included).",
+                "# TYPE slimm_prefill_seconds_total counter",
+                f"slimm_prefill_seconds_total {self.prefill_seconds}",
                 "# HELP slimm_queue_depth Requests waiting for a slot.",
                 "# TYPE slimm_queue_depth gauge",
                 f"slimm_queue_depth {waiting}",

@@ -198,4 +198,7 @@ def test_metrics_count_requests_tokens_and_latencies(server, client):
     assert grew("slimm_prompt_tokens_total") == r.usage.prompt_tokens
     assert grew("slimm_time_to_first_token_seconds_count") == 1
     assert grew("slimm_inter_token_latency_seconds_count") == 3
+    # the first token comes from the prefill, the other 3 from decode steps of this request alone
+    assert grew("slimm_decode_steps_total") == 3 and grew("slimm_decode_tokens_total") == 3
+    assert grew("slimm_decode_seconds_total") > 0 and grew("slimm_prefill_seconds_total") > 0
     assert after["slimm_queue_depth"] == 0 and after["slimm_max_batch"] == 4

@@ -37,10 +37,10 @@ def alone(backend, inputs):
     return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), [x[0] for x in out.logits]
 
 
-def batched(backend, inputs: list[dict], n_slots: int = 3):
-    """Greedy decoding of every prompt through `n_slots` slots; joins at its arrival step into the
-    lowest free slot, leaves after NEW tokens."""
-    cap = max(x["input_ids"].shape[1] for x in inputs) + NEW
+def batched(backend, inputs: list[dict], n_slots: int = 3, cap: int | None = None):
+    """Greedy decoding of every prompt through `n_slots` slots of `cap` positions (default: just
+    enough); joins at its arrival step into the lowest free slot, leaves after NEW tokens."""
+    cap = cap or max(x["input_ids"].shape[1] for x in inputs) + NEW
     backend.open_slots(n_slots, cap)
     running: dict[int, tuple[int, list, list]] = {}  # slot -> (prompt index, tokens, logits)
     waiting, done, step, sizes = list(range(len(inputs))), {}, 0, set()
@@ -70,9 +70,15 @@ def batched(backend, inputs: list[dict], n_slots: int = 3):
     return [done[i] for i in range(len(inputs))]
 
 
-def test_slots_decode_like_each_prompt_alone(backend):
+@pytest.mark.parametrize("pool", ["tight", "serving"])
+def test_slots_decode_like_each_prompt_alone(backend, pool):
+    """`serving`: slots of the model's whole length (up to 2048), as a server's pool gives each slot
+    the export's maximum sequence length; a step then reads only the first positions its rows use
+    (past_length)."""
+    from slimm.generate import position_limit
+
     inputs = prompts(backend.config)
-    got = batched(backend, inputs)
+    got = batched(backend, inputs, cap=min(2048, position_limit(backend)) if pool == "serving" else None)
     for (case, seed, _), x, (toks, logits) in zip(ARRIVALS, inputs, got, strict=True):
         ref_toks, ref_logits = alone(backend, x)
         assert toks == ref_toks, f"{backend.name} {case} seed {seed}"
