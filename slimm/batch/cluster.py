@@ -87,13 +87,13 @@ def read_cpus(ray: Any) -> float:
     return min(1.0, cluster_cpus(ray) / 2)
 
 
-def cpus_per_worker(ray: Any, workers: int, read: float) -> float:
-    """CPUs one model worker reserves, and the threads its framework runs (`threads_for`): the cluster's
-    CPUs less the read stage's, split between the workers; whole CPUs, no more than the smallest machine
-    has (a worker runs on one machine), where each gets one or more; a fraction where the cluster has
-    fewer CPUs than workers. Reservation and threads agree, so workers on one machine do not run more
-    threads than it has cores."""
-    share = (cluster_cpus(ray) - read) / workers
+def cpus_per_worker(ray: Any, workers: int, reserved: float) -> float:
+    """CPUs one model worker (a batch actor or a Serve replica) reserves, and the threads its framework
+    runs (`threads_for`): the cluster's CPUs less `reserved` (the read stage's), split between the
+    workers; whole CPUs, no more than the smallest machine has (a worker runs on one machine), where
+    each gets one or more; a fraction where the cluster has fewer CPUs than workers. Reservation and
+    threads agree, so workers on one machine do not run more threads than it has cores."""
+    share = (cluster_cpus(ray) - reserved) / workers
     if share < 1:
         return share
     return float(min(int(share), max(1, int(smallest_node_cpus(ray)))))
@@ -101,3 +101,16 @@ def cpus_per_worker(ray: Any, workers: int, read: float) -> float:
 
 def threads_for(worker_cpus: float) -> int:
     return max(1, int(worker_cpus))
+
+
+def set_threads(backend: str, threads: int | None, load_kwargs: dict) -> dict:
+    """In a worker's process: torch's intra-op threads set here, the other backends' passed to
+    slimm.load (unless the caller's `threads` is there already); slimm.load's keywords back."""
+    load_kwargs = dict(load_kwargs)
+    if threads is not None and backend == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    elif threads is not None:
+        load_kwargs.setdefault("threads", threads)
+    return load_kwargs

@@ -164,14 +164,9 @@ class ModelWorker:
         threads: int | None = None,
     ) -> None:
         import slimm
+        from slimm.batch.cluster import set_threads
 
-        load_kwargs = dict(load_kwargs or {})
-        if threads is not None and backend == "torch":
-            import torch
-
-            torch.set_num_threads(threads)
-        elif threads is not None:
-            load_kwargs.setdefault("threads", threads)
+        load_kwargs = set_threads(backend, threads, load_kwargs or {})
         self.backend = slimm.load(model_path(model, backend), backend=backend, **load_kwargs)
         if self.backend.processor is None:
             raise InputError(f"{model}: no tokenizer files, so a text prompt cannot be encoded")

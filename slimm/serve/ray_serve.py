@@ -27,15 +27,17 @@ class Replica:
         max_seq_len: int | None,
         settings: ServerSettings,
         load_kwargs: dict,
+        threads: int | None = None,
     ) -> None:
         import slimm
+        from slimm.batch.cluster import set_threads
         from slimm.batch.pipeline import model_path
         from slimm.errors import InputError
         from slimm.serve.engine import Engine
 
         # resolved here, on the replica's machine: a hub id downloads to its cache, the demo is built there
         path = model_path(model, backend)
-        loaded = slimm.load(path, backend=backend, **load_kwargs)
+        loaded = slimm.load(path, backend=backend, **set_threads(backend, threads, load_kwargs))
         if loaded.processor is None:
             raise InputError(f"{path}: no tokenizer files, so chat messages cannot be encoded")
         self.engine = Engine(
@@ -84,17 +86,20 @@ def deployment(
     **load_kwargs,
 ) -> Any:
     """The bound Ray Serve application: `replicas` copies of Replica, each taking up to max_batch +
-    max_queue requests, as `slimm serve` does (more get the engine's 429)."""
+    max_queue requests, as `slimm serve` does (more get the engine's 429). Each replica reserves
+    `replica_cpus` (default: the cluster's CPUs split between the replicas, as `slimm batch` splits
+    them between its workers) and runs that many framework threads unless `threads` is given."""
     from ray import serve
 
-    from slimm.batch.cluster import cluster_cpus, import_ray
+    from slimm.batch.cluster import cpus_per_worker, import_ray, threads_for
     from slimm.errors import InputError
 
     if not (isinstance(replicas, int) and replicas >= 1):
         raise InputError(f"--replicas must be an integer >= 1, got {replicas!r}")
     ray = import_ray()
-    if replica_cpus is None:  # one CPU each, or a share of a small cluster (the proxy needs a little too)
-        replica_cpus = min(1.0, cluster_cpus(ray) / (replicas + 1))
+    if replica_cpus is None:
+        given = load_kwargs.get("threads")
+        replica_cpus = float(given) if given else cpus_per_worker(ray, replicas, reserved=0.0)
     cls = serve.deployment(
         serve.ingress()(Replica),
         name="slimm",
@@ -105,7 +110,8 @@ def deployment(
         health_check_timeout_s=30,
     )
     settings = settings or ServerSettings()
-    return cls.bind(model, backend, max_batch, max_queue, max_seq_len, settings, load_kwargs)
+    threads = load_kwargs.get("threads") or threads_for(replica_cpus)
+    return cls.bind(model, backend, max_batch, max_queue, max_seq_len, settings, load_kwargs, threads)
 
 
 def start(
