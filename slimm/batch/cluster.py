@@ -68,8 +68,8 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
 
 
 def local_cpus(workers: int) -> int:
-    """CPUs of the Ray runtime `slimm batch` starts here: this machine's, plus one for the read stage,
-    which mostly waits on the model workers (its share of the work is a few percent)."""
+    """CPUs of the Ray runtime `slimm batch` / `slimm serve --ray` starts here: this machine's, plus
+    one for the read stage or the Serve proxy, which mostly wait on the model workers."""
     return max(os.cpu_count() or 1, workers) + 1
 
 

@@ -87,11 +87,12 @@ def deployment(
 ) -> Any:
     """The bound Ray Serve application: `replicas` copies of Replica, each taking up to max_batch +
     max_queue requests, as `slimm serve` does (more get the engine's 429). Each replica reserves
-    `replica_cpus` (default: the cluster's CPUs split between the replicas, as `slimm batch` splits
-    them between its workers) and runs that many framework threads unless `threads` is given."""
+    `replica_cpus` (default: the cluster's CPUs less one for the proxy and other work, split between
+    the replicas, as `slimm batch` splits them between its workers) and runs that many framework
+    threads unless `threads` is given."""
     from ray import serve
 
-    from slimm.batch.cluster import cpus_per_worker, import_ray, threads_for
+    from slimm.batch.cluster import cpus_per_worker, import_ray, read_cpus, threads_for
     from slimm.errors import InputError
 
     if not (isinstance(replicas, int) and replicas >= 1):
@@ -99,7 +100,7 @@ def deployment(
     ray = import_ray()
     if replica_cpus is None:
         given = load_kwargs.get("threads")
-        replica_cpus = float(given) if given else cpus_per_worker(ray, replicas, reserved=0.0)
+        replica_cpus = float(given) if given else cpus_per_worker(ray, replicas, reserved=read_cpus(ray))
     cls = serve.deployment(
         serve.ingress()(Replica),
         name="slimm",
@@ -135,7 +136,7 @@ def start(
     import logging
     import time
 
-    from slimm.batch.cluster import connect, import_ray
+    from slimm.batch.cluster import connect, import_ray, local_cpus
     from slimm.batch.pipeline import model_path
 
     import_ray()  # which extra to install, before a model is built
@@ -145,7 +146,7 @@ def start(
             "serving on %s without --api-key: anyone who reaches this address can use it", host
         )
     model_path(model, backend)  # a missing model is an error now, not in every replica
-    connect(ray_address)
+    connect(ray_address, num_cpus=local_cpus(replicas))
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": logging.WARNING})
