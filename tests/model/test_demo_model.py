@@ -61,13 +61,8 @@ def check_against_pixels(s: synthetic.Sample) -> None:
     elif s.type == "position":
         colour, kind = s.question.rstrip("?").split()[-2:]
         (b,) = [b for b in found if b["colour"] == colour and b["kind"] == kind]
-        others = [o for o in found if o is not b]
-        if others:  # the relation to the other shape tells the axis
-            horizontal = abs(b["cx"] - others[0]["cx"]) > abs(b["cy"] - others[0]["cy"])
-        else:  # a lone shape lies across the middle line of the other axis
-            y0, y1 = b["box"][1], b["box"][3]
-            horizontal = y0 < h / 2 < y1
-            assert horizontal != (b["box"][0] < w / 2 < b["box"][2])
+        (other,) = [o for o in found if o is not b]  # asked about two-shape scenes only
+        horizontal = abs(b["cx"] - other["cx"]) > abs(b["cy"] - other["cy"])  # the relation tells the axis
         if horizontal:
             seen = "Left." if b["cx"] < w / 2 else "Right."
         else:
