@@ -61,13 +61,8 @@ def check_against_pixels(s: synthetic.Sample) -> None:
     elif s.type == "position":
         colour, kind = s.question.rstrip("?").split()[-2:]
         (b,) = [b for b in found if b["colour"] == colour and b["kind"] == kind]
-        others = [o for o in found if o is not b]
-        if others:  # the relation to the other shape tells the axis
-            horizontal = abs(b["cx"] - others[0]["cx"]) > abs(b["cy"] - others[0]["cy"])
-        else:  # a lone shape lies across the middle line of the other axis
-            y0, y1 = b["box"][1], b["box"][3]
-            horizontal = y0 < h / 2 < y1
-            assert horizontal != (b["box"][0] < w / 2 < b["box"][2])
+        (other,) = [o for o in found if o is not b]  # asked about two-shape scenes only
+        horizontal = abs(b["cx"] - other["cx"]) > abs(b["cy"] - other["cy"])  # the relation tells the axis
         if horizontal:
             seen = "Left." if b["cx"] < w / 2 else "Right."
         else:
@@ -242,6 +237,40 @@ def test_training_loss_falls_and_unused_rows_stay_zero(few_steps):
         assert not used[token]
     for name in ("config.json", "preprocessor_config.json", "chat_template.json", "tokenizer.json"):
         assert (out / name).is_file()
+
+
+def test_attention_targets_name_the_asked_shapes(tmp_path):
+    """The answer token that names what was seen looks at the question's words that name the shape,
+    and at the cells of exactly the shapes the question is about."""
+    from slimm.config import load_config
+    from slimm.processing import Processor
+    from slimm.train_demo import compact_config, encode, task_vocab, write_checkpoint_files
+
+    write_checkpoint_files(tmp_path, seed=0)
+    processor, cfg = Processor.from_pretrained(tmp_path), load_config(tmp_path)
+    vocab = task_vocab(processor, cfg)
+    colours, kinds = list(synthetic.COLOURS), list(synthetic.KINDS)
+    for i in range(60):
+        s = synthetic.make_sample(0, i, "heldout")
+        e = encode(processor, vocab, s, cfg.eos_token_id[0], compact_config(cfg, vocab).spatial_merge_size)
+        rows = np.nonzero(e.focus.any(axis=1))[0]
+        assert len(rows) >= 1
+        row = rows[0]
+        cells = e.cells[e.focus[row]]  # the AUX_HEADS targets of the cells looked at
+        asked = s.question.rstrip("?").split()
+        if s.type == "colour":
+            assert [kinds[k - 1] for k in cells[:, 0]] == [asked[-1]]
+        elif s.type == "shape":
+            assert [colours[c - 1] for c in cells[:, 1]] == [asked[-1]]
+        elif s.type == "count":
+            assert len(cells) == int(normalise(s.answer))
+        elif s.type == "motion":
+            assert (cells[:, 5] > 0).all()
+        if s.type in ("colour", "shape", "position", "count"):
+            named = [processor.tokenizer.decode([int(t)]).strip() for t in vocab.ids[e.prompt[e.ask[row]]]]
+            assert named == [w for w in asked if w in colours or w in kinds or w[:-1] in kinds]
+        else:
+            assert not e.ask.any()
 
 
 def test_training_is_reproducible(few_steps, tmp_path):
