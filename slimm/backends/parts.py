@@ -99,12 +99,10 @@ class PartsBackend(Backend):
         Whole rows are views of the pool; fewer positions are a copy of just those (ONNX Runtime takes
         contiguous arrays), far less than F reading every row's full capacity each step."""
         n = self.config.text.num_hidden_layers
-        cap = self.past_mask.shape[1]
-        length = cap if length is None else length
-        whole = (lo, hi, length) == (0, self.past_mask.shape[0], cap)
+        length = self.past_mask.shape[1] if length is None else length
 
-        def rows(buf):
-            return buf if whole else np.ascontiguousarray(buf[lo:hi, :, :length])
+        def rows(buf):  # a contiguous slice (whole rows) comes back as it is, not copied
+            return np.ascontiguousarray(buf[lo:hi, :, :length])
 
         feeds = {f"past_key.{i}": rows(self.keys[i]) for i in range(n)}
         feeds.update({f"past_value.{i}": rows(self.values[i]) for i in range(n)})

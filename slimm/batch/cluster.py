@@ -103,6 +103,17 @@ def threads_for(worker_cpus: float) -> int:
     return max(1, int(worker_cpus))
 
 
+def worker_share(
+    ray: Any, workers: int, reserved: float, cpus: float | None, load_kwargs: dict
+) -> tuple[float, int]:
+    """(CPUs each worker reserves, threads it runs): `cpus` if given, else the caller's `threads`
+    (load_kwargs), else cpus_per_worker; the threads are the caller's, else as many as the CPUs."""
+    given = load_kwargs.get("threads")
+    if cpus is None:
+        cpus = float(given) if given else cpus_per_worker(ray, workers, reserved)
+    return cpus, given or threads_for(cpus)
+
+
 def set_threads(backend: str, threads: int | None, load_kwargs: dict) -> dict:
     """In a worker's process: torch's intra-op threads set here, the other backends' passed to
     slimm.load (unless the caller's `threads` is there already); slimm.load's keywords back."""

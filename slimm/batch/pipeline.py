@@ -275,8 +275,7 @@ def answer_dataset(
     cpus_per_worker) and runs that many framework threads unless `threads` says otherwise; the read
     stage runs at most `workers` tasks at a time (preprocessing is a few percent of the model's work),
     each reserving `read_cpus`."""
-    from slimm.batch.cluster import connect, threads_for
-    from slimm.batch.cluster import cpus_per_worker as default_worker_cpus
+    from slimm.batch.cluster import connect, worker_share
     from slimm.batch.cluster import read_cpus as default_read_cpus
     from slimm.generate import check_generation_settings
 
@@ -287,9 +286,7 @@ def answer_dataset(
         raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     ray = connect()
     read = read_cpus if read_cpus is not None else default_read_cpus(ray)
-    if worker_cpus is None:
-        given = load_kwargs.get("threads")
-        worker_cpus = float(given) if given else default_worker_cpus(ray, workers, read)
+    worker_cpus, threads = worker_share(ray, workers, read, worker_cpus, load_kwargs)
     prepared = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
@@ -311,7 +308,7 @@ def answer_dataset(
                 "max_new_tokens": max_new_tokens,
                 "stop_tokens": tuple(stop_tokens),
                 "load_kwargs": load_kwargs,
-                "threads": load_kwargs.get("threads") or threads_for(worker_cpus),
+                "threads": threads,
             },
             compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=worker_cpus,

@@ -92,15 +92,13 @@ def deployment(
     threads unless `threads` is given."""
     from ray import serve
 
-    from slimm.batch.cluster import cpus_per_worker, import_ray, read_cpus, threads_for
+    from slimm.batch.cluster import import_ray, read_cpus, worker_share
     from slimm.errors import InputError
 
     if not (isinstance(replicas, int) and replicas >= 1):
         raise InputError(f"--replicas must be an integer >= 1, got {replicas!r}")
     ray = import_ray()
-    if replica_cpus is None:
-        given = load_kwargs.get("threads")
-        replica_cpus = float(given) if given else cpus_per_worker(ray, replicas, reserved=read_cpus(ray))
+    replica_cpus, threads = worker_share(ray, replicas, read_cpus(ray), replica_cpus, load_kwargs)
     cls = serve.deployment(
         serve.ingress()(Replica),
         name="slimm",
@@ -111,7 +109,6 @@ def deployment(
         health_check_timeout_s=30,
     )
     settings = settings or ServerSettings()
-    threads = load_kwargs.get("threads") or threads_for(replica_cpus)
     return cls.bind(model, backend, max_batch, max_queue, max_seq_len, settings, load_kwargs, threads)
 
 
