@@ -218,6 +218,13 @@ WORD_HEADS = {"kind": [" " + k for k in KINDS], "colour": [" " + c for c in COLO
 WORD_SCALE = 10.0  # cosine similarities to logits
 
 
+def shape_cell(shape, size: tuple[int, int], rows: int, cols: int) -> tuple[int, int]:
+    """(row, col) of the merged visual token (LLM token) that holds `shape`'s centre in an image of
+    `size` (width, height) split into rows x cols tokens."""
+    (cx, cy), (w, h) = shape.centre, size
+    return min(rows - 1, int(cy // (h / rows))), min(cols - 1, int(cx // (w / cols)))
+
+
 def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray:
     """(t * rows * cols, len(AUX_HEADS)) targets in the merger's token order (t, row, col)."""
     gt, gh, gw = (int(v) for v in grid_thw)
@@ -243,16 +250,14 @@ def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray
                 c0, c1 = int(x0 // cw), min(cols - 1, int((x1 - 1) // cw))
                 cell[r0 : r1 + 1, c0 : c1 + 1, 5] = 1 + direction
         for sh in shapes:
-            cx, cy = sh.centre
-            r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+            r, c = shape_cell(sh, (w, h), rows, cols)
             cell[r, c, 0] = 1 + KINDS.index(sh.kind)
             cell[r, c, 1] = 1 + list(COLOURS).index(sh.colour)
             cell[r, c, 2] = sum(o.kind == sh.kind for o in shapes)
         if sample.type != "count" and len(shapes) == 2:
             horizontal = shapes[0].box[2] <= w / 2 <= shapes[1].box[0]
             for i, sh in enumerate(shapes):
-                cx, cy = sh.centre
-                r, c = min(rows - 1, int(cy // ch)), min(cols - 1, int(cx // cw))
+                r, c = shape_cell(sh, (w, h), rows, cols)
                 cell[r, c, 6] = 0 if horizontal else 1
                 cell[r, c, 7] = i
         cell[:, :, 3] = np.where(xs < w / 2, 0, 1)[None, :]
@@ -294,11 +299,10 @@ def focus_targets(
     if sample.frames is not None:  # motion: every cell the shape passes through
         out[0] = cells[:, 5] > 0
         return out
-    w, h = sample.image.size
 
     def cell(shape) -> int:
-        cx, cy = shape.centre
-        return min(rows - 1, int(cy // (h / rows))) * cols + min(cols - 1, int(cx // (w / cols)))
+        r, c = shape_cell(shape, sample.image.size, rows, cols)
+        return r * cols + c
 
     q = sample.question.rstrip("?").lower().split()
     content = set(KINDS) | set(COLOURS)
