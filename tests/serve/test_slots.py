@@ -118,3 +118,17 @@ def test_bad_slot_use_is_refused(backend):
         backend.prefill_slot(0, x)
     with pytest.raises(InputError, match="this model holds 1.."):
         backend.open_slots(1, 10**7)
+
+
+def test_a_step_reads_the_positions_its_rows_use(exported):
+    """past_length: the positions part F reads for rows holding `needed` entries, a power of two from
+    64 that covers them, or the whole pool (a view, no copy) where that is at most twice as much."""
+    import slimm
+
+    pytest.importorskip("onnxruntime")
+    backend = slimm.load(exported("plain"), backend="onnx")
+    backend.open_slots(2, 256)
+    got = {needed: backend.past_length(needed) for needed in (0, 1, 64, 65, 128, 129, 256)}
+    assert got == {0: 64, 1: 64, 64: 64, 65: 128, 128: 128, 129: 256, 256: 256}
+    backend.open_slots(2, 100)
+    assert backend.past_length(0) == 100  # 64 is more than half of 100: the whole pool
