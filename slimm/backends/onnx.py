@@ -2,7 +2,9 @@
 slimm.wrappers), and the backend over the six parts of an export directory, one session each.
 
 Needs onnxruntime, numpy, tokenizers and Pillow only (no torch). Every part file is checked
-against the manifest at load time: present, from the same export, with the declared inputs.
+against the manifest at load time: present, from the same export, with the declared inputs. A
+mixed-precision export's F has a second file for prompts (its `prefill` variant): steps with more
+than one new token a row run it, one-token decode steps run F's own.
 """
 
 from __future__ import annotations
@@ -127,18 +129,22 @@ def make_session(
     return session
 
 
-def check_part_file(export_dir: Path, manifest: Manifest, part: str) -> Path:
-    """The part file exists, its data file too, and it was written by this export."""
+def check_part_file(export_dir: Path, manifest: Manifest, part: str, variant: str | None = None) -> Path:
+    """The part file (or its `variant`'s, F's prefill) exists, its data file too, and it was written
+    by this export."""
     import onnx
 
     entry = manifest.parts[part]
+    what = f"part {part}" if variant is None else f"part {part}'s {variant} variant"
+    if variant is not None:
+        entry = getattr(entry, variant)
     if entry.file is None:
         raise CheckpointError(f"{export_dir / 'manifest.json'}: entry parts.{part} names no ONNX file")
     path = export_dir / entry.file
     if not path.exists():
-        raise CheckpointError(f"{path}: part {part} ({entry.role}) is missing")
+        raise CheckpointError(f"{path}: {what} ({manifest.parts[part].role}) is missing")
     if entry.data and not (export_dir / entry.data).exists():
-        raise CheckpointError(f"{export_dir / entry.data}: weights of part {part} ({path.name}) are missing")
+        raise CheckpointError(f"{export_dir / entry.data}: weights of {what} ({path.name}) are missing")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises several unrelated types for a bad file
@@ -178,10 +184,15 @@ class OnnxBackend(PartsBackend):
         export_dir = Path(export_dir)
         manifest = Manifest.read(export_dir)
         super().__init__(export_dir, manifest)
+        # part -> session; "F.prefill" too when F has a prefill variant (a mixed-precision export)
         self.sessions = {}
         self.wrapped = {}
-        for part in PARTS:
-            path = check_part_file(export_dir, manifest, part)
+        files = [(part, None) for part in PARTS]
+        if manifest.parts["F"].prefill is not None:
+            files.append(("F", "prefill"))
+        for part, variant in files:
+            path = check_part_file(export_dir, manifest, part, variant)
+            key = part if variant is None else f"{part}.{variant}"
             if wrapper is None:
                 sess = make_session(path, device=device, threads=threads, opt_level=opt_level)
             else:
@@ -190,14 +201,14 @@ class OnnxBackend(PartsBackend):
                 w = WRAPPERS[wrapper](
                     path, device=device, intra_op_num_threads=threads, graph_optimization_level=opt_level
                 )
-                self.wrapped[part], sess = w, w.session
+                self.wrapped[key], sess = w, w.session
             got = [i.name for i in sess.get_inputs()]
             want = [t.name for t in manifest.parts[part].inputs]
             if sorted(got) != sorted(want):
                 raise CheckpointError(
                     f"{path}: inputs {got} do not match manifest.json's {want} for part {part}"
                 )
-            self.sessions[part] = sess
+            self.sessions[key] = sess
         self.wrapper = wrapper
         if wrapper is not None:
             self.framework = frameworks.get(wrapper)
@@ -208,9 +219,12 @@ class OnnxBackend(PartsBackend):
         return cls(path, device=device, threads=threads, opt_level=opt_level, **kwargs)
 
     def run_part(self, part, feeds):
+        key = part
+        if part == "F" and "F.prefill" in self.sessions and feeds["inputs_embeds"].shape[1] > 1:
+            key = "F.prefill"  # prompts: int8 GEMMs (w8a8); one-token decode steps: F's own weights
         if self.wrapper is None:
-            return self.sessions[part].run(self.out_names[part], feeds)
-        w = self.wrapped[part]
+            return self.sessions[key].run(self.out_names[part], feeds)
+        w = self.wrapped[key]
         outs = w.run_dict(
             **{k: w.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in feeds.items()}
         )

@@ -276,12 +276,11 @@ def check_export_settings(
     fused: bool = False,
 ) -> None:
     """export_model's settings, checked before any work (the CLI runs this before building a demo)."""
-    from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+    from slimm.export.quantize import BLOCK_SIZE, BLOCKED, check_block_size, check_precision
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
-    if precision not in (*PRECISIONS, *QUANTIZED):
-        raise InputError(f"precision {precision!r} is not one of {', '.join((*PRECISIONS, *QUANTIZED))}")
-    if block_size is not None and precision not in WEIGHT_ONLY:
+    check_precision(precision, (*PRECISIONS, *QUANTIZED))
+    if block_size is not None and precision not in BLOCKED:
         raise InputError(f"--block-size applies to int8 / int4 exports, not {precision}")
     check_block_size(block_size or BLOCK_SIZE)  # before the minutes of the float32 export
     if opset < 18:
@@ -319,8 +318,8 @@ def export_model(
     """Export a checkpoint directory to `out_dir`: SliMM_A..F.onnx (+ .onnx.data), manifest.json,
     and the tokenizer / chat template / preprocessor files.
 
-    int8 / int4 / w8a8 export float32 parts into a temporary directory and quantize them
-    (slimm.export.quantize; `block_size` is int8 / int4's). `out_dir` is written whole or not at all
+    int8 / int4 / w8a8 / int4+w8a8 / int8+w8a8 export float32 parts into a temporary directory and
+    quantize them (slimm.export.quantize; `block_size` is int8 / int4's, the mixed ones' too). `out_dir` is written whole or not at all
     (built beside it, renamed into place); a non-empty `out_dir` that is not a slimm export is
     refused unless `overwrite`.
 

@@ -27,8 +27,8 @@ PART_ROLES = {
 }
 
 
-def part_file(part: str) -> str:
-    return f"SliMM_{part}.onnx"
+def part_file(part: str, variant: str | None = None) -> str:
+    return f"SliMM_{part}.onnx" if variant is None else f"SliMM_{part}.{variant}.onnx"
 
 
 # ---- I/O contract -----------------------------------------------------------------------------------
@@ -136,6 +136,36 @@ def _optional_name(name: Any, where: Path, entry: str) -> str | None:
     return None if name is None else plain_name(name, where, f"entry {entry}")
 
 
+def _op_names(ops: Any, where: Path, at: str) -> list[str]:
+    if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
+        raise CheckpointError(f"{where}: entry {at}.contrib_ops is not a list of operator names")
+    return ops
+
+
+@dataclass
+class Variant:
+    """Another file of a part for one phase (a mixed-precision export's `prefill` F): the same
+    inputs, outputs and export stamp as the part's own file, its weights quantized another way."""
+
+    file: str
+    data: str | None = None
+    contrib_ops: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: Path, at: str) -> Variant:
+        if not isinstance(d, dict) or "file" not in d:
+            raise CheckpointError(f"{where}: entry {at} is not an object naming a file")
+        return cls(
+            file=plain_name(d["file"], where, f"entry {at}.file"),
+            data=_optional_name(d.get("data"), where, f"{at}.data"),
+            contrib_ops=_op_names(d.get("contrib_ops", []), where, at),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = {"contrib_ops": list(self.contrib_ops)} if self.contrib_ops else {}
+        return {"file": self.file, "data": self.data, **extra}
+
+
 @dataclass
 class Part:
     """One part's entry. Export directories name an ONNX file (`file`, `data`); converted directories
@@ -152,6 +182,8 @@ class Part:
     input_order: list[str] | None = None  # converted: positional order of the artifact's inputs
     # exports: ONNX Runtime's own operators (com.microsoft) the part uses; no converter target has them
     contrib_ops: list[str] = field(default_factory=list)
+    # part F of a mixed-precision export: the file that runs prompts (more than one new token a row)
+    prefill: Variant | None = None
 
     def input(self, name: str) -> Tensor:
         return next(t for t in self.inputs if t.name == name)
@@ -161,9 +193,10 @@ class Part:
         if not isinstance(d, dict):
             raise CheckpointError(f"{where}: entry parts.{part} is not an object")
         at = f"parts.{part}"
-        ops = d.get("contrib_ops", [])
-        if not isinstance(ops, list) or not all(isinstance(op, str) for op in ops):
-            raise CheckpointError(f"{where}: entry {at}.contrib_ops is not a list of operator names")
+        ops = _op_names(d.get("contrib_ops", []), where, at)
+        prefill = d.get("prefill")
+        if prefill is not None and part != "F":
+            raise CheckpointError(f"{where}: entry {at}.prefill: only part F has a prefill variant")
         try:
             return cls(
                 role=d.get("role", ""),
@@ -176,6 +209,7 @@ class Part:
                 files=[plain_name(f, where, f"entry {at}.files") for f in d.get("files", [])],
                 input_order=d.get("input_order"),
                 contrib_ops=ops,
+                prefill=None if prefill is None else Variant.from_dict(prefill, where, f"{at}.prefill"),
             )
         except (KeyError, TypeError) as e:
             raise CheckpointError(f"{where}: entry {at} is unreadable ({type(e).__name__}: {e})") from None
@@ -184,6 +218,8 @@ class Part:
         io = {"inputs": [t.as_dict() for t in self.inputs], "outputs": [t.as_dict() for t in self.outputs]}
         if self.file is not None:
             extra = {"contrib_ops": list(self.contrib_ops)} if self.contrib_ops else {}
+            if self.prefill is not None:
+                extra["prefill"] = self.prefill.to_dict()
             return {"file": self.file, "data": self.data, "role": self.role, **io, **extra}
         return {
             "name": self.name,
@@ -206,6 +242,9 @@ class Quantization:
     rewritten: dict[str, dict[str, int]]  # part -> operator kind -> nodes rewritten
     source: str
     weight_range_bits: int | None = None  # w8a8 only
+    # part (or "F.prefill") -> the precision its weights got: int8 | int4 | w8a8; parts not listed
+    # were copied. None in manifests written before it was recorded
+    precisions: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -216,10 +255,17 @@ class Quantization:
         }
         if self.weight_range_bits is not None:
             d["weight_range_bits"] = self.weight_range_bits
+        if self.precisions is not None:
+            d["precisions"] = dict(self.precisions)
         return {**d, "rewritten": self.rewritten, "source": self.source}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Quantization:
+        precisions = d.get("precisions")
+        if precisions is not None and not (
+            isinstance(precisions, dict) and all(isinstance(v, str) for v in precisions.values())
+        ):
+            raise TypeError(f"precisions {precisions!r} is not an object of part -> precision")
         return cls(
             d["method"],
             d["bits"],
@@ -228,6 +274,7 @@ class Quantization:
             d.get("rewritten", {}),
             d.get("source", ""),
             d.get("weight_range_bits"),
+            d.get("precisions"),
         )
 
 
@@ -240,7 +287,7 @@ class Manifest:
     config: SliMMConfig  # the "model" entry
     parts: dict[str, Part]
     format: str = "slimm-onnx"
-    precision: str | None = "fp32"  # fp32 | fp16 | int8 | int4 | w8a8
+    precision: str | None = "fp32"  # fp32 | fp16 | int8 | int4 | w8a8 | int4+w8a8 | int8+w8a8
     opset: int | None = None
     files: list[str] = field(default_factory=list)  # runtime files beside the parts (tokenizer, ...)
     tokenizer: bool = False

@@ -1,4 +1,4 @@
-"""int8 / int4 / w8a8 quantization of an export directory, with ONNX Runtime's own operators.
+"""int8 / int4 / w8a8 / mixed quantization of an export directory, with ONNX Runtime's own operators.
 
 int8 and int4 are weight-only: MatMuls with constant weights become `MatMulNBits` (ONNX Runtime's
 `MatMulNBitsQuantizer`), activations stay float32 between operators; for decoding, which reads
@@ -6,7 +6,9 @@ every weight once a step. w8a8 quantizes weights (int8 in a 7-bit range, per out
 activations (uint8, one scale per tensor, computed at run time): MatMul -> `MatMulInteger` (ONNX Runtime's
 `quantize_dynamic`, fused into `DynamicQuantizeMatMul` when a session loads it), int8 x int8 GEMMs
 for the compute-bound phases (vision encode, prefill), the vision tower included. In all three the
-token embedding's Gather becomes `GatherBlockQuantized`. The result is another export directory
+token embedding's Gather becomes `GatherBlockQuantized`. The mixed precisions int4+w8a8 / int8+w8a8
+take each phase's faster one: int4 / int8 for A and F (decode), w8a8 for B and for a second F file,
+F's `prefill` variant, that the ONNX backend runs for prompts. The result is another export directory
 (same manifest, parts and export id) that `slimm.load(..., "onnx")` runs.
 """
 
@@ -21,23 +23,39 @@ import numpy as np
 
 from slimm.errors import InputError
 from slimm.export.fused import contrib_ops
-from slimm.export.manifest import PARTS, Manifest, Quantization
+from slimm.export.manifest import PARTS, Manifest, Quantization, Variant, part_file
 from slimm.outdir import check_out_dir, staged
 
 WEIGHT_ONLY = {"int8": 8, "int4": 4}  # MatMulNBits precisions -> bits per weight
-PRECISIONS = (*WEIGHT_ONLY, "w8a8")
+# mixed precisions -> the weight-only precision of decode (A, F); B and F's prefill variant get w8a8.
+# M=1 matmuls (decode) are fastest as int4 (0.32 ms, w8a8 0.66 ms on one 896x4864 weight), M=256
+# ones (prefill, the vision tower) as w8a8 (5.8 ms, int4 32 ms): see benchmarks/README.md
+MIXED = {"int4+w8a8": "int4", "int8+w8a8": "int8"}
+PRECISIONS = (*WEIGHT_ONLY, "w8a8", *MIXED)
+BLOCKED = (*WEIGHT_ONLY, *MIXED)  # the precisions with MatMulNBits blocks: --block-size applies
+PREFILL = "prefill"  # the name of F's variant for prompts in a mixed export (SliMM_F.prefill.onnx)
 BLOCK_SIZE = 32  # weights per scale / zero point along the reduction axis
 # MatMulNBits' accuracy_level 4: activations quantized to int8 per block and int8 dot products
 # (MLAS's fastest CPU path here: see benchmarks/README.md); 0 keeps float32 activations
 ACCURACY_LEVEL = 4
 # token embedding; decoder projections and lm_head; w8a8: the vision tower and merger too
-DEFAULT_PARTS = {"int8": ("A", "F"), "int4": ("A", "F"), "w8a8": ("A", "B", "F")}
+DEFAULT_PARTS = {
+    "int8": ("A", "F"),
+    "int4": ("A", "F"),
+    "w8a8": ("A", "B", "F"),
+    **{p: ("A", "B", "F") for p in MIXED},
+}
 METHODS = {
     "int8": "weight-only, asymmetric blocks, ONNX Runtime MatMulNBits / GatherBlockQuantized",
     "int4": "weight-only, asymmetric blocks, ONNX Runtime MatMulNBits / GatherBlockQuantized",
     "w8a8": "int8 weights per output channel (symmetric, 7-bit range), uint8 activations per tensor "
     "quantized at run time: ONNX Runtime MatMulInteger (DynamicQuantizeMatMul); embedding "
     "GatherBlockQuantized 8-bit",
+    **{
+        p: f"{d} for decode (A, F: MatMulNBits / GatherBlockQuantized), w8a8 for the vision tower (B) "
+        "and prompts (F's prefill variant: MatMulInteger)"
+        for p, d in MIXED.items()
+    },
 }
 # w8a8 weights use 7 of their 8 bits (quantize_dynamic's reduce_range). Without VNNI, MLAS's u8 x s8
 # kernels (AVX2, AVX-512 without VNNI) add pairs of products in int16 with saturation: 255 x 127 x 2
@@ -48,6 +66,25 @@ METHODS = {
 # saturation) were as CPU-independent and more accurate (0.030-0.034) but ran the int8 GEMM 2.3x
 # slower on the VNNI machine: w8a8 exists for speed, so 7-bit int8 it is.
 W8A8_REDUCE_RANGE = True
+
+
+def check_precision(precision: str, choices: tuple[str, ...] = PRECISIONS) -> None:
+    """One error for every unknown precision, a misspelt mixed one included."""
+    if precision in choices:
+        return
+    hint = ""
+    if "+" in str(precision):
+        mixed = " or ".join(p for p in MIXED if p in choices)
+        hint = f" (a mixed precision is decode's weight-only precision + w8a8: {mixed})"
+    raise InputError(f"precision {precision!r} is not one of {', '.join(choices)}{hint}")
+
+
+def part_precision(precision: str, part: str) -> str:
+    """The precision of part `part`'s own file in a `precision` export (a mixed one: decode's for
+    A and F, w8a8 for the vision tower)."""
+    if precision in MIXED:
+        return "w8a8" if part == "B" else MIXED[precision]
+    return precision
 
 
 def check_block_size(block_size: int) -> None:
@@ -245,11 +282,11 @@ def quantize_export(
     `parts` (default: DEFAULT_PARTS[precision]) are rewritten (their constant-weight MatMuls and
     Gathers), the others and every runtime file are copied; manifest.json keeps the export id and
     records the precision and the settings. `block_size` / `accuracy_level` are MatMulNBits' (and the
-    embedding's blocks); w8a8's MatMuls have one scale per output channel. `out_dir` is written whole
+    embedding's blocks); w8a8's MatMuls have one scale per output channel. A mixed precision
+    (int4+w8a8, int8+w8a8) also writes F's prefill variant, F quantized as w8a8. `out_dir` is written whole
     or not at all; a non-empty one that is not a slimm export is refused unless `overwrite`.
     """
-    if precision not in PRECISIONS:
-        raise InputError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    check_precision(precision)
     parts = DEFAULT_PARTS[precision] if parts is None else tuple(parts)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
@@ -281,34 +318,52 @@ def _quantize_into(
 ) -> None:
     from tqdm import tqdm
 
-    bits = WEIGHT_ONLY.get(precision, 8)
-    rewritten = {}
+    rewritten, precisions = {}, {}
     bar = tqdm(PARTS, desc=f"quantize {precision}", unit="part", disable=not progress, file=sys.stderr)
     for part in bar:
         entry = manifest.parts[part]
         src, dst = export_dir / entry.file, out_dir / entry.file
         bar.set_postfix_str(f"{part}: {entry.role}")
-        if part in parts:
-            if precision == "w8a8" and part != "A":
-                rewritten[part] = quantize_dynamic_part(src, dst)
-            else:  # w8a8's A: the 8-bit embedding gather, as int8's
-                rewritten[part] = quantize_part(src, dst, bits, block_size, accuracy_level)
-            entry.data = _data_file(dst).name if _data_file(dst).exists() else None
-            entry.contrib_ops = contrib_ops(dst)
-        else:
+        if part not in parts:
             for name in (entry.file, entry.data):
                 if name:
                     shutil.copyfile(export_dir / name, out_dir / name)
+            continue
+        files = [(part, dst, part_precision(precision, part))]
+        if part == "F" and precision in MIXED:
+            files.append((f"F.{PREFILL}", out_dir / part_file("F", PREFILL), "w8a8"))
+        for key, path, method in files:
+            rewritten[key] = _quantize_file(src, path, part, method, block_size, accuracy_level)
+            precisions[key] = method
+        entry.data, entry.contrib_ops = _written(dst)
+        if len(files) > 1:
+            entry.prefill = Variant(files[1][1].name, *_written(files[1][1]))
     for name in manifest.files:
         shutil.copyfile(export_dir / name, out_dir / name)
     manifest.precision = precision
     manifest.quantization = Quantization(
         method=METHODS[precision],
-        bits=bits,
+        bits=WEIGHT_ONLY.get(MIXED.get(precision, precision), 8),
         block_size=block_size,
         accuracy_level=accuracy_level,
-        weight_range_bits=(7 if W8A8_REDUCE_RANGE else 8) if precision == "w8a8" else None,
+        weight_range_bits=(7 if W8A8_REDUCE_RANGE else 8) if "w8a8" in precisions.values() else None,
         rewritten=rewritten,
         source=str(export_dir.resolve()),
+        precisions=precisions,
     )
     manifest.write(out_dir)
+
+
+def _quantize_file(
+    src: Path, dst: Path, part: str, precision: str, block_size: int, accuracy_level: int
+) -> dict[str, int]:
+    """One part file quantized at int8 / int4 / w8a8 (w8a8's A: the 8-bit embedding gather, as int8's)."""
+    if precision == "w8a8" and part != "A":
+        return quantize_dynamic_part(src, dst)
+    return quantize_part(src, dst, WEIGHT_ONLY.get(precision, 8), block_size, accuracy_level)
+
+
+def _written(part_file: Path) -> tuple[str | None, list[str]]:
+    """A quantized file's manifest fields: its data file (None when it has none), its contrib ops."""
+    data = _data_file(part_file)
+    return (data.name if data.exists() else None), contrib_ops(part_file)
