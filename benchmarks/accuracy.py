@@ -25,6 +25,7 @@ ROWS = (
     ("onnx", "int8"),
     ("onnx", "int4"),
     ("onnx", "w8a8"),
+    ("onnx", "int4+w8a8"),
 )
 
 

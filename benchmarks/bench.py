@@ -24,7 +24,7 @@ from typing import Any
 from benchmarks import peers
 from benchmarks.measure import FRAMEWORKS, PHASES
 from slimm.errors import InputError
-from slimm.export.quantize import BLOCK_SIZE, WEIGHT_ONLY, check_block_size
+from slimm.export.quantize import BLOCK_SIZE, BLOCKED, MIXED, WEIGHT_ONLY, check_block_size
 from slimm.export.quantize import PRECISIONS as QUANTIZED
 
 SIZES = ("tiny", "0.5b", "2b")
@@ -96,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--precision",
         type=_choices("precision", PRECISIONS),
         default=["fp32"],
-        help="comma-separated, from fp32,fp16,int8,int4,w8a8 (int8/int4/w8a8: ONNX Runtime only)",
+        help=f"comma-separated, from {','.join(PRECISIONS)} (all but fp32 / fp16: ONNX Runtime only)",
     )
     p.add_argument(
         "--peers",
@@ -116,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_block_size,
         default=BLOCK_SIZE,
         metavar="N",
-        help=f"int8 / int4 weights per scale (default {BLOCK_SIZE})",
+        help=f"int8 / int4 weights per scale, in the mixed +w8a8 precisions too (default {BLOCK_SIZE})",
     )
     p.add_argument(
         "--image-size",
@@ -363,7 +363,7 @@ class Artefacts:
 
     def path(self, what: str, precision: str | None = None) -> Path:
         tag = f"{self.variant}-{self.size}" + (f"-{precision}" if precision else "")
-        if precision in WEIGHT_ONLY and self.args.block_size != BLOCK_SIZE:
+        if precision in BLOCKED and self.args.block_size != BLOCK_SIZE:
             tag += f"-b{self.args.block_size}"
         return self.work / f"{what}-{tag}"
 
@@ -410,6 +410,8 @@ def skip_reason(backend: str, precision: str, variant: str) -> str | None:
         return f"transformers' Qwen2-VL has no DeepStack ({variant}): the peer runs the plain variant only"
     if precision in WEIGHT_ONLY and backend != "onnx":
         return f"{precision} is ONNX Runtime weight-only quantization (MatMulNBits): ONNX Runtime only"
+    if precision in MIXED and backend != "onnx":
+        return f"{precision} is ONNX Runtime quantization (MatMulNBits and MatMulInteger): ONNX Runtime only"
     if precision in QUANTIZED and backend != "onnx":
         return f"{precision} is ONNX Runtime dynamic quantization (MatMulInteger): ONNX Runtime only"
     return None
@@ -432,7 +434,7 @@ def model_path(
     if export is None:
         return None, art.failed[str(art.path("onnx", export_precision))]
     if precision in QUANTIZED:  # w8a8's block size is its embedding table's: kept at the default
-        block = args.block_size if precision in WEIGHT_ONLY else BLOCK_SIZE
+        block = args.block_size if precision in BLOCKED else BLOCK_SIZE
         q = art.ensure(
             "quantize",
             art.path("onnx", precision),

@@ -107,12 +107,14 @@ class SlimmRunner:
 
 
 def artifact_bytes(model_dir: Path) -> int:
-    """Bytes of the weight files a parts backend loads: ONNX parts and their data, or the files a
-    converted directory's manifest lists per part."""
+    """Bytes of the weight files a parts backend loads: ONNX parts and their data (F's prefill
+    variant too), or the files a converted directory's manifest lists per part."""
     manifest = json.loads((model_dir / "manifest.json").read_text())
     total = 0
     for entry in manifest["parts"].values():
         names = entry.get("files") or [entry["file"], entry.get("data")]
+        if entry.get("prefill"):  # a mixed-precision export's second F, loaded too
+            names = [*names, entry["prefill"]["file"], entry["prefill"].get("data")]
         for name in names:
             path = model_dir / name if name else None
             if path is not None and path.is_file():

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimm.export.quantize import WEIGHT_ONLY
+from slimm.export.quantize import BLOCKED
 
 # (what, backend, precision, metric, peer backend(s), peer precision, bound, direction): the project's
 # targets, each a ratio of two measured rows (a tuple of peers: the best of them); direction ">="
@@ -37,8 +37,16 @@ GOALS = (
     ("fp32 decode vs onnxruntime-genai fp32", "onnx", "fp32", "decode", ("onnxruntime-genai",), "fp32", 1.0, ">="),
     ("int4 prefill vs onnxruntime-genai int4", "onnx", "int4", "prefill", ("onnxruntime-genai",), "int4", 1.3, ">="),
 )
-# slimm precision -> the peers' precision it is compared with (w8a8 stores int8 weights)
-PEER_PRECISION = {"fp32": "fp32", "int8": "int8", "int4": "int4", "w8a8": "int8"}
+# slimm precision -> the peers' precision it is compared with (w8a8 stores int8 weights; a mixed
+# export decodes with its weight-only half)
+PEER_PRECISION = {
+    "fp32": "fp32",
+    "int8": "int8",
+    "int4": "int4",
+    "w8a8": "int8",
+    "int4+w8a8": "int4",
+    "int8+w8a8": "int8",
+}
 # fmt: on
 MEMORY_BOUND = 1.5  # peak resident memory <= 1.5 x the bytes of weights the backend runs
 # The memory goal is about loading the weights without copies; below this many weight bytes the
@@ -168,7 +176,7 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         + (f", best of {meta['rounds']} rounds" if meta.get("rounds", 1) > 1 else "")
         + (
             f"; int8 / int4 weights in blocks of {meta.get('block_size', 32)}"
-            if any(r["precision"] in WEIGHT_ONLY and "load_s" in r for r in results)
+            if any(r["precision"] in BLOCKED and "load_s" in r for r in results)
             else ""
         ),
         f"Machine: {meta['machine']}",

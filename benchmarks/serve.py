@@ -38,7 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", default="0.5b", choices=SIZES, help="random-weight model size")
     p.add_argument("--variant", default="plain")
     p.add_argument("--backend", default="onnx", help="slimm serve --backend")
-    p.add_argument("--precision", default="int4", help="fp32 or an ONNX Runtime quantization (int4, int8)")
+    p.add_argument(
+        "--precision",
+        default="int4",
+        help="fp32 or an ONNX Runtime quantization (int4, int8, w8a8, int4+w8a8, int8+w8a8)",
+    )
     p.add_argument("--clients", default="1,2,4,8,16", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
     p.add_argument("--max-tokens", type=int, default=32, help="answer tokens per request (no early stop)")

@@ -399,26 +399,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--precision",
         default="fp32",
-        choices=["fp32", "fp16", *QUANTIZED],
-        help="fp16 stores weights in float16, computing in float32; int8 / int4 quantize weights "
-        "(ONNX Runtime's MatMulNBits) for fast CPU decoding; w8a8 quantizes weights and "
-        "activations (int8 GEMMs, vision tower included) for fast vision encode and "
-        "prefill. All three run on ONNX Runtime only; see benchmarks/README.md",
+        metavar="PRECISION",
+        # checked by check_export_settings, whose error also says how a mixed precision is written
+        help=f"one of fp32, fp16, {', '.join(QUANTIZED)}. fp16 stores weights in float16, computing in "
+        "float32; int8 / int4 quantize weights (ONNX Runtime's MatMulNBits) for fast CPU decoding; w8a8 "
+        "quantizes weights and activations (int8 GEMMs, vision tower included) for fast vision encode "
+        "and prefill; int4+w8a8 / int8+w8a8 take each phase's faster one: int4 / int8 for decode, w8a8 "
+        "for the vision tower and prompts (a second decoder file). All but fp32 / fp16 run on ONNX "
+        "Runtime only; see benchmarks/README.md",
     )
     e.add_argument(
         "--block-size",
         type=int,
         default=None,
         metavar="N",
-        help=f"int8 / int4: weights per scale along the reduction axis (default {BLOCK_SIZE}; 128 decodes "
+        help=f"int8 / int4 (and int4+w8a8 / int8+w8a8): weights per scale along the reduction axis (default {BLOCK_SIZE}; 128 decodes "
         "faster and is less accurate, see benchmarks/README.md)",
     )
     e.add_argument(
         "--fused",
         action="store_true",
         help="write the decoder (SliMM_F) with ONNX Runtime's fused operators (GroupQueryAttention, "
-        "SkipSimplifiedLayerNormalization, RotaryEmbedding) for faster decoding; fp32, int8, int4 and "
-        "w8a8; runs on ONNX Runtime only (slimm convert refuses it)",
+        "SkipSimplifiedLayerNormalization, RotaryEmbedding) for faster decoding; fp32 and every "
+        "quantized precision; runs on ONNX Runtime only (slimm convert refuses it)",
     )
     e.add_argument("--opset", type=int, default=20, help="ONNX opset (18 or newer)")
     e.add_argument(

@@ -16,7 +16,8 @@ from slimm.config import SliMMConfig
 
 MS = "com.microsoft"
 FUSED_OPSET = 21  # uint4 / uint8 block tensors of the quantized MatMuls need 21 (quantize.py)
-FUSED_PRECISIONS = ("fp32", "int8", "int4", "w8a8")  # fp16: see check in export.check_export_settings
+# fp16: see the check in export.check_export_settings; the mixed ones quantize the fused F both ways
+FUSED_PRECISIONS = ("fp32", "int8", "int4", "w8a8", "int4+w8a8", "int8+w8a8")
 
 
 class _Graph:
