@@ -88,6 +88,22 @@ def exported(demo_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def quantized(exported, tmp_path_factory):
+    """quantized(precision) -> the plain tiny export quantized at `precision`, written once."""
+    from slimm.export.quantize import quantize_export
+
+    made = {}
+
+    def get(precision):
+        if precision not in made:
+            out = tmp_path_factory.mktemp(f"onnx-plain-{precision}")
+            made[precision] = quantize_export(exported("plain"), out, precision, progress=False)
+        return made[precision]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def converted(exported, tmp_path_factory):
     """converted(target, variant) -> directory converted by `slimm convert`, written once; skips
     when the framework (or its target package) is not available."""

@@ -12,6 +12,12 @@ suite meets (a VNNI AMD EPYC / Intel Xeon with AVX-512, and an AVX2-only EPYC-Ro
 | int4, blocks of 64 | 0.32-0.33 / 0.32-0.33 | 0.959 / 0.959 | 0.45 |
 | w8a8 | 0.046-0.057 / 0.046-0.057 | 0.9986 / 0.9986 | 0.08, 0.998 |
 | w8a8 vision features | 0.022 / 0.022 | 0.9994 / 0.9994 | 0.035, 0.999 |
+| int4+w8a8 | 0.135-0.182 / - | 0.986 / - | int4's |
+| int8+w8a8 | 0.041-0.044 / - | 0.9990 / - | w8a8's |
+
+The mixed precisions (measured on the AVX-512 VNNI Xeon only) prefill with w8a8's F and decode with
+int4's / int8's, so each stays within the looser of its two halves' limits (tests/export/test_mixed.py
+checks that each step runs the file it should).
 
 Why int4 is that far: asymmetric 4-bit blocks of 32 Gaussian weights have a step of range/15 (range
 ~4.1 sigma), an RMS error of ~8% of each weight; random weights give the logits no structure to hide
@@ -36,24 +42,10 @@ pytest.importorskip("onnxruntime")
 
 TOLERANCE = {"int8": 5e-2, "int4": 0.45, "w8a8": 8e-2}  # max relative error of logits vs fp32
 MIN_COSINE = {"int8": 0.999, "int4": 0.9, "w8a8": 0.998}  # per position, quantized vs fp32 logits
+LOOSER_HALF = {"int4+w8a8": "int4", "int8+w8a8": "w8a8"}  # a mixed export's limits: its looser half's
 # SliMM_F weights as a fraction of fp32's (measured 0.29, 0.16, 0.26)
 F_SIZE = {"int8": 0.35, "int4": 0.2, "w8a8": 0.35}
 MATMUL_OP = {"int8": "MatMulNBits", "int4": "MatMulNBits", "w8a8": "MatMulInteger"}
-
-
-@pytest.fixture(scope="module")
-def quantized(exported, tmp_path_factory):
-    from slimm.export.quantize import quantize_export
-
-    made = {}
-
-    def get(precision):
-        if precision not in made:
-            out = tmp_path_factory.mktemp(f"onnx-plain-{precision}")
-            made[precision] = quantize_export(exported("plain"), out, precision, progress=False)
-        return made[precision]
-
-    return get
 
 
 def teacher_forced_logits(model_dir, inputs, forced):
@@ -67,7 +59,7 @@ def teacher_forced_logits(model_dir, inputs, forced):
     return np.stack(out)
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "w8a8", "int4+w8a8", "int8+w8a8"])
 @pytest.mark.parametrize("case", ["image", "batch2"])
 def test_logits_close_to_fp32(exported, quantized, precision, case):
     import slimm
@@ -79,11 +71,12 @@ def test_logits_close_to_fp32(exported, quantized, precision, case):
     ref = teacher_forced_logits(exported("plain"), inputs, forced)
     got = teacher_forced_logits(quantized(precision), inputs, forced)
     err, cos = rel_err(got, ref), cosine(got, ref)
-    assert err < TOLERANCE[precision], f"{precision} {case}: max relative error {err:.3f}"
-    assert cos.min() > MIN_COSINE[precision], f"{precision} {case}: cosine {cos.min():.4f}"
+    limit = LOOSER_HALF.get(precision, precision)
+    assert err < TOLERANCE[limit], f"{precision} {case}: max relative error {err:.3f}"
+    assert cos.min() > MIN_COSINE[limit], f"{precision} {case}: cosine {cos.min():.4f}"
 
 
-@pytest.mark.parametrize("precision", ["int8", "int4", "w8a8"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "w8a8", "int4+w8a8"])
 def test_quantized_export_generates(quantized, precision):
     import slimm
 
