@@ -35,6 +35,26 @@ def test_one_session_per_part_with_the_given_options(exported, monkeypatch, wrap
             assert backend.wrapped[part].session is backend.sessions[part]
 
 
+def test_a_mixed_export_opens_its_prefill_file_with_the_same_options(quantized, monkeypatch):
+    from pathlib import Path
+
+    from slimm.backends.onnx import OnnxBackend
+    from slimm.export.manifest import PARTS
+
+    made = []
+    real = ort.InferenceSession
+
+    def counting(*args, **kwargs):
+        made.append(Path(args[0]).name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", counting)
+    backend = OnnxBackend(quantized("int4+w8a8"), device="cpu", threads=1, opt_level="basic")
+    assert made == [*(f"SliMM_{p}.onnx" for p in PARTS), "SliMM_F.prefill.onnx"]
+    so = backend.sessions["F.prefill"].get_session_options()
+    assert str(so.graph_optimization_level).endswith("ORT_ENABLE_BASIC") and so.intra_op_num_threads == 1
+
+
 def test_bad_session_options_are_input_errors(exported):
     from slimm.backends.onnx import OnnxBackend
 

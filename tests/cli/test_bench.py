@@ -49,6 +49,10 @@ def test_missing_framework_is_a_skipped_row_with_its_reason(monkeypatch):
         "paddle", "w8a8", "plain"
     )
     assert bench.skip_reason("onnx", "w8a8", "plain") is None
+    assert "(MatMulNBits and MatMulInteger): ONNX Runtime only" in bench.skip_reason(
+        "jax", "int4+w8a8", "plain"
+    )
+    assert bench.skip_reason("onnx", "int4+w8a8", "plain") is None
     assert "DeepStack" in bench.skip_reason("transformers", "fp32", "efficient")
 
 
