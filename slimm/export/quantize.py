@@ -292,6 +292,10 @@ def quantize_export(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise InputError(f"unknown parts {unknown}; parts are {', '.join(PARTS)}")
+    if precision in MIXED and "F" not in parts:
+        raise InputError(
+            f"precision {precision} quantizes part F twice (decode and prefill); parts {list(parts)} leave it out"
+        )
     check_block_size(block_size)
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = Manifest.read(export_dir)

@@ -213,6 +213,9 @@ def test_unknown_precision_and_bad_sources(exported, tmp_path):
         quantize_export(exported("plain"), tmp_path / "q", "int3")
     with pytest.raises(InputError, match="unknown parts"):
         quantize_export(exported("plain"), tmp_path / "q", "int8", parts=("G",))
+    with pytest.raises(InputError, match=r"int4\+w8a8 quantizes part F twice .* leave it out"):
+        quantize_export(exported("plain"), tmp_path / "q", "int4+w8a8", parts=("A", "B"))
+    assert not (tmp_path / "q").exists()
     with pytest.raises(InputError, match="its own directory"):
         quantize_export(exported("plain"), exported("plain"), "int8")
 
