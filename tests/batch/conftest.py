@@ -4,6 +4,8 @@ the backend run row by row (what `slimm generate` prints)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from batch_helpers import BACKEND, SIZES, generate_answer
@@ -18,6 +20,18 @@ def ray_runtime():
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The runtime stops after this folder's last test, not at the end of the session: its raylet
+    would otherwise run beside every later test, taking CPU and writing its own warnings (a full
+    disk, say) into the stderr those tests read."""
+    result = yield
+    here = Path(__file__).parent
+    if (nextitem is None or here not in nextitem.path.parents) and ray.is_initialized():
+        ray.shutdown()
+    return result
 
 
 @pytest.fixture(scope="session")
