@@ -90,8 +90,8 @@ def greedy(model_dir, inputs, forced=None):
         ("plain", "int8"),
         ("plain", "int4"),
         ("plain", "w8a8"),
-        ("midlayers", "fp32"),
-        ("midlayers", "int4"),
+        ("v1", "fp32"),
+        ("v1", "int4"),
     ],
 )
 @pytest.mark.parametrize("case", ["image", "batch2"])
@@ -127,7 +127,7 @@ def test_deepstack_reaches_the_fused_decoder(fused):
     """The DeepStack slices change the fused F's prefill logits (so the comparison above sees them)."""
     import slimm
 
-    b = slimm.load(fused("midlayers"), backend="onnx", device="cpu")
+    b = slimm.load(fused("v1"), backend="onnx", device="cpu")
     inputs = make_inputs(b.config, CASES["image"])
     with_slices = b.prefill(inputs, 64)
     real = b.run_part
@@ -165,7 +165,7 @@ def test_fused_manifest_and_graph(fused, unfused):
 def test_fused_decode_step_shapes_never_change(fused):
     from slimm.backends.onnx import OnnxBackend
 
-    backend = OnnxBackend(fused("midlayers", "int4"))
+    backend = OnnxBackend(fused("v1", "int4"))
     shapes = decoder_feed_shapes(backend, make_inputs(backend.config, CASES["batch2"], seed=5), 6)
     assert len(shapes) == 6 and all(s == shapes[1] for s in shapes[1:])
     assert shapes[1]["past_key.0"][2] == shapes[0]["past_key.0"][2] and shapes[1]["inputs_embeds"][1] == 1
