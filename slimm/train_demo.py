@@ -31,13 +31,23 @@ from safetensors.torch import save_file
 
 from slimm.config import SliMMConfig, load_config
 from slimm.processing import QWEN2_VL_CHAT_TEMPLATE, Processor
-from slimm.synthetic import COLOURS, KINDS, MAX_COUNT, QUESTION_TYPES, Sample, all_texts, make_sample
+from slimm.synthetic import (
+    COLOURS,
+    KINDS,
+    MAX_COUNT,
+    QUESTION_TYPES,
+    Sample,
+    all_texts,
+    make_sample,
+    number_word,
+)
 
 DIRECTIONS = ("left", "right", "up", "down")
+SIDES = ("left", "right", "top", "bottom")
 
 VARIANT = "v1"  # DeepStack: four slices of each visual token's sub-patches added in LLM layers 1..4
 LLM = dict(
-    hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=2, num_key_value_heads=1
+    hidden_size=128, intermediate_size=256, num_hidden_layers=5, num_attention_heads=2, num_key_value_heads=2
 )
 VISION = dict(depth=4, embed_dim=64, num_heads=2)
 MAX_PIXELS = 28 * 28 * 64  # larger images are shrunk to at most 64 LLM tokens: the task's scale
@@ -46,7 +56,8 @@ ANSWER_TOKENS_MAX = 16  # longest answer ("A yellow triangle left of a green cir
 
 @dataclass
 class TrainSettings:
-    steps: int = 2800  # ~0.33 s of CPU per step at one thread: ~16 minutes of the 20-minute cap
+    # ~0.33 s of CPU per step at one thread; with the vision steps (~0.2 s each) ~18 of the 20 minutes
+    steps: int = 2800
     batch: int = 16
     # 2e-3 kept the look-up from settling (colour questions alone learnt only as the short cosine
     # schedule of a 300-step run brought it down to ~1e-3); 4e-3 blew the visual tokens up
@@ -69,8 +80,12 @@ class TrainSettings:
     # six 0.20-0.35 after 6000). Colour first builds the look-up the others reuse (find the cell a
     # word names, read what it holds); each later type then only adds what it reads.
     join_at: tuple[float, ...] = (0.0, 0.1, 0.2, 0.2, 0.4, 0.3)  # QUESTION_TYPES order
+    # steps that train the vision tower and merger alone on the cell targets, before the language
+    # model joins: the look-up then learns against visual tokens that already say what they hold
+    vision_steps: int = 600
+    vision_lr: float = 2e-3
     aux_weight: float = 1.0  # the per-cell loss (AUX_HEADS) beside the answer loss
-    focus_weight: float = 1.0  # the attention losses (QUESTION_LAYER, FOCUS_LAYER) beside the answer loss
+    focus_weight: float = 1.0  # the attention losses (LOOKUP_LAYER, READ_LAYER) beside the answer loss
 
 
 # ---- the checkpoint around the weights ---------------------------------------------------------------
@@ -156,9 +171,11 @@ class Encoded:
     grid: np.ndarray | None
     is_video: bool
     cells: np.ndarray | None = None  # (L, len(AUX_HEADS)) per visual token, IGNORE where unknown
-    focus: np.ndarray | None = None  # (len(answer), L) bool: the visual tokens each answer token is about
     visual_at: np.ndarray | None = None  # (L,) positions of the visual tokens in `prompt`
-    ask: np.ndarray | None = None  # (len(answer), len(prompt)) bool: the question words to look at
+    # over the sequence prompt + answer (N positions): where each position's query looks
+    look: np.ndarray | None = None  # (N, L) bool, in LOOKUP_LAYER: the visual tokens a word names
+    sink: np.ndarray | None = None  # (N,) bool: <|vision_start|> too, as much as each of those tokens
+    read: np.ndarray | None = None  # (N, N) bool, in READ_LAYER: the question words an answer reads
 
 
 def encode(
@@ -175,10 +192,14 @@ def encode(
         pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
     answer = processor.tokenizer.encode(sample.answer) + [stop_id]
     cells = cell_targets(sample, grid[0], spatial_merge)
-    words = [processor.tokenizer.decode([i]).strip().lower() for i in answer[:-1]] + [""]
-    real = inputs["input_ids"][0]
-    visual_at = np.nonzero(np.isin(real, (processor.image_token_id, processor.video_token_id)))[0]
-    focus = focus_targets(sample, words, cells, grid[0], spatial_merge)
+    real = np.concatenate([inputs["input_ids"][0], answer])
+    words = [processor.tokenizer.decode([int(i)]).strip().lower() for i in real]
+    prompt_len = len(inputs["input_ids"][0])
+    visual_at = np.nonzero(np.isin(real[:prompt_len], (processor.image_token_id, processor.video_token_id)))[
+        0
+    ]
+    question_at = int(visual_at.max()) + 1  # after the visual tokens
+    look = look_targets(sample, words, prompt_len, question_at, cells, grid[0], spatial_merge)
     return Encoded(
         vocab.to_compact(inputs["input_ids"][0]),
         vocab.to_compact(answer),
@@ -186,9 +207,10 @@ def encode(
         grid,
         media == "video",
         cells,
-        focus,
         visual_at,
-        question_targets(processor, real, visual_at, focus, sample.type),
+        look,
+        np.array([w.endswith("s") and w[:-1] in KINDS for w in words]) & look.any(axis=1),
+        read_targets(sample, words, prompt_len, question_at),
     )
 
 
@@ -202,19 +224,38 @@ def encode(
 AUX_HEADS = (
     ("kind", 1 + len(KINDS)),
     ("colour", 1 + len(COLOURS)),
-    ("count", 1 + MAX_COUNT + 2),  # shapes of the centred shape's kind (count scenes add up to 2 others)
+    ("count", 1 + MAX_COUNT),  # shapes of the centred shape's kind (up to MAX_COUNT of any one kind)
     ("x_half", 2),
     ("y_half", 2),
     ("motion", 1 + len(DIRECTIONS)),
     ("layout", 2),  # two-shape scenes: side by side / one above the other (centre cells only)
     ("first", 2),  # two-shape scenes: the left (upper) shape / the other, the order "describe" names them
+    ("kind_linear", 1 + len(KINDS)),  # kind and colour again, by a linear layer: a plain, fixed target
+    ("colour_linear", 1 + len(COLOURS)),
+    ("side", 1 + len(SIDES)),  # two-shape scenes: the answer to "Where is" this shape
 )
 IGNORE = -100
+SHAPE_HEADS = (
+    "kind",
+    "colour",
+    "count",
+    "kind_linear",
+    "colour_linear",
+    "side",
+)  # about the shape a token holds
 # the kind and colour heads score a visual token against the embeddings of the words that name them
 # (" triangle", " red", as in "A red triangle left of ..."), next to a learned "none" row: the token
 # that shows a red triangle then points where the question's words point, so the language model's
 # attention finds it by the word itself instead of first learning how one space maps onto the other
-WORD_HEADS = {"kind": [" " + k for k in KINDS], "colour": [" " + c for c in COLOURS]}
+WORD_HEADS = {
+    "kind": [" " + k for k in KINDS],
+    "colour": [" " + c for c in COLOURS],
+    # the answers' own words: what the token says is then the answer's output row itself (the output
+    # layer is the embedding), read out as directly as a colour
+    "count": [number_word(n).capitalize() for n in range(1, MAX_COUNT + 1)],
+    "side": [w.capitalize() for w in SIDES],
+    "motion": [w.capitalize() for w in DIRECTIONS],
+}
 WORD_SCALE = 10.0  # cosine similarities to logits
 
 
@@ -249,6 +290,8 @@ def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray
                 r0, r1 = int(y0 // ch), min(rows - 1, int((y1 - 1) // ch))
                 c0, c1 = int(x0 // cw), min(cols - 1, int((x1 - 1) // cw))
                 cell[r0 : r1 + 1, c0 : c1 + 1, 5] = 1 + direction
+        if sample.type != "count" and len(shapes) == 2:
+            cell[:, :, 10] = 0
         for sh in shapes:
             r, c = shape_cell(sh, (w, h), rows, cols)
             cell[r, c, 0] = 1 + KINDS.index(sh.kind)
@@ -260,10 +303,14 @@ def cell_targets(sample: Sample, grid_thw: np.ndarray, merge: int) -> np.ndarray
                 r, c = shape_cell(sh, (w, h), rows, cols)
                 cell[r, c, 6] = 0 if horizontal else 1
                 cell[r, c, 7] = i
+                cell[r, c, 10] = 1 + SIDES.index((("left", "right") if horizontal else ("top", "bottom"))[i])
         cell[:, :, 3] = np.where(xs < w / 2, 0, 1)[None, :]
         cell[:, :, 4] = np.where(ys < h / 2, 0, 1)[:, None]
         cell[:, np.abs(xs - w / 2) < 1e-6, 3] = IGNORE  # the middle column of an odd grid: neither half
         cell[np.abs(ys - h / 2) < 1e-6, :, 4] = IGNORE
+    out[..., 8:10] = out[..., 0:2]
+    if sample.frames is not None:  # no question asks a video's shape: its moving, cell-straddling kind
+        out[..., [0, 1, 2, 8, 9]] = IGNORE  # and colour are left out
     return out.reshape(-1, len(AUX_HEADS))
 
 
@@ -274,68 +321,75 @@ def _box_of(frame) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-# Where the answer position should look. The language model's look-up (find the visual token the
-# question names, read what it says) is what failed to form: with the cells learnt, colour answers
-# reached 0.65-0.70 (teacher-forced), which is reading the colour of whichever shape (right in every
-# one-shape scene and half the two-shape ones), and shape, count and describe stayed at chance. So
-# two attention heads are taught where to look, the two hops of the look-up: in QUESTION_LAYER, from
-# the answer position to the question's words that name the shapes ("triangle", "red"); in
-# FOCUS_LAYER, from there to the visual tokens of those shapes (for "describe", from each answer
-# word to the shape it names). Taught the second hop alone, the head put ~0.6 of its attention on the
-# shapes' cells, what looking at every shape alike gives: the question never steered it.
-QUESTION_LAYER = 1
-FOCUS_LAYER = 2
-RELATIONS = ("left", "above")
+# Where the language model looks, taught to two attention heads (head 0 of two layers). The look-up
+# a question asks for (find the shape it names, read what that shape's token says) is split in two
+# one-hop steps, each of which a head can learn from the token embeddings alone:
+# - LOOKUP_LAYER: every word that names shapes (" triangle", " red", " triangles", in the question or
+#   in a "describe" answer) looks at the visual tokens of the shapes it names, whose kind and colour
+#   were taught to point where those words' embeddings point (WORD_HEADS): a match of a word with
+#   itself. The word's position then holds what its shapes' tokens say (colour, kind, count, which
+#   side). In a "describe" answer, "A" and "a" look at the first (left / upper) and the second shape;
+#   for a video, the position that answers looks at the tokens the shape passes through.
+# - READ_LAYER: the position that gives the answer's key word ("Red", "triangle", "Left", "Two")
+#   looks at the question's words that name the shapes, and reads what they found.
+# Taught the other way round (the answer position first gathering the question's words, then looking
+# at the cells with what it gathered: two hops from one position), the second head put about 0.6 of
+# its attention on the right cells after 1000 steps and the look-up stayed the weak link (71% held out).
+# Counting: "triangles" looks at every triangle and, as much as at each, at <|vision_start|> (see
+# focus_loss). The vision tower alone counts badly: without a token that is always there once, its
+# attention gives the average of the triangles' tokens, the same for one as for three (its per-cell
+# count head stays near 0.8 however long it trains). Counting is still the weak type (60% held out).
+LOOKUP_LAYER = 1
+READ_LAYER = 2
+NAMES = set(KINDS) | set(COLOURS) | {k + "s" for k in KINDS}
 
 
-def focus_targets(
-    sample: Sample, words: list[str], cells: np.ndarray, grid_thw: np.ndarray, merge: int
+def _named(sample: Sample, word: str) -> list:
+    return [s for s in sample.shapes if word in (s.kind, s.colour, s.kind + "s")]
+
+
+def look_targets(
+    sample: Sample,
+    words: list[str],
+    prompt_len: int,
+    question_at: int,
+    cells: np.ndarray,
+    grid_thw: np.ndarray,
+    merge: int,
 ) -> np.ndarray:
-    """(len(words), L) bool: for the answer token spelling `words[i]`, the visual tokens it is about
-    (none for "A", ".", the stop token, ...)."""
+    """(len(words), L) bool: the visual tokens each position of prompt + answer (spelling `words`)
+    looks at in LOOKUP_LAYER (none for most)."""
     gt, gh, gw = (int(v) for v in grid_thw)
     rows, cols = gh // merge, gw // merge
     out = np.zeros((len(words), gt * rows * cols), dtype=bool)
-    if sample.frames is not None:  # motion: every cell the shape passes through
-        out[0] = cells[:, 5] > 0
+    if sample.frames is not None:  # motion: the position that answers, at every cell the shape passes
+        out[prompt_len - 1] = cells[:, 5] > 0
         return out
 
     def cell(shape) -> int:
         r, c = shape_cell(shape, sample.image.size, rows, cols)
         return r * cols + c
 
-    q = sample.question.rstrip("?").lower().split()
-    content = set(KINDS) | set(COLOURS)
-    if sample.type == "describe":
-        for i, word in enumerate(words):
-            for shape in sample.shapes:
-                if word in (shape.kind, shape.colour) or word in RELATIONS:
-                    out[i, cell(shape)] = True
-        return out
-    if sample.type == "count":
-        about = [s for s in sample.shapes if s.kind + "s" in q]
-    else:  # the shapes the question's colour and kind words fit
-        named = [x for x in q if x in content]
-        about = [s for s in sample.shapes if all(x in (s.kind, s.colour) for x in named)]
-    answer_word = next(i for i, word in enumerate(words) if word not in ("the", "a", ""))
-    for s in about:
-        out[answer_word, cell(s)] = True
+    for p in range(question_at, len(words)):  # the question and the answer (the template names nothing)
+        for shape in _named(sample, words[p]):
+            out[p, cell(shape)] = True
+    if sample.type == "describe":  # "A" and "a" name the first and the second shape
+        answer = words[prompt_len:]
+        out[prompt_len + answer.index("a"), cell(sample.shapes[0])] = True
+        out[prompt_len + len(answer) - 1 - answer[::-1].index("a"), cell(sample.shapes[1])] = True
     return out
 
 
-def question_targets(
-    processor: Processor, prompt: np.ndarray, visual_at: np.ndarray, focus: np.ndarray, qtype: str
-) -> np.ndarray:
-    """(len(answer), len(prompt)) bool: for the answer token that looks at the shapes the question
-    names, the question's words that name them ("triangle", "red", "triangles")."""
-    out = np.zeros((len(focus), len(prompt)), dtype=bool)
-    if qtype in ("describe", "motion"):  # nothing named: the answer's own words lead, or the motion
+def read_targets(sample: Sample, words: list[str], prompt_len: int, question_at: int) -> np.ndarray:
+    """(len(words), len(words)) bool: the position that predicts the answer's key word looks at the
+    question's words that name shapes (nothing for "describe" and motion, which name nothing)."""
+    out = np.zeros((len(words), len(words)), dtype=bool)
+    if sample.type in ("describe", "motion"):
         return out
-    names = set(KINDS) | set(COLOURS) | {k + "s" for k in KINDS}
-    tok = processor.tokenizer
-    start = int(visual_at.max()) + 1
-    named = [p for p in range(start, len(prompt)) if tok.decode([int(prompt[p])]).strip().lower() in names]
-    out[np.nonzero(focus.any(axis=1))[0][0], named] = True
+    answer = words[prompt_len:]
+    key = next(i for i, w in enumerate(answer) if w not in ("the", "a", ""))
+    named = [p for p in range(question_at, prompt_len) if words[p] in NAMES]
+    out[prompt_len - 1 + key, named] = True
     return out
 
 
@@ -362,17 +416,25 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         "answer_of": torch.tensor([b for b, e in enumerate(items) for _ in e.answer]),
     }
     batch["cells"] = torch.from_numpy(np.concatenate([e.cells for e in items]))  # row order = token order
-    # per answer row: the sequence positions to look at (visual tokens; question words)
-    focus = np.zeros((len(targets), S), dtype=bool)
-    ask = np.zeros((len(targets), S), dtype=bool)
-    a = 0
-    for e, s in zip(items, seqs, strict=True):
-        pad = S - len(s)
-        focus[a : a + len(e.answer), pad + e.visual_at] = e.focus
-        ask[a : a + len(e.answer), pad : pad + len(e.prompt)] = e.ask
-        a += len(e.answer)
-    batch["focus"] = torch.from_numpy(focus)
-    batch["ask"] = torch.from_numpy(ask)
+    # the positions taught where to look, and where: (rows, cols) of each query, (Q, S) key masks
+    for name in ("look", "read"):
+        q_rows, q_cols, masks = [], [], []
+        for b, (e, seq) in enumerate(zip(items, seqs, strict=True)):
+            pad = S - len(seq)
+            targets_of = getattr(e, name)
+            for p in np.nonzero(targets_of.any(axis=1))[0]:
+                m = np.zeros(S, dtype=bool)
+                if name == "look":
+                    m[pad + e.visual_at] = targets_of[p]
+                    m[pad + e.visual_at[0] - 1] = e.sink[p]  # <|vision_start|>
+                else:
+                    m[pad:] = targets_of[p]
+                q_rows.append(b)
+                q_cols.append(pad + p)
+                masks.append(m)
+        batch[name + "_rows"] = torch.tensor(q_rows, dtype=torch.long)
+        batch[name + "_cols"] = torch.tensor(q_cols, dtype=torch.long)
+        batch[name] = torch.from_numpy(np.array(masks, dtype=bool).reshape(len(masks), S))
     for key, video in (("", False), ("_videos", True)):
         chosen = [e for e in items if e.is_video == video]
         if chosen:
@@ -437,7 +499,7 @@ def forward_answers(model, batch: dict[str, torch.Tensor], with_visual: bool = F
 
 class AttentionTap:
     """Keeps the inputs of one decoder layer's attention at each forward pass (training only), so that
-    the attention of its head 0 at the answer positions can be taught where to look (FOCUS_LAYER)."""
+    the attention of its head 0 at the answer positions can be taught where to look (LOOKUP_LAYER, READ_LAYER)."""
 
     def __init__(self, attn: torch.nn.Module) -> None:
         self.attn = attn
@@ -461,13 +523,19 @@ class AttentionTap:
 
 
 def focus_loss(log_probs: torch.Tensor, focus: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """-log of the attention mass on the focus positions, averaged over the rows that have some;
-    and that mass (for the log)."""
+    """Cross-entropy of the attention against an even spread over the focus positions, averaged
+    over the rows that have some; and the attention mass on them (for the log).
+    Even, not just all on them: "How many triangles" looks at every triangle and, as much as at
+    each, at <|vision_start|>, so the share that lands on the triangles (1/2, 2/3, 3/4) says how
+    many there are. Taught only to look at the triangles, the head gave their average, which is
+    the same for one triangle as for three."""
     has = focus.any(dim=1)
     if not has.any():
         return torch.zeros(()), 0.0
-    on = log_probs[has].masked_fill(~focus[has], float("-inf")).logsumexp(dim=-1)  # (A',)
-    return -on.mean(), float(on.detach().exp().mean())
+    lp, on = log_probs[has], focus[has]
+    ce = -lp.masked_fill(~on, 0.0).sum(dim=-1) / on.sum(dim=-1)
+    mass = lp.masked_fill(~on, float("-inf")).logsumexp(dim=-1).exp()
+    return ce.mean(), float(mass.detach().mean())
 
 
 class CellHead(torch.nn.Module):
@@ -500,11 +568,33 @@ class CellHead(torch.nn.Module):
 def aux_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of the AUX_HEADS groups of `scores` (L, sum of sizes) against (L, heads)."""
     total, start = torch.zeros(()), 0
-    for i, (_, n) in enumerate(AUX_HEADS):
-        if (targets[:, i] != IGNORE).any():
-            total = total + F.cross_entropy(scores[:, start : start + n], targets[:, i], ignore_index=IGNORE)
+    holds = targets[:, 0] > 0  # the tokens that hold a shape: a few among many empty ones
+    for i, (name, n) in enumerate(AUX_HEADS):
+        t = targets[:, i]
+        if name in SHAPE_HEADS:  # the shape tokens weigh as much as all the empty ones together
+            for part in (holds, ~holds):
+                if (t[part] != IGNORE).any():
+                    ce = F.cross_entropy(scores[part, start : start + n], t[part], ignore_index=IGNORE)
+                    total = total + ce / 2
+        elif (t != IGNORE).any():
+            total = total + F.cross_entropy(scores[:, start : start + n], t, ignore_index=IGNORE)
         start += n
     return total / len(AUX_HEADS)
+
+
+def cell_accuracy(scores: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    """Per AUX_HEADS group: the share of visual tokens with a target whose best score is it (for
+    kind, colour and count, of the tokens that hold a shape)."""
+    out, start = {}, 0
+    for i, (name, n) in enumerate(AUX_HEADS):
+        has = targets[:, i] != IGNORE
+        if name in SHAPE_HEADS:
+            has &= targets[:, 0] > 0
+        if has.any():
+            pred = scores[has, start : start + n].argmax(-1)
+            out[name] = float((pred == targets[has, i]).float().mean())
+        start += n
+    return out
 
 
 def full_vocab_loss(
@@ -589,8 +679,8 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
     }
     aux_head = CellHead(cfg.text.hidden_size, model.model.embed_tokens, word_rows)
     opt.add_param_group({"params": list(aux_head.parameters()), "weight_decay": 0.0})
-    tap = AttentionTap(model.model.layers[FOCUS_LAYER].self_attn)
-    ask_tap = AttentionTap(model.model.layers[QUESTION_LAYER].self_attn)
+    look_tap = AttentionTap(model.model.layers[LOOKUP_LAYER].self_attn)
+    read_tap = AttentionTap(model.model.layers[READ_LAYER].self_attn)
     n_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
     log(
         f"demo model: {VARIANT} DeepStack, LLM {LLM['num_hidden_layers']}x{LLM['hidden_size']}, vision "
@@ -598,6 +688,9 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         f"rows; {s.steps} steps of {s.batch}, {s.threads} threads"
     )
 
+    start, cpu_start = time.monotonic(), time.process_time()  # the cap counts the vision steps too
+    if s.vision_steps:
+        pretrain_vision(model, aux_head, processor, vocab, stop_id, pad_id, seed, s, log)
     type_rng = np.random.default_rng([seed, 7])
     weights = np.asarray(s.type_weights, dtype=np.float64) / sum(s.type_weights)
     heldout_samples = [make_sample(seed, i, "heldout") for i in range(s.eval_n)]
@@ -605,7 +698,6 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
     heldout = [encode(processor, vocab, x, stop_id, merge) for x in heldout_samples]
     heldout_types = [x.type for x in heldout_samples]
     record: dict = {"seed": seed, "settings": dataclasses.asdict(s), "log": []}
-    start, cpu_start = time.monotonic(), time.process_time()
     step = 0
     for step in range(s.steps):
         for group in opt.param_groups:
@@ -620,11 +712,15 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         answer_loss = full_vocab_loss(logits, batch["targets"], n_zero_rows, batch["answer_of"])
         aux = aux_loss(aux_head(visual), batch["cells"])
         loss = answer_loss + s.aux_weight * aux
-        ask_mass = mass = 0.0
+        look_mass = read_mass = 0.0
         if s.focus_weight:
-            focus, mass = focus_loss(tap.log_probs(batch["rows"], batch["cols"]), batch["focus"])
-            ask, ask_mass = focus_loss(ask_tap.log_probs(batch["rows"], batch["cols"]), batch["ask"])
-            loss = loss + s.focus_weight * (focus + ask)
+            look, look_mass = focus_loss(
+                look_tap.log_probs(batch["look_rows"], batch["look_cols"]), batch["look"]
+            )
+            read, read_mass = focus_loss(
+                read_tap.log_probs(batch["read_rows"], batch["read_cols"]), batch["read"]
+            )
+            loss = loss + s.focus_weight * (look + read)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
@@ -634,7 +730,7 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
         if step % s.log_every == 0 or step == s.steps - 1:
             acc = exact_matches(logits.detach(), batch, len(samples)).float().mean().item()
             log(
-                f"step {step:5d}  loss {answer_loss.item():.4f}  cells {aux.item():.4f}  focus {ask_mass:.2f} {mass:.2f}  "
+                f"step {step:5d}  loss {answer_loss.item():.4f}  cells {aux.item():.4f}  look {look_mass:.2f} read {read_mass:.2f}  "
                 f"grad {grad_norm:.2f}  "
                 f"batch exact {acc:.2f}  "
                 f"{elapsed:7.1f}s wall  {work:7.1f}s cpu/thread"
@@ -649,7 +745,7 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
                 }
             )
         if (step + 1) % s.eval_every == 0 or step == s.steps - 1:
-            hits = heldout_exact(model, heldout, pad_id)
+            hits, cells = heldout_exact(model, heldout, pad_id, aux_head)
             acc = float(hits.float().mean())
             by_type = {
                 t: float(hits[[i for i, x in enumerate(heldout_types) if x == t]].float().mean())
@@ -659,6 +755,7 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
                 f"step {step:5d}  held-out exact match (teacher-forced, {len(heldout)}): {acc:.3f}  "
                 + " ".join(f"{t} {a:.2f}" for t, a in by_type.items())
             )
+            log("           cells: " + " ".join(f"{k} {v:.2f}" for k, v in cells.items()))
             record["log"].append({"step": step, "heldout_exact": round(acc, 4)})
         if work > s.minutes * 60:
             log(f"warning: stopping at step {step}: the {s.minutes}-minute cap is reached")
@@ -683,18 +780,60 @@ def train(out: str | Path, seed: int = 0, settings: TrainSettings | None = None,
     return record
 
 
+def pretrain_vision(model, aux_head, processor, vocab, stop_id, pad_id, seed, s: TrainSettings, log) -> None:
+    """The vision tower, the merger and the cell heads alone, on the cell targets of samples drawn
+    from their own stream (no language model in the pass: a step costs a fraction of a full one)."""
+    params = list(model.visual.parameters()) + list(aux_head.parameters())
+    opt = torch.optim.AdamW(params, lr=s.vision_lr, betas=(0.9, 0.98), weight_decay=0.0)
+    merge = model.config.vision.spatial_merge_size
+    cfg = model.config
+    for step in range(s.vision_steps):
+        lr = s.vision_lr * min(1.0, (step + 1) / s.warmup) * (0.1 + 0.9 * (1 - step / s.vision_steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        samples = [make_sample(seed + 1000, step * s.batch + j, "train") for j in range(s.batch)]
+        batch = collate([encode(processor, vocab, x, stop_id, merge) for x in samples], pad_id)
+        ids = batch["input_ids"]
+        h, _, _ = model.embed(
+            ids,
+            batch.get("pixel_values"),
+            batch.get("image_grid_thw"),
+            batch.get("pixel_values_videos"),
+            batch.get("video_grid_thw"),
+        )
+        visual = h[(ids == cfg.image_token_id) | (ids == cfg.video_token_id)]
+        scores = aux_head(visual)
+        loss = aux_loss(scores, batch["cells"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == s.vision_steps - 1:
+            acc = cell_accuracy(scores.detach(), batch["cells"])
+            log(
+                f"vision {step:5d}  cells {loss.item():.4f}  "
+                + " ".join(f"{k} {v:.2f}" for k, v in acc.items())
+            )
+
+
 @torch.no_grad()
-def heldout_exact(model, encoded: list[Encoded], pad_id: int, batch: int = 40) -> torch.Tensor:
-    """Per sample: greedy decoding would give exactly the answer (teacher-forced check, batched)."""
+def heldout_exact(
+    model, encoded: list[Encoded], pad_id: int, aux_head, batch: int = 40
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per sample: greedy decoding would give exactly the answer (teacher-forced check, batched);
+    and the cell heads' accuracy on the same samples' visual tokens."""
     was_training = model.training
     model.eval()
-    hits = []
+    hits, scores, targets = [], [], []
     for i in range(0, len(encoded), batch):
         chunk = encoded[i : i + batch]
         b = collate(chunk, pad_id)
-        hits.append(exact_matches(forward_answers(model, b), b, len(chunk)))
+        logits, visual = forward_answers(model, b, with_visual=True)
+        hits.append(exact_matches(logits, b, len(chunk)))
+        scores.append(aux_head(visual))
+        targets.append(b["cells"])
     model.train(was_training)
-    return torch.cat(hits)
+    return torch.cat(hits), cell_accuracy(torch.cat(scores), torch.cat(targets))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,7 +217,9 @@ def few_steps(tmp_path_factory):
     from slimm.train_demo import TrainSettings, train
 
     out = tmp_path_factory.mktemp("train") / "ckpt"
-    settings = TrainSettings(steps=8, batch=4, warmup=2, log_every=1, eval_every=100, eval_n=4)
+    settings = TrainSettings(
+        steps=8, batch=4, warmup=2, log_every=1, eval_every=100, eval_n=4, vision_steps=4
+    )
     record = train(out, seed=0, settings=settings, log=lambda m: None)
     return out, record
 
@@ -240,8 +242,9 @@ def test_training_loss_falls_and_unused_rows_stay_zero(few_steps):
 
 
 def test_attention_targets_name_the_asked_shapes(tmp_path):
-    """The answer token that names what was seen looks at the question's words that name the shape,
-    and at the cells of exactly the shapes the question is about."""
+    """Each word that names shapes looks at the cells of exactly those shapes ("A" and "a" of a
+    description at the first and the second one, a video's answer at the cells its shape moves
+    through), and the position that gives the answer's key word reads the question's naming words."""
     from slimm.config import load_config
     from slimm.processing import Processor
     from slimm.train_demo import compact_config, encode, task_vocab, write_checkpoint_files
@@ -253,24 +256,41 @@ def test_attention_targets_name_the_asked_shapes(tmp_path):
     for i in range(60):
         s = synthetic.make_sample(0, i, "heldout")
         e = encode(processor, vocab, s, cfg.eos_token_id[0], compact_config(cfg, vocab).spatial_merge_size)
-        rows = np.nonzero(e.focus.any(axis=1))[0]
-        assert len(rows) >= 1
-        row = rows[0]
-        cells = e.cells[e.focus[row]]  # the AUX_HEADS targets of the cells looked at
+        seq = np.concatenate([e.prompt, e.answer])
+        words = [processor.tokenizer.decode([int(t)]).strip() for t in vocab.ids[seq]]
+        looks = {words[p]: e.cells[e.look[p]] for p in np.nonzero(e.look.any(axis=1))[0]}  # AUX_HEADS targets
         asked = s.question.rstrip("?").split()
-        if s.type == "colour":
-            assert [kinds[k - 1] for k in cells[:, 0]] == [asked[-1]]
-        elif s.type == "shape":
-            assert [colours[c - 1] for c in cells[:, 1]] == [asked[-1]]
-        elif s.type == "count":
-            assert len(cells) == int(normalise(s.answer))
-        elif s.type == "motion":
-            assert (cells[:, 5] > 0).all()
+        if s.type == "motion":
+            assert (
+                list(looks) == [words[len(e.prompt) - 1]]
+                and (looks[words[len(e.prompt) - 1]][:, 5] > 0).all()
+            )
+        elif s.type == "describe":
+            first, second = s.shapes
+            assert looks["A"][:, :2].tolist() == [
+                [kinds.index(first.kind) + 1, colours.index(first.colour) + 1]
+            ]
+            assert looks["a"][:, :2].tolist() == [
+                [kinds.index(second.kind) + 1, colours.index(second.colour) + 1]
+            ]
+        for word, cells in looks.items():
+            if word in kinds:
+                assert [kinds[k - 1] for k in cells[:, 0]] == [word]
+            elif word.lower() in colours:
+                assert [colours[c - 1] for c in cells[:, 1]] == [word.lower()]
+            elif word[:-1] in kinds:  # "How many triangles": every triangle
+                assert (
+                    len(cells) == int(normalise(s.answer))
+                    and (cells[:, 0] == kinds.index(word[:-1]) + 1).all()
+                )
+        readers = np.nonzero(e.read.any(axis=1))[0]
         if s.type in ("colour", "shape", "position", "count"):
-            named = [processor.tokenizer.decode([int(t)]).strip() for t in vocab.ids[e.prompt[e.ask[row]]]]
+            assert len(readers) == 1 and readers[0] >= len(e.prompt) - 1  # an answer position
+            named = [words[p] for p in np.nonzero(e.read[readers[0]])[0]]
             assert named == [w for w in asked if w in colours or w in kinds or w[:-1] in kinds]
+            assert all(w in looks for w in named)
         else:
-            assert not e.ask.any()
+            assert not len(readers)
 
 
 def test_training_is_reproducible(few_steps, tmp_path):
@@ -278,7 +298,9 @@ def test_training_is_reproducible(few_steps, tmp_path):
 
     _, record = few_steps
     # the same settings as few_steps: the step count shapes the curriculum and the schedule
-    settings = TrainSettings(steps=8, batch=4, warmup=2, log_every=1, eval_every=100, eval_n=4)
+    settings = TrainSettings(
+        steps=8, batch=4, warmup=2, log_every=1, eval_every=100, eval_n=4, vision_steps=4
+    )
     again = train(tmp_path / "again", seed=0, settings=settings, log=lambda m: None)
     first = [e["loss"] for e in record["log"] if "loss" in e]
     assert [e["loss"] for e in again["log"] if "loss" in e] == pytest.approx(first, abs=1e-4)
