@@ -34,12 +34,12 @@ def measure(
 ) -> list[dict[str, Any]]:
     """One eval report per (backend, precision), each with `delta_points` and `identical` against
     the torch fp32 report (`reference`, else the first row, which must then be torch fp32)."""
-    from slimm.cache import trained_demo_dir_for
+    from slimm.cache import demo_dir_for
     from slimm.evaluation import compare, run_eval
 
     out = []
     for backend, precision in rows:
-        path = trained_demo_dir_for(backend, precision)
+        path = demo_dir_for(backend, precision)
         t = time.monotonic()
         report = run_eval(synthetic_n=n, seed=seed, model=path, backend=backend, progress=progress)
         report.update(precision=precision, wall_seconds=round(time.monotonic() - t, 1))

@@ -72,6 +72,10 @@ def _block_size(text: str) -> int:
     return n
 
 
+def _nonnegative(text: str) -> int:
+    return 0 if text.strip() == "0" else _positive(text)
+
+
 def _positive(text: str) -> int:
     try:
         n = int(text)
@@ -159,6 +163,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prepare-only",
         action="store_true",
         help="build (or check) every checkpoint, export and conversion the run needs, then stop",
+    )
+    p.add_argument(
+        "--accuracy",
+        type=_nonnegative,
+        default=0,
+        metavar="N",
+        help="also answer N held-out questions of the trained demo model at each row's backend and "
+        "precision (not timed; its exports at the default block size) for a demo-model accuracy column "
+        "(default 0: no column)",
     )
     p.add_argument(
         "--memory-limit",
@@ -564,6 +577,26 @@ def logits_error(results: list[dict[str, Any]], logits_dir: Path) -> None:
             r["logits_reference"] = ref_name
 
 
+def demo_accuracy(results: list[dict[str, Any]], n: int) -> None:
+    """`demo_accuracy` for every measured row that benchmarks.accuracy has: the trained demo model at
+    the row's backend and precision on `n` held-out questions, against torch fp32."""
+    from benchmarks import accuracy
+
+    chosen = [
+        r
+        for r in results
+        if not r.get("peer") and "load_s" in r and (r["backend"], r["precision"]) in accuracy.ROWS
+    ]
+    if not chosen:
+        return
+    keys = list(dict.fromkeys([("torch", "fp32")] + [(r["backend"], r["precision"]) for r in chosen]))
+    print(f"demo-model accuracy: {n} held-out questions for {len(keys)} rows", file=sys.stderr)
+    reports = {(x["backend"], x["precision"]): x for x in accuracy.measure(keys, n)}
+    for r in chosen:
+        x = reports[(r["backend"], r["precision"])]
+        r["demo_accuracy"] = {k: x[k] for k in ("accuracy", "n", "delta_points", "identical")}
+
+
 def load_text_ids(workload: Path) -> list[int]:
     """The text prompt's token ids, as the peers take them."""
     import numpy as np
@@ -733,6 +766,9 @@ def run(args: argparse.Namespace) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     logits_error(results, args.out / "logits")
+    if args.accuracy:
+        demo_accuracy(results, args.accuracy)
+        meta["accuracy_questions"] = args.accuracy
     report.compare(results)
     args.out.mkdir(parents=True, exist_ok=True)
     text = report.markdown(meta, results)

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from slimm.export.quantize import BLOCKED
+from slimm.export.quantize import BLOCK_SIZE, BLOCKED
 
 # (what, backend, precision, metric, peer backend(s), peer precision, bound, direction): the project's
 # targets, each a ratio of two measured rows (a tuple of peers: the best of them); direction ">="
@@ -169,6 +169,7 @@ def _gb(n: float | None) -> str:
 
 def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
     bw = meta.get("read_bandwidth_bytes_per_s")
+    accuracy = any("demo_accuracy" in r for r in results)
     lines = [
         f"SliMM {meta['variant']} {meta['size']} (random weights); image {meta['image_size'][0]}x{meta['image_size'][1]}, "
         f"text prompt {meta['prompt_tokens']} tokens, {meta['decode_steps']} greedy decode steps, "
@@ -188,9 +189,11 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         "",
         "| backend | precision | weights GB | peak RSS GB (x weights) | load s | compile s | vision encode s "
         "| prefill tok/s | TTFT s | decode tok/s | roofline tok/s @ bandwidth (% reached) | tokens = torch "
-        "| logits error vs fp32 |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| logits error vs fp32 |" + (" demo-model accuracy (vs torch fp32) |" if accuracy else ""),
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: |" if accuracy else ""),
     ]
+    pad = " |" * (12 if accuracy else 11)
     notes = []
     # skipped rows with one reason at one precision share a line (int8 / int4 for every backend
     # but ONNX Runtime), in the place of the first of them
@@ -206,11 +209,11 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
             names = skipped.pop((r["precision"], r.get("reason", "")), None)
             if names:
                 lines.append(
-                    f"| {', '.join(names)} | {r['precision']} | skipped: {r.get('reason', '')} |" + " |" * 11
+                    f"| {', '.join(names)} | {r['precision']} | skipped: {r.get('reason', '')} |" + pad
                 )
             continue
         if "load_s" not in r:
-            lines.append(f"{head} {r.get('status', 'failed')}: {r.get('reason', '')} |" + " |" * 11)
+            lines.append(f"{head} {r.get('status', 'failed')}: {r.get('reason', '')} |" + pad)
             continue
         if r.get("status") != "ok":
             notes.append(
@@ -240,7 +243,16 @@ def markdown(meta: dict[str, Any], results: list[dict[str, Any]]) -> str:
         err = r.get("logits_error")
         is_reference = r.get("logits_reference") == f"{r['backend']} {r['precision']}"
         cells.append("" if err is None or is_reference else f"{err:.1e}")
+        if accuracy:
+            a = r.get("demo_accuracy")
+            cells.append("" if a is None else f"{100 * a['accuracy']:.1f}% ({a['delta_points']:+.1f} pt)")
         lines.append(f"{head} " + " | ".join(cells) + " |")
+    if accuracy:
+        notes.append(
+            f"- demo-model accuracy: the trained demo model (not this table's random weights) on "
+            f"{meta.get('accuracy_questions')} held-out questions of its task, greedy, at the row's backend "
+            f"and precision (int8 / int4 in blocks of {BLOCK_SIZE}), in points against torch fp32 (benchmarks/accuracy.py)"
+        )
     if any(r.get("peer") for r in results):
         notes.append(
             "- peer rows (onnxruntime-genai, llama.cpp): the language model alone on the text prompt (no "

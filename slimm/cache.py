@@ -1,6 +1,6 @@
 """The user's slimm cache ($SLIMM_CACHE, else $XDG_CACHE_HOME/slimm or ~/.cache/slimm) and the demo
-artefacts built in it once, on first use: the random-weight demo checkpoint, its export and
-conversions, and the trained demo model's (unpacked from the package when it ships there).
+artefacts built in it once, on first use: the trained demo model (unpacked from the package), its
+export and conversions, and the random-weight checkpoints the tests and benchmarks use.
 """
 
 from __future__ import annotations
@@ -27,18 +27,6 @@ def built_once(path: Path, marker: str, what: str, build) -> Path:
     return path
 
 
-def demo_model_dir(variant: str = "plain", size: str = "tiny") -> Path:
-    """The built-in demo checkpoint, written once into the cache directory."""
-    from slimm.demo import write_demo_checkpoint
-
-    return built_once(
-        cache_dir() / f"demo-{size}-{variant}",
-        "model.safetensors",
-        f"building the {size} {variant} demo checkpoint (random weights)",
-        lambda path: write_demo_checkpoint(path, variant=variant, size=size),
-    )
-
-
 def export_once(src: Path, path: Path, what: str, precision: str = "fp32") -> Path:
     """`src` exported to ONNX at `precision` in `path`, written once (the exporter imported only then)."""
 
@@ -61,29 +49,22 @@ def convert_once(src: Path, target: str, path: Path, what: str) -> Path:
     return built_once(path, "manifest.json", f"converting {what} to {target}", build)
 
 
-def demo_export_dir(variant: str = "plain", size: str = "tiny") -> Path:
-    """The demo checkpoint exported to ONNX, written once into the cache directory."""
-    path = cache_dir() / f"demo-{size}-{variant}-onnx"
-    if (path / "manifest.json").exists():  # no demo checkpoint needed
-        return path
-    return export_once(demo_model_dir(variant, size), path, "the demo checkpoint")
-
-
-def demo_converted_dir(target: str, variant: str = "plain", size: str = "tiny") -> Path:
-    """The demo export converted to `target`, written once into the cache directory."""
-    path = cache_dir() / f"demo-{size}-{variant}-{target}"
-    if (path / "manifest.json").exists():
-        return path
-    return convert_once(demo_export_dir(variant, size), target, path, "the demo export")
-
-
 def trained_demo_export_dir(precision: str = "fp32") -> Path:
     """The trained demo model exported to ONNX at `precision`, written once into the cache directory."""
+    from slimm.export.quantize import PRECISIONS as QUANTIZED
     from slimm.trained_demo import trained_demo_dir
 
     src = trained_demo_dir()
     path = src.with_name(src.name + "-onnx" + ("" if precision == "fp32" else f"-{precision}"))
-    return export_once(src, path, "the demo model", precision)
+    if precision not in QUANTIZED:
+        return export_once(src, path, "the demo model", precision)
+
+    def build(out: Path) -> None:  # what export_model does, from the fp32 export cached once
+        from slimm.export.quantize import quantize_export
+
+        quantize_export(trained_demo_export_dir(), out, precision)
+
+    return built_once(path, "manifest.json", f"quantizing the demo model's export ({precision})", build)
 
 
 def trained_demo_converted_dir(target: str) -> Path:
@@ -94,18 +75,9 @@ def trained_demo_converted_dir(target: str) -> Path:
     )
 
 
-def demo_dir_for(backend: str) -> Path:
-    """What `backend` loads when no model is given: the random-weight demo checkpoint, its export or
-    a conversion. (The trained demo model replaces it here once it is shipped; see trained_demo_dir_for.)"""
-    if backend == "torch":
-        return demo_model_dir()
-    if backend == "onnx" or backend.endswith("-ort"):
-        return demo_export_dir()
-    return demo_converted_dir(backend)
-
-
-def trained_demo_dir_for(backend: str, precision: str = "fp32") -> Path:
-    """The trained demo model's checkpoint, export (at `precision`) or conversion that `backend` loads."""
+def demo_dir_for(backend: str, precision: str = "fp32") -> Path:
+    """What `backend` loads when no model is given: the trained demo model's checkpoint, its export
+    (at `precision`) or its conversion, unpacked or built once into the cache."""
     if backend == "onnx" or backend.endswith("-ort"):
         return trained_demo_export_dir(precision)
     if precision != "fp32":

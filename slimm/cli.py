@@ -114,16 +114,16 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from slimm.cache import demo_model_dir
     from slimm.export.export import check_export_settings, export_model
     from slimm.outdir import check_out_dir
+    from slimm.trained_demo import trained_demo_dir
 
-    # refused before the demo checkpoint is built, if it has to be
+    # refused before the demo model is unpacked, if it has to be
     check_export_settings(args.precision, args.block_size, args.opset, args.max_seq_len, fused=args.fused)
     model = resolve_model(args.model) if args.model else None
     check_out_dir(args.out, source=model, overwrite=args.overwrite)
     out = export_model(
-        model or demo_model_dir(),
+        model or trained_demo_dir(),
         args.out,
         precision=args.precision,
         opset=args.opset,
@@ -148,14 +148,34 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def export_precisions() -> tuple[str, ...]:
+    from slimm.export.export import PRECISIONS as PLAIN
+    from slimm.export.quantize import PRECISIONS as QUANTIZED
+
+    return (*PLAIN, *QUANTIZED)
+
+
 def cmd_eval(args) -> int:
     from slimm.evaluation import format_report, run_eval
 
+    if args.precision != "fp32":
+        if args.model:
+            raise InputError(
+                f"--precision {args.precision} picks an export of the built-in demo model; an export given with "
+                "--model has the precision it was written with (slimm export --precision)"
+            )
+        if args.precision not in export_precisions():
+            raise InputError(f"--precision {args.precision}: not one of {', '.join(export_precisions())}")
+    model = args.model
+    if model is None:
+        from slimm.cache import demo_dir_for
+
+        model = demo_dir_for(args.backend, args.precision)
     report = run_eval(
         data_path=args.data,
         synthetic_n=args.synthetic,
         seed=args.seed,
-        model=args.model,
+        model=model,
         backend=args.backend,
         out_json=args.out,
         max_new_tokens=args.max_new_tokens,
@@ -335,9 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         help="answer a prompt about images / video, streaming the text",
         description="Answer a prompt about images or video frames, streaming the answer to stdout. "
-        "With no --model, a tiny random-weight demo checkpoint is built once and used (its text is meaningless).",
+        "With no --model, the built-in demo model answers: a tiny SliMM trained on pictures of coloured shapes "
+        "(colours, shapes, positions, counts, motion; it knows nothing else).",
     )
-    add_model_options(g, BACKENDS, "the built-in tiny demo checkpoint")
+    add_model_options(g, BACKENDS, "the built-in demo model")
     g.add_argument("--image", type=Path, action="append", default=[], help="image file (repeatable)")
     g.add_argument(
         "--video", action="append", default=[], help="video file or directory of frames (repeatable)"
@@ -388,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--model",
-        help="checkpoint directory or Hugging Face hub id (default: the built-in tiny demo checkpoint)",
+        help="checkpoint directory or Hugging Face hub id (default: the built-in demo model)",
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
     e.add_argument(
@@ -466,7 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("data", nargs="?", type=Path, help="JSONL file of rows (or use --synthetic)")
     ev.add_argument("--synthetic", type=int, metavar="N", help="N held-out questions of the synthetic task")
     ev.add_argument("--seed", type=int, default=0, help="seed of the synthetic questions")
-    add_model_options(ev, BACKENDS, "the trained demo model")
+    add_model_options(ev, BACKENDS, "the built-in demo model")
+    ev.add_argument(
+        "--precision",
+        default="fp32",
+        metavar="PRECISION",
+        help=f"without --model: the demo model's export at this precision (one of {', '.join(export_precisions())}; "
+        "all but fp32 on the onnx backend only), written once into the cache",
+    )
     ev.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated")
     ev.add_argument("--out", type=Path, help="write the JSON report (per row and per type) here")
     ev.set_defaults(func=cmd_eval)
@@ -495,9 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve a model over an OpenAI-compatible HTTP API, batching requests continuously",
         description="Serve POST /v1/chat/completions (text and images, streaming), GET /v1/models and GET /health. "
         "Requests share the model: they join a running batch of up to --max-batch at each decode step. With no "
-        "--model, the tiny random-weight demo model of --backend is served (its text is meaningless).",
+        "--model, the built-in demo model (trained on pictures of coloured shapes) is served.",
     )
-    add_model_options(sv, BACKENDS, "the built-in tiny demo model")
+    add_model_options(sv, BACKENDS, "the built-in demo model")
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (not loopback: set --api-key too)")
     sv.add_argument("--port", type=int, default=8000, help="TCP port")
     sv.add_argument(
@@ -553,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.add_argument("input", type=Path, help="folder of images, or a .jsonl / .csv / .parquet table")
     bt.add_argument("--output", type=Path, required=True, help="file to write: .parquet or .jsonl")
-    add_model_options(bt, BACKENDS, "the built-in tiny demo model")
+    add_model_options(bt, BACKENDS, "the built-in demo model")
     bt.add_argument("--prompt", default="Describe this image.", help="for rows with no prompt of their own")
     bt.add_argument("--max-new-tokens", type=int, default=128, help="answer tokens at most")
     add_ray_address(bt)

@@ -286,9 +286,9 @@ def run_eval(
     if (data_path is None) == (synthetic_n is None):
         raise InputError("give either an eval data file or a number of synthetic questions, not both")
     if model is None:
-        from slimm.trained_demo import trained_demo_dir
+        from slimm.cache import demo_dir_for
 
-        model = trained_demo_dir()
+        model = demo_dir_for(backend)
     loaded = slimm.load(model, backend=backend, **load_kwargs)
     with tempfile.TemporaryDirectory(prefix="slimm-eval-") as tmp:
         if synthetic_n is not None:

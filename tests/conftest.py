@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny demo checkpoints (seeded random weights in the released format)."""
+"""Shared fixtures: one slimm cache for the run, tiny demo checkpoints (seeded random weights in the
+released format)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +35,21 @@ def cpu_summary() -> str:
     )
     present = [f for f in CPU_FLAGS if f in flags]
     return f"cpu: {model}; SIMD: {' '.join(present) or 'none of ' + ', '.join(CPU_FLAGS)}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slimm_cache(tmp_path_factory):
+    """$SLIMM_CACHE for the whole run, subprocesses included: the trained demo model is unpacked,
+    exported, quantized and converted there once and shared by every test that uses it. Set
+    $SLIMM_TEST_CACHE to keep it between runs (it is never the user's own cache)."""
+    path = os.environ.get("SLIMM_TEST_CACHE") or str(tmp_path_factory.mktemp("slimm-cache"))
+    old = os.environ.get("SLIMM_CACHE")
+    os.environ["SLIMM_CACHE"] = path
+    yield Path(path)
+    if old is None:
+        os.environ.pop("SLIMM_CACHE", None)
+    else:
+        os.environ["SLIMM_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

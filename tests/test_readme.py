@@ -48,12 +48,12 @@ RUNNABLE = [b for b in readme_blocks() if b[1] in ("python", "bash")]
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, slimm_cache):
     d = tmp_path_factory.mktemp("readme")
     (d / "examples").symlink_to(ROOT / "examples")
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["SLIMM_CACHE"] = str(tmp_path_factory.mktemp("readme-cache"))  # the demo model, built once here
+    env["SLIMM_CACHE"] = str(slimm_cache)  # the demo model's artefacts, shared with the other tests
     env["PYTHONPATH"] = str(ROOT)
     return d, env
 

@@ -207,7 +207,10 @@ def quantize_part(
         nodes_to_include=tables if bits == 4 else None,  # 4-bit gathers: the quantizer's own
         quant_axes=(("MatMul", 0), ("Gather", 1)),  # blocks along the reduction axis / the row
     )
-    quantizer.process()
+    # its 4-bit Gather path computes data / scale before choosing 0 where scale == 0 (an all-zero
+    # block, such as an unused token's embedding row): the NumPy warning is noise, the values right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quantizer.process()
     model = quantizer.model.model
     counts = {"MatMulNBits": 0, "GatherBlockQuantized": 0}
     for n in model.graph.node:

@@ -131,7 +131,7 @@ def test_memory_goal_is_not_judged_where_the_weights_are_too_small_to_matter():
 
 def test_tiny_run_end_to_end(tmp_path):
     """Checkpoint, export, int8 copy and JAX conversion built into --work, every row measured in its
-    own process; table, JSON and the report re-rendered from the JSON."""
+    own process, the demo model's accuracy per row; table, JSON and the report re-rendered from the JSON."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("jax")
     out = tmp_path / "out"
@@ -155,6 +155,8 @@ def test_tiny_run_end_to_end(tmp_path):
             str(tmp_path / "work"),
             "--out",
             str(out),
+            "--accuracy",
+            "20",
         ]
     )
     assert code == 0
@@ -168,6 +170,13 @@ def test_tiny_run_end_to_end(tmp_path):
     assert rows[("onnx", "fp32")]["logits_error"] < 1e-4  # against torch fp32, the same prompt
     assert 0 < rows[("onnx", "int8")]["logits_error"] < 0.1  # int8 weights: measured, not zero
     assert rows[("torch", "int8")]["status"] == "skipped"
+    # --accuracy: the trained demo model at each measured row's backend and precision
+    for key in (("torch", "fp32"), ("onnx", "fp32"), ("jax", "fp32"), ("onnx", "int8")):
+        acc = rows[key]["demo_accuracy"]
+        assert acc["n"] == 20 and 0.5 <= acc["accuracy"] <= 1, (key, acc)
+    assert rows[("torch", "fp32")]["demo_accuracy"]["delta_points"] == 0
+    assert "demo_accuracy" not in rows[("torch", "int8")]
+    assert "demo-model accuracy (vs torch fp32)" in (out / "table.md").read_text()
     assert (out / "table.md").read_text().startswith("SliMM plain tiny")
     again = report.render(out / "results.json", tmp_path / "again")
     assert "| onnx | int8 |" in again and (tmp_path / "again" / "table.md").exists()

@@ -373,3 +373,19 @@ def test_eval_on_synthetic_questions_writes_a_report(exported, tmp_path, capsys)
         "not found",
     )
     one_line_error(capsys, ["eval", "--model", str(exported("plain")), "--backend", "onnx"], "either")
+
+
+def test_eval_precision_picks_the_demo_models_export_only(exported, capsys):
+    """--precision chooses an export of the built-in demo model: with --model it is refused (an export
+    has its own precision), off ONNX Runtime and unknown ones too, each before any model is built."""
+    model = str(exported("plain"))
+    one_line_error(
+        capsys,
+        ["eval", "--synthetic", "2", "--model", model, "--backend", "onnx", "--precision", "int8"],
+        "--precision int8",
+        "slimm export --precision",
+    )
+    one_line_error(capsys, ["eval", "--synthetic", "2", "--precision", "int3"], "--precision int3", "int4")
+    one_line_error(
+        capsys, ["eval", "--synthetic", "2", "--backend", "jax", "--precision", "int4"], "jax", "fp32", "int4"
+    )

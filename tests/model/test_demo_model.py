@@ -335,24 +335,11 @@ def test_pack_and_unpack_rebuild_the_same_checkpoint(few_steps, tmp_path, monkey
 
 
 @pytest.fixture(scope="module")
-def shipped(tmp_path_factory):
+def shipped():
+    """The shipped demo model, unpacked into the run's cache (tests/conftest.py: slimm_cache)."""
     from slimm import trained_demo
 
-    if not (trained_demo.ASSET_DIR / "manifest.json").is_file():
-        pytest.skip(
-            "the trained demo weights are not in this checkout (python -m slimm.train_demo --package)"
-        )
-    import os
-
-    old = os.environ.get("SLIMM_CACHE")
-    os.environ["SLIMM_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield trained_demo.trained_demo_dir()
-    finally:
-        if old is None:
-            os.environ.pop("SLIMM_CACHE", None)
-        else:
-            os.environ["SLIMM_CACHE"] = old
+    return trained_demo.trained_demo_dir()
 
 
 # The issue's bar: 500 held-out questions, >= 95% on torch; every backend within 0.5 points of torch
@@ -382,12 +369,10 @@ def test_shipped_demo_model_sees(torch_report):
     [("onnx", HELD_OUT), ("jax", CONVERTED_N), ("paddle", CONVERTED_N), ("mindspore", CONVERTED_N)],
 )
 def test_every_backend_answers_as_torch(torch_report, backend, n):
-    from slimm.cache import trained_demo_dir_for
+    from slimm.cache import demo_dir_for
     from slimm.evaluation import compare
 
-    report = run_eval(
-        synthetic_n=n, seed=0, model=trained_demo_dir_for(backend), backend=backend, progress=False
-    )
+    report = run_eval(synthetic_n=n, seed=0, model=demo_dir_for(backend), backend=backend, progress=False)
     got = compare(report, torch_report)
     assert got["n"] == n
     assert got["identical"] >= 0.99, (backend, got)
@@ -396,10 +381,10 @@ def test_every_backend_answers_as_torch(torch_report, backend, n):
 
 @pytest.mark.parametrize("precision", list(MAX_DROP))
 def test_quantized_exports_keep_the_answers(torch_report, precision):
-    from slimm.cache import trained_demo_dir_for
+    from slimm.cache import demo_dir_for
     from slimm.evaluation import compare
 
-    model = trained_demo_dir_for("onnx", precision)
+    model = demo_dir_for("onnx", precision)
     report = run_eval(synthetic_n=QUANTIZED_N, seed=0, model=model, backend="onnx", progress=False)
     got = compare(report, torch_report)
     assert got["delta_points"] >= -MAX_DROP[precision], (precision, got, report["by_type"])
@@ -415,3 +400,31 @@ def test_shipped_example_is_answered(shipped):
         image = trained_demo.ASSET_DIR / ex["image"]
         text = "".join(model.stream(ex["question"], images=[str(image)], max_new_tokens=20))
         assert is_match(text, ex["answer"]), (ex, text)
+
+
+def test_readme_first_command_prints_the_answer(shipped):
+    """The README's first command, `slimm generate` with no --model on examples/shapes.png (the
+    shipped example scene), prints exactly the example's answer."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from slimm import trained_demo
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "shapes.png"
+    shipped_image = trained_demo.ASSET_DIR / "example.png"
+    assert np.array_equal(np.asarray(Image.open(example)), np.asarray(Image.open(shipped_image)))
+    ex = trained_demo.read_manifest()["examples"][0]
+    readme = (example.parents[1] / "README.md").read_text()
+    assert f'--image examples/shapes.png --prompt "{ex["question"]}"' in readme
+    assert f"It prints `{ex['answer']}`" in readme
+    r = subprocess.run(
+        [sys.executable, "-m", "slimm", "generate", "--image", str(example), "--prompt", ex["question"]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == ex["answer"], (ex, r.stdout)
