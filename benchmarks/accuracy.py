@@ -26,6 +26,7 @@ ROWS = (
     ("onnx", "int4"),
     ("onnx", "w8a8"),
     ("onnx", "int4+w8a8"),
+    ("onnx", "int8+w8a8"),
 )
 
 

@@ -349,9 +349,11 @@ def shipped():
 HELD_OUT = 500
 CONVERTED_N = 200
 QUANTIZED_N = 300
-# points of accuracy a quantized export may lose against torch fp32 (int8: the 2 points;
-# int4 and w8a8: what was measured, with margin; see README "Accuracy")
-MAX_DROP = {"fp16": 0.5, "int8": 2.0, "int4": 6.0, "w8a8": 6.0}
+# points of accuracy a quantized export may lose against torch fp32: int8 the 2 points; int4
+# and w8a8 measured -0.4 and 0.0 on 500 questions on an AVX-512 VNNI EPYC (README "Accuracy"), 2 points
+# leave room for other CPUs' kernels (AVX2's u8s8 w8a8 path rounds differently). fp16 (0.0 measured)
+# is in benchmarks/accuracy.py, not here: its export is a second full export, a minute of suite time.
+MAX_DROP = {"int8": 2.0, "int4": 2.0, "w8a8": 2.0}
 
 
 @pytest.fixture(scope="module")
