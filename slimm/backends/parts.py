@@ -18,7 +18,7 @@ from slimm.export.manifest import Manifest
 from slimm.host.positions import model_rope_index
 from slimm.host.vision_index import vision_host_inputs
 
-NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int8": np.int8}
 
 
 class PartsBackend(Backend):
@@ -39,6 +39,7 @@ class PartsBackend(Backend):
         self.specs = {p: {t.name: t for t in parts[p].inputs} for p in parts}
         self.out_names = {p: [t.name for t in parts[p].outputs] for p in parts}
         self.float = NP_DTYPES[self.specs["F"]["inputs_embeds"].dtype]
+        self.kv_dtype = NP_DTYPES[self.specs["F"]["past_key.0"].dtype]  # int8: a fused F's int8 cache
 
     @abc.abstractmethod
     def run_part(self, part: str, feeds: dict[str, np.ndarray]) -> list[Any]:
@@ -72,8 +73,8 @@ class PartsBackend(Backend):
     def new_cache(self, n: int, capacity: int) -> None:
         t = self.config.text
         shape = (n, t.num_key_value_heads, capacity, t.head_dim)
-        self.keys = [np.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
-        self.values = [np.zeros(shape, self.float) for _ in range(t.num_hidden_layers)]
+        self.keys = [np.zeros(shape, self.kv_dtype) for _ in range(t.num_hidden_layers)]
+        self.values = [np.zeros(shape, self.kv_dtype) for _ in range(t.num_hidden_layers)]
         self.past_mask = np.zeros((n, capacity), np.int64)
 
     def write_cache(

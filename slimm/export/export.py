@@ -274,6 +274,7 @@ def check_export_settings(
     max_seq_len: int = DEFAULT_MAX_SEQ_LEN,
     parts: tuple[str, ...] = PARTS,
     fused: bool = False,
+    kv_cache: str = "float",
 ) -> None:
     """export_model's settings, checked before any work (the CLI runs this before building a demo)."""
     from slimm.export.quantize import BLOCK_SIZE, BLOCKED, check_block_size, check_precision
@@ -301,6 +302,15 @@ def check_export_settings(
             )
         if "F" not in parts:
             raise InputError("--fused replaces part F, which this export leaves out")
+    from slimm.export.fused import KV_CACHES
+
+    if kv_cache not in KV_CACHES:
+        raise InputError(f"--kv-cache {kv_cache}: not one of {', '.join(KV_CACHES)}")
+    if kv_cache != "float" and not fused:
+        raise InputError(
+            f"--kv-cache {kv_cache} is read by ONNX Runtime's GroupQueryAttention, which only the fused "
+            "decoder uses: add --fused"
+        )
 
 
 def export_model(
@@ -314,6 +324,7 @@ def export_model(
     block_size: int | None = None,
     overwrite: bool = False,
     fused: bool = False,
+    kv_cache: str = "float",
 ) -> Path:
     """Export a checkpoint directory to `out_dir`: SliMM_A..F.onnx (+ .onnx.data), manifest.json,
     and the tokenizer / chat template / preprocessor files.
@@ -324,19 +335,20 @@ def export_model(
     refused unless `overwrite`.
 
     `fused`: part F written with ONNX Runtime's fused operators (slimm.export.fused), same inputs and
-    outputs; such an export runs on ONNX Runtime only.
+    outputs; such an export runs on ONNX Runtime only. `kv_cache="int8"` (fused only): its KV cache
+    holds int8 entries with per-channel scales calibrated on the checkpoint (fused.calibrate_kv_scales).
     """
     from slimm.export.quantize import BLOCK_SIZE
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
-    check_export_settings(precision, block_size, opset, max_seq_len, parts, fused)
+    check_export_settings(precision, block_size, opset, max_seq_len, parts, fused, kv_cache)
     ckpt_dir = resolve_model(ckpt_dir)
     out_dir = check_out_dir(out_dir, source=ckpt_dir, overwrite=overwrite)
     if precision in QUANTIZED:
         from slimm.export.quantize import quantize_export
 
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.fp32-", dir=out_dir.parent) as fp32:
-            _export_parts(ckpt_dir, Path(fp32), "fp32", opset, max_seq_len, parts, progress, fused)
+            _export_parts(ckpt_dir, Path(fp32), "fp32", opset, max_seq_len, parts, progress, fused, kv_cache)
             return quantize_export(
                 fp32,
                 out_dir,
@@ -346,7 +358,7 @@ def export_model(
                 overwrite=True,  # checked above, before the float32 export
             )
     with staged(out_dir) as tmp:
-        _export_parts(ckpt_dir, tmp, precision, opset, max_seq_len, parts, progress, fused)
+        _export_parts(ckpt_dir, tmp, precision, opset, max_seq_len, parts, progress, fused, kv_cache)
     return out_dir
 
 
@@ -359,6 +371,7 @@ def _export_parts(
     parts,
     progress: bool,
     fused: bool = False,
+    kv_cache: str = "float",
 ) -> None:
     import uuid
 
@@ -382,12 +395,14 @@ def _export_parts(
     bar = tqdm(parts, desc="export", unit="part", disable=not progress, file=sys.stderr)
     for part in bar:
         bar.set_postfix_str(f"{part}: {PART_ROLES[part]}")
-        ins, outs = io_spec(cfg, part, "float32")
+        kv_int8 = fused and part == "F" and kv_cache == "int8"
+        ins, outs = io_spec(cfg, part, "float32", "int8" if kv_int8 else None)
         path = out_dir / part_file(part)
         if fused and part == "F":
-            from slimm.export.fused import fused_decoder
+            from slimm.export.fused import calibrate_kv_scales, fused_decoder
 
-            _save(fused_decoder(model, cfg, ins, outs), path)
+            scales = calibrate_kv_scales(model, ckpt_dir) if kv_int8 else None
+            _save(fused_decoder(model, cfg, ins, outs, kv_scales=scales), path)
         else:
             with torch.no_grad():
                 args = example_inputs(cfg, part, torch.float32)

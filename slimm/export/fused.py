@@ -18,6 +18,14 @@ MS = "com.microsoft"
 FUSED_OPSET = 21  # uint4 / uint8 block tensors of the quantized MatMuls need 21 (quantize.py)
 # fp16: see the check in export.check_export_settings; the mixed ones quantize the fused F both ways
 FUSED_PRECISIONS = ("fp32", "int8", "int4", "w8a8", "int4+w8a8", "int8+w8a8")
+# the KV cache's element type: the export's float type, or int8 with static per-channel scales that
+# GroupQueryAttention dequantizes as it reads (a quarter of float32's cache memory and bytes read)
+KV_CACHES = ("float", "int8")
+# the calibration's largest magnitude per channel, doubled: inputs unlike the calibration prompts
+# (random token ids, noise images) reached 1.5x its peaks, and a clipped entry's error has no bound,
+# where rounding's is half a step. Measured on the tiny v1 checkpoint's test prompts: 1.1x gave
+# 11-15% logits error and other greedy tokens, 1.5x 3-7%, 2x 1.2-2% and the same tokens.
+KV_SCALE_MARGIN = 2.0
 
 
 class _Graph:
@@ -79,10 +87,71 @@ def _weights(model) -> dict:
     return {"layers": layers, "norm": arr(lm.norm.weight), "lm_head": arr(model.output_weight()).T}
 
 
-def fused_decoder(model, cfg: SliMMConfig, inputs: list, outputs: list):
+def calibrate_kv_scales(model, ckpt_dir: Path, new_tokens: int = 16) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per layer, the int8 cache's (key, value) scales, each (1, KV, 1, D): the largest magnitude
+    each channel reached while `model` answered a few calibration prompts (text, and the synthetic
+    shapes scenes as images and a video), widened by KV_SCALE_MARGIN, over 127.
+
+    Keys are stored after the rotation, which mixes channel i with channel i + D/2 by the position's
+    angle; the scale of both is the largest norm of that pair (which no rotation changes), so the
+    scales hold at positions the calibration never reached."""
+    import torch
+
+    from slimm.backends.torch import TorchBackend
+    from slimm.processing import Processor
+    from slimm.synthetic import make_sample
+
+    layers = model.model.layers
+    t = model.config.text
+    KV, D = t.num_key_value_heads, t.head_dim
+    peaks = [[np.zeros((KV, D), np.float32), np.zeros((KV, D), np.float32)] for _ in layers]
+
+    def hook(j):
+        def record(_module, _inputs, out):
+            _, k, v = out  # (B, KV, S, D) each, the new entries this layer writes to the cache
+            k = k.detach().float()
+            half = D // 2
+            pair = torch.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2)  # rotation-invariant
+            kmax = pair.amax(dim=(0, 2)).repeat(1, 2).numpy()
+            vmax = v.detach().float().abs().amax(dim=(0, 2)).numpy()
+            np.maximum(peaks[j][0], kmax, out=peaks[j][0])
+            np.maximum(peaks[j][1], vmax, out=peaks[j][1])
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(j)) for j, layer in enumerate(layers)]
+    try:
+        runner = TorchBackend(model, Processor.from_pretrained(ckpt_dir))
+        scenes = [make_sample(0, i, "train", q) for i, q in enumerate(("describe", "count", "motion"))]
+        prompts = [
+            ("Write a short story about a lighthouse keeper who finds a message in a bottle.", {}),
+            (scenes[0].question, {"images": [scenes[0].image]}),
+            (scenes[1].question, {"images": [scenes[1].image]}),
+            (scenes[2].question, {"videos": [scenes[2].frames]}),
+        ]
+        with torch.no_grad():
+            for text, media in prompts:
+                inputs = runner.prepare(text, **media)
+                runner.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = []
+    for kmax, vmax in peaks:
+        pair = tuple(
+            (np.maximum(x, 1e-6) * KV_SCALE_MARGIN / 127.0).reshape(1, KV, 1, D).astype(np.float32)
+            for x in (kmax, vmax)
+        )
+        out.append(pair)
+    return out
+
+
+def fused_decoder(model, cfg: SliMMConfig, inputs: list, outputs: list, kv_scales=None):
     """The fused part F as an onnx.ModelProto (float32 weights inside: save it with external data).
 
-    `inputs` / `outputs` are the manifest's tensors for F (slimm.export.manifest.io_spec)."""
+    `inputs` / `outputs` are the manifest's tensors for F (slimm.export.manifest.io_spec).
+    `kv_scales` (calibrate_kv_scales): an int8 cache, its past entries read through these scales by
+    GroupQueryAttention and the new entries written out quantized with them."""
     from onnx import TensorProto, helper
 
     t = cfg.text
@@ -173,18 +242,32 @@ def fused_decoder(model, cfg: SliMMConfig, inputs: list, outputs: list):
         q, k, v = g.op("Split", [qkv, g.ints(H * D, KV * D, KV * D)], n_out=3, axis=-1)
         q = g.op("RotaryEmbedding", [q, pos_ids, *tables], domain=MS, num_heads=H)
         k = g.op("RotaryEmbedding", [k, pos_ids, *tables], domain=MS, num_heads=KV)
+        gqa_in = [q, k, v, f"past_key.{j}", f"past_value.{j}", seqlens_k, total32, "", "", "", bias]
+        quant = {}
+        if kv_scales is not None:
+            scales = [g.const(x, f"{n}_scale{j}") for n, x in zip("kv", kv_scales[j], strict=True)]
+            gqa_in += ["", *scales]  # no head_sink
+            quant = dict(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
         attn = g.op(
             "GroupQueryAttention",
-            [q, k, v, f"past_key.{j}", f"past_value.{j}", seqlens_k, total32, "", "", "", bias],
+            gqa_in,
             n_out=3,
             domain=MS,
             num_heads=H,
             kv_num_heads=KV,
             scale=1.0,  # the queries are pre-scaled (LanguageModel.fuse)
+            **quant,
         )[0]
-        for new, out in ((k, f"present_key.{j}"), (v, f"present_value.{j}")):
+        for i, (new, out) in enumerate(((k, f"present_key.{j}"), (v, f"present_value.{j}"))):
             heads = g.op("Reshape", [new, g.ints(0, 0, KV, D)])  # (B, S, KV, D)
-            g.op("Transpose", [heads], outputs=[out], perm=[0, 2, 1, 3])  # (B, KV, S, D)
+            if kv_scales is None:
+                g.op("Transpose", [heads], outputs=[out], perm=[0, 2, 1, 3])  # (B, KV, S, D)
+                continue
+            heads = g.op("Transpose", [heads], perm=[0, 2, 1, 3])
+            # symmetric int8 as GroupQueryAttention stores it: round(x / scale), saturated
+            steps = g.op("Round", [g.op("Div", [heads, scales[i]])])
+            lo, hi = g.const(np.array(-128, np.float32)), g.const(np.array(127, np.float32))
+            g.op("Cast", [g.op("Clip", [steps, lo, hi])], outputs=[out], to=TensorProto.INT8)
         o = linear(attn, lw["o"], f"o{j}")
         x, resid = g.op(
             "SkipSimplifiedLayerNormalization",
@@ -210,7 +293,7 @@ def fused_decoder(model, cfg: SliMMConfig, inputs: list, outputs: list):
     g.op("Identity", [logits], outputs=["logits"])
     g.op("ArgMax", [logits], outputs=["next_token"], axis=-1, keepdims=0)
 
-    dtypes = {"float32": F32, "int64": I64, "float16": TensorProto.FLOAT16}
+    dtypes = {"float32": F32, "int64": I64, "float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 
     def info(tensor):
         return helper.make_tensor_value_info(tensor.name, dtypes[tensor.dtype], tensor.dims)

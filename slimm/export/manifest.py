@@ -35,7 +35,7 @@ def part_file(part: str, variant: str | None = None) -> str:
 @dataclass
 class Tensor:
     name: str
-    dtype: str  # float32 | float16 | int64
+    dtype: str  # float32 | float16 | int64 | int8 (a fused F's int8 KV cache)
     dims: list  # ints or symbolic names
     role: str
 
@@ -47,11 +47,15 @@ class Tensor:
         return cls(d["name"], d["dtype"], list(d["dims"]), d.get("role", ""))
 
 
-def io_spec(cfg: SliMMConfig, part: str, float_type: str) -> tuple[list[Tensor], list[Tensor]]:
-    """Inputs and outputs of one part: names, dtypes, symbolic dims, roles (written to the manifest)."""
+def io_spec(
+    cfg: SliMMConfig, part: str, float_type: str, kv_type: str | None = None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Inputs and outputs of one part: names, dtypes, symbolic dims, roles (written to the manifest).
+    `kv_type`: F's cache entries (past and present keys / values) if not `float_type` (int8)."""
     t, v = cfg.text, cfg.vision
     d, hd, kv = t.hidden_size, t.head_dim, t.num_key_value_heads
     f = float_type
+    c = kv_type or f
     if part == "A":
         return [Tensor("input_ids", "int64", ["batch", "seq"], "token ids")], [
             Tensor("inputs_embeds", f, ["batch", "seq", d], "token embeddings")
@@ -102,10 +106,10 @@ def io_spec(cfg: SliMMConfig, part: str, float_type: str) -> tuple[list[Tensor],
         ]
         n = t.num_hidden_layers
         ins += [
-            Tensor(f"past_key.{i}", f, ["batch", kv, "capacity", hd], "key cache buffer") for i in range(n)
+            Tensor(f"past_key.{i}", c, ["batch", kv, "capacity", hd], "key cache buffer") for i in range(n)
         ]
         ins += [
-            Tensor(f"past_value.{i}", f, ["batch", kv, "capacity", hd], "value cache buffer")
+            Tensor(f"past_value.{i}", c, ["batch", kv, "capacity", hd], "value cache buffer")
             for i in range(n)
         ]
         if cfg.use_deepstack:
@@ -123,10 +127,10 @@ def io_spec(cfg: SliMMConfig, part: str, float_type: str) -> tuple[list[Tensor],
             Tensor("next_token", "int64", ["batch"], "greedy argmax of logits"),
         ]
         outs += [
-            Tensor(f"present_key.{i}", f, ["batch", kv, "seq", hd], "new keys, to write at the cache offset")
+            Tensor(f"present_key.{i}", c, ["batch", kv, "seq", hd], "new keys, to write at the cache offset")
             for i in range(n)
         ]
-        outs += [Tensor(f"present_value.{i}", f, ["batch", kv, "seq", hd], "new values") for i in range(n)]
+        outs += [Tensor(f"present_value.{i}", c, ["batch", kv, "seq", hd], "new values") for i in range(n)]
         return ins, outs
     raise ValueError(f"unknown part {part!r}; parts are {PARTS}")
 
