@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import peers
-from benchmarks.measure import FRAMEWORKS, PHASES
+from benchmarks.measure import FRAMEWORKS, ONNX_EXPORTS, PACKAGES, PHASES
 from slimm.errors import InputError
 from slimm.export.quantize import BLOCK_SIZE, BLOCKED, MIXED, WEIGHT_ONLY, check_block_size
 from slimm.export.quantize import PRECISIONS as QUANTIZED
 
 SIZES = ("tiny", "0.5b", "2b")
 VARIANTS = ("plain", "v1", "midlayers", "efficient")
-BACKENDS = tuple(FRAMEWORKS)  # torch, onnx, jax, paddle, mindspore, transformers
+BACKENDS = tuple(FRAMEWORKS)  # torch, onnx, jax, paddle, mindspore, transformers, onnx-fused, ...
+DEFAULT_BACKENDS = [b for b in BACKENDS if b not in ONNX_EXPORTS]
 PRECISIONS = ("fp32", "fp16", *QUANTIZED)
 CONVERTED = ("jax", "paddle", "mindspore")
 
@@ -93,8 +94,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backends",
         type=_choices("backend", BACKENDS),
-        default=list(BACKENDS),
-        help=f"comma-separated, from {','.join(BACKENDS)} (default: all)",
+        default=DEFAULT_BACKENDS,
+        help=f"comma-separated, from {','.join(BACKENDS)}; onnx-fused / onnx-fused-kv8: ONNX Runtime on an export "
+        f"with --fused (and --kv-cache int8) (default: {','.join(DEFAULT_BACKENDS)})",
     )
     p.add_argument(
         "--precision",
@@ -335,7 +337,13 @@ def build_worker(spec: dict[str, Any], result_path: str) -> None:
         elif kind == "export":
             from slimm.export import export_model
 
-            export_model(spec["src"], spec["tmp"], precision=spec["precision"], progress=False)
+            export_model(
+                spec["src"],
+                spec["tmp"],
+                precision=spec["precision"],
+                progress=False,
+                **ONNX_EXPORTS.get(spec.get("backend"), {}),
+            )
         elif kind == "quantize":
             from slimm.export.quantize import quantize_export
 
@@ -421,6 +429,10 @@ def skip_reason(backend: str, precision: str, variant: str) -> str | None:
         return f"{FRAMEWORKS[backend]} is not installed"
     if backend == "transformers" and variant != "plain":
         return f"transformers' Qwen2-VL has no DeepStack ({variant}): the peer runs the plain variant only"
+    if backend in ONNX_EXPORTS and precision == "fp16":
+        return "the fused decoder has no fp16 form (slimm export --fused refuses it)"
+    if backend in ONNX_EXPORTS:
+        return None
     if precision in WEIGHT_ONLY and backend != "onnx":
         return f"{precision} is ONNX Runtime weight-only quantization (MatMulNBits): ONNX Runtime only"
     if precision in MIXED and backend != "onnx":
@@ -441,21 +453,21 @@ def model_path(
     if backend in ("torch", "transformers"):
         return ckpt, None
     export_precision = "fp32" if precision in QUANTIZED else precision
-    export = art.ensure(
-        "export", art.path("onnx", export_precision), {"src": str(ckpt), "precision": export_precision}, 3600
-    )
+    kind = backend if backend in ONNX_EXPORTS else "onnx"  # which export: the plain one, or fused
+    spec = {"src": str(ckpt), "precision": export_precision, "backend": kind}
+    export = art.ensure("export", art.path(kind, export_precision), spec, 3600)
     if export is None:
-        return None, art.failed[str(art.path("onnx", export_precision))]
+        return None, art.failed[str(art.path(kind, export_precision))]
     if precision in QUANTIZED:  # w8a8's block size is its embedding table's: kept at the default
         block = args.block_size if precision in BLOCKED else BLOCK_SIZE
         q = art.ensure(
             "quantize",
-            art.path("onnx", precision),
+            art.path(kind, precision),
             {"src": str(export), "precision": precision, "block_size": block},
             3600,
         )
-        return (q, None) if q else (None, art.failed[str(art.path("onnx", precision))])
-    if backend == "onnx":
+        return (q, None) if q else (None, art.failed[str(art.path(kind, precision))])
+    if backend == "onnx" or backend in ONNX_EXPORTS:
         return export, None
     dest = art.path(backend, precision)
     out = art.ensure("convert", dest, {"src": str(export), "target": backend}, args.convert_timeout)
@@ -538,18 +550,10 @@ def machine_line(threads: int) -> str:
 def versions(backends: list[str]) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    dists = {
-        "torch": "torch",
-        "onnx": "onnxruntime",
-        "jax": "jax",
-        "paddle": "paddlepaddle",
-        "mindspore": "mindspore",
-        "transformers": "transformers",
-    }
     out = {}
     for b in backends:
         try:
-            out[dists[b]] = version(dists[b])
+            out[PACKAGES[b]] = version(PACKAGES[b])
         except PackageNotFoundError:
             pass
     return out

@@ -31,6 +31,11 @@ PACKAGES = {  # the same backends -> the pip package whose version a report name
     **{b: ALL_FRAMEWORKS[BACKENDS[b].framework].package for b in ("torch", "onnx", *TARGETS)},
     "transformers": "transformers",
 }
+# the onnx backend on other exports of the same checkpoint, as rows of their own: the fused decoder
+# (`slimm export --fused`) and with it an int8 KV cache (`--kv-cache int8`); -> export_model keywords
+ONNX_EXPORTS = {"onnx-fused": {"fused": True}, "onnx-fused-kv8": {"fused": True, "kv_cache": "int8"}}
+FRAMEWORKS.update({b: FRAMEWORKS["onnx"] for b in ONNX_EXPORTS})
+PACKAGES.update({b: PACKAGES["onnx"] for b in ONNX_EXPORTS})
 JIT_BACKENDS = TARGETS  # compile per input shape on the first call
 PHASES = ("prefill", "decode", "vision", "ttft")
 
@@ -141,7 +146,7 @@ def load_runner(backend: str, path: Path, precision: str, threads: int):
         return SlimmRunner(
             slimm.load(path, backend="torch", dtype={"fp16": "float16"}.get(precision, "float32")), path
         )
-    if backend == "onnx":
+    if backend == "onnx" or backend in ONNX_EXPORTS:
         return SlimmRunner(slimm.load(path, backend="onnx", device="cpu", threads=threads), path)
     if backend == "paddle":
         return SlimmRunner(slimm.load(path, backend="paddle", threads=threads), path)

@@ -5,6 +5,7 @@ by the benchmark itself, not by tests)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -140,7 +141,7 @@ def test_tiny_run_end_to_end(tmp_path):
             "--size",
             "tiny",
             "--backends",
-            "torch,onnx,jax",
+            "torch,onnx,jax,onnx-fused-kv8",
             "--precision",
             "fp32,int8",
             "--repeats",
@@ -170,6 +171,9 @@ def test_tiny_run_end_to_end(tmp_path):
     assert rows[("onnx", "fp32")]["logits_error"] < 1e-4  # against torch fp32, the same prompt
     assert 0 < rows[("onnx", "int8")]["logits_error"] < 0.1  # int8 weights: measured, not zero
     assert rows[("torch", "int8")]["status"] == "skipped"
+    for key in (("onnx-fused-kv8", "fp32"), ("onnx-fused-kv8", "int8")):  # another export, same runner
+        assert rows[key]["status"] == "ok" and rows[key]["decode"]["tokens_per_s"] > 0, rows[key].get("reason")
+        assert "GroupQueryAttention" in (Path(rows[key]["path"]) / "manifest.json").read_text()
     # --accuracy: the trained demo model at each measured row's backend and precision
     for key in (("torch", "fp32"), ("onnx", "fp32"), ("jax", "fp32"), ("onnx", "int8")):
         acc = rows[key]["demo_accuracy"]
