@@ -157,10 +157,10 @@ def cmd_convert(args) -> int:
 
 
 def export_precisions() -> tuple[str, ...]:
-    from slimm.export.export import PRECISIONS as PLAIN
+    from slimm.export.manifest import FLOAT_PRECISIONS
     from slimm.export.quantize import PRECISIONS as QUANTIZED
 
-    return (*PLAIN, *QUANTIZED)
+    return (*FLOAT_PRECISIONS, *QUANTIZED)
 
 
 def cmd_eval(args) -> int:

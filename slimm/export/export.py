@@ -20,14 +20,23 @@ from torch import nn
 
 from slimm.config import DEFAULT_MAX_SEQ_LEN, SliMMConfig
 from slimm.errors import InputError
-from slimm.export.manifest import PART_ROLES, PARTS, Manifest, Part, Tensor, io_spec, part_file
+from slimm.export.manifest import (
+    FLOAT_PRECISIONS,
+    PART_ROLES,
+    PARTS,
+    Manifest,
+    Part,
+    Tensor,
+    io_spec,
+    part_file,
+)
 from slimm.host.vision_index import vision_host_inputs
 from slimm.hub import resolve_model
 from slimm.model.slimm import SliMMForConditionalGeneration
 from slimm.outdir import check_out_dir, staged
 
 DEFAULT_OPSET = 20
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = FLOAT_PRECISIONS
 RUNTIME_FILES = (  # copied beside the parts: an export directory is self-contained
     "config.json",
     "generation_config.json",

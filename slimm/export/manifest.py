@@ -14,6 +14,8 @@ from slimm.config import SliMMConfig
 from slimm.errors import CheckpointError
 from slimm.outdir import plain_name
 
+FLOAT_PRECISIONS = ("fp32", "fp16")  # what the exporter writes itself; quantize.PRECISIONS the rest
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 PARTS = ("A", "B", "C", "D", "E", "F")
