@@ -119,6 +119,7 @@ def test_peer_rows_are_compared_at_their_precision_and_kept_out_of_the_memory_go
         row("onnx", "w8a8", 40.0, 500.0),
         row("llama.cpp", "int8", 50.0, 120.0, peer=True, fmt="q8_0"),
         row("onnx", "fp32", 14.0, 270.0),
+        row("onnx-fused", "fp32", 15.0, 200.0),  # another export of ours: the goals take the faster
         {"backend": "llama.cpp", "precision": "fp32", "status": "skipped", "reason": "not built"},
     ]
     report.compare(results)
@@ -131,6 +132,8 @@ def test_peer_rows_are_compared_at_their_precision_and_kept_out_of_the_memory_go
     goals = {g["goal"]: g for g in report.goals(results)}
     int4 = goals["int4 decode vs the faster of onnxruntime-genai int4 and llama.cpp q4_0"]
     assert int4["ratio"] == pytest.approx(0.8) and not int4["met"] and int4["against"] == "llama.cpp q4_0"
+    assert int4["row"] == "onnx int4"
+    assert "fp32 decode vs onnxruntime-genai fp32" not in goals  # no fp32 peer measured
     assert goals["int4 prefill vs onnxruntime-genai int4"]["ratio"] == pytest.approx(230 / 160)
     assert "onnx int4 peak memory vs weight bytes" in goals
     assert not any(g.startswith(("llama.cpp", "onnxruntime-genai")) for g in goals)
@@ -143,6 +146,13 @@ def test_peer_rows_are_compared_at_their_precision_and_kept_out_of_the_memory_go
         in text
     )
     assert "| onnx | fp32 |  | no peer measured |  |" in text
+    # with an fp32 peer, the goal judges the faster of our onnx and onnx-fused exports, and says which
+    results.append(row("onnxruntime-genai", "fp32", 12.0, 300.0, peer=True, fmt="fp32"))
+    fp32 = {g["goal"]: g for g in report.goals(results)}["fp32 decode vs onnxruntime-genai fp32"]
+    assert fp32["row"] == "onnx-fused fp32" and fp32["ratio"] == pytest.approx(15 / 12) and fp32["met"]
+    text = report.markdown(meta, results)
+    assert "| onnx-fused | fp32 | 15.00 | onnxruntime-genai fp32 12.00 | 1.25x |" in text
+    assert "1.25x (onnx-fused fp32 vs onnxruntime-genai fp32)" in text
 
 
 def test_hf_language_model_is_the_checkpoints(tiny):
