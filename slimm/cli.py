@@ -129,6 +129,10 @@ def cmd_export(args) -> int:
     )
     model = resolve_model(args.model) if args.model else None
     check_out_dir(args.out, source=model, overwrite=args.overwrite)
+    if model is not None and (model / "manifest.json").is_file():
+        out = _quantize_an_export(model, args)
+        print(f"wrote {out}: {', '.join(f'SliMM_{p}.onnx' for p in 'ABCDEF')} + manifest.json")
+        return 0
     out = export_model(
         model or trained_demo_dir(),
         args.out,
@@ -142,6 +146,38 @@ def cmd_export(args) -> int:
     )
     print(f"wrote {out}: {', '.join(f'SliMM_{p}.onnx' for p in 'ABCDEF')} + manifest.json")
     return 0
+
+
+def _quantize_an_export(export: Path, args) -> Path:
+    """`slimm export --model EXPORT --precision Q`: the float32 export quantized as it is (what a
+    checkpoint's export at Q does after its float32 export), without exporting again."""
+    from slimm.config import DEFAULT_MAX_SEQ_LEN
+    from slimm.export.quantize import BLOCK_SIZE, quantize_export
+    from slimm.export.quantize import PRECISIONS as QUANTIZED
+
+    if args.precision not in QUANTIZED:
+        raise InputError(
+            f"{export} is already an ONNX export: --model takes a checkpoint, or a float32 export to quantize "
+            f"with --precision {' / '.join(QUANTIZED)}"
+        )
+    fixed = [
+        flag
+        for flag, given in (
+            ("--fused", args.fused),
+            ("--kv-cache", args.kv_cache != "float"),
+            ("--opset", args.opset != 20),
+            ("--max-seq-len", args.max_seq_len != DEFAULT_MAX_SEQ_LEN),
+        )
+        if given
+    ]
+    if fixed:
+        raise InputError(
+            f"{', '.join(fixed)}: set when {export} was exported; quantizing it keeps them (export the checkpoint "
+            "with them instead)"
+        )
+    return quantize_export(
+        export, args.out, args.precision, block_size=args.block_size or BLOCK_SIZE, overwrite=args.overwrite
+    )
 
 
 def cmd_convert(args) -> int:
@@ -417,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument(
         "--model",
-        help="checkpoint directory or Hugging Face hub id (default: the built-in demo model)",
+        help="checkpoint directory or Hugging Face hub id (default: the built-in demo model); or a float32 "
+        "export directory, which a quantized --precision then quantizes as it is (no second export)",
     )
     e.add_argument("--out", type=Path, required=True, help="export directory to write")
     e.add_argument(

@@ -389,3 +389,23 @@ def test_eval_precision_picks_the_demo_models_export_only(exported, capsys):
     one_line_error(
         capsys, ["eval", "--synthetic", "2", "--backend", "jax", "--precision", "int4"], "jax", "fp32", "int4"
     )
+
+
+def test_export_quantizes_an_existing_export(exported, tmp_path, capsys):
+    """`slimm export --model EXPORT --precision int8` quantizes the float32 export as it is; a float
+    precision or a setting that only a checkpoint's export can change is one line naming it."""
+    import json
+
+    src = str(exported("plain"))
+    assert main(["export", "--model", src, "--out", str(tmp_path / "q"), "--precision", "int8"]) == 0
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["precision"] == "int8"
+    assert manifest["export_id"] == json.loads((exported("plain") / "manifest.json").read_text())["export_id"]
+    capsys.readouterr()
+    one_line_error(capsys, ["export", "--model", src, "--out", str(tmp_path / "f")], "already an ONNX export")
+    one_line_error(
+        capsys,
+        ["export", "--model", src, "--out", str(tmp_path / "g"), "--precision", "int4", "--fused"],
+        "--fused: set when",
+    )
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()
