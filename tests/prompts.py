@@ -29,6 +29,8 @@ CASES = {
     "text": [[9]],
     "batch2": [[("image", (1, 4, 6)), 6], [2, ("image", (1, 6, 4)), 1]],
     "video": [[("video", (2, 4, 4)), 4]],
+    # longer than the 64 positions of the shortest past slice a step reads (PartsBackend.past_length)
+    "long": [[("image", (1, 8, 12)), 90]],
 }
 
 

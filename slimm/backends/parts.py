@@ -40,6 +40,9 @@ class PartsBackend(Backend):
         self.out_names = {p: [t.name for t in parts[p].outputs] for p in parts}
         self.float = NP_DTYPES[self.specs["F"]["inputs_embeds"].dtype]
         self.kv_dtype = NP_DTYPES[self.specs["F"]["past_key.0"].dtype]  # int8: a fused F's int8 cache
+        # a fused F (GroupQueryAttention) places the current tokens inside the past buffer it is given,
+        # so the slice it reads must hold them too; the exported F appends them to it
+        self.current_in_past = "GroupQueryAttention" in parts["F"].contrib_ops
 
     @abc.abstractmethod
     def run_part(self, part: str, feeds: dict[str, np.ndarray]) -> list[Any]:
@@ -223,6 +226,8 @@ class PartsBackend(Backend):
         feeds = {"inputs_embeds": embeds, "cos": cos, "sin": sin, "cur_mask": cur_mask}
         feeds.update(deepstack)
         needed = 0 if offsets.size == 0 else int(offsets.max())
+        if self.current_in_past:
+            needed += cur_mask.shape[1]
         feeds.update(self.cache_feeds(lo, hi, self.past_length(needed)))
         out = self.run("F", feeds)
         self.write_cache(out[2:], src, rows, offsets, cur_mask)

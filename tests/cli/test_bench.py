@@ -172,7 +172,9 @@ def test_tiny_run_end_to_end(tmp_path):
     assert 0 < rows[("onnx", "int8")]["logits_error"] < 0.1  # int8 weights: measured, not zero
     assert rows[("torch", "int8")]["status"] == "skipped"
     for key in (("onnx-fused-kv8", "fp32"), ("onnx-fused-kv8", "int8")):  # another export, same runner
-        assert rows[key]["status"] == "ok" and rows[key]["decode"]["tokens_per_s"] > 0, rows[key].get("reason")
+        assert rows[key]["status"] == "ok" and rows[key]["decode"]["tokens_per_s"] > 0, rows[key].get(
+            "reason"
+        )
         assert "GroupQueryAttention" in (Path(rows[key]["path"]) / "manifest.json").read_text()
     # --accuracy: the trained demo model at each measured row's backend and precision
     for key in (("torch", "fp32"), ("onnx", "fp32"), ("jax", "fp32"), ("onnx", "int8")):
