@@ -32,6 +32,7 @@ VARIANTS = ("plain", "v1", "midlayers", "efficient")
 BACKENDS = tuple(FRAMEWORKS)  # torch, onnx, jax, paddle, mindspore, transformers, onnx-fused, ...
 DEFAULT_BACKENDS = [b for b in BACKENDS if b not in ONNX_EXPORTS]
 PRECISIONS = ("fp32", "fp16", *QUANTIZED)
+FLOAT_BYTES = {"fp32": 4, "fp16": 2}  # bytes per weight of the unquantized precisions
 CONVERTED = ("jax", "paddle", "mindspore")
 
 
@@ -520,6 +521,21 @@ def decode_bytes(export_dir: Path) -> int:
     return total
 
 
+def checkpoint_decode_bytes(ckpt: Path, precision: str) -> int:
+    """What `decode_bytes` counts, from the checkpoint's shapes at a float `precision`: the decoder
+    layers, the final norm and the output projection (the tied embedding when there is no lm_head).
+    A torch-only run needs no export for its roofline."""
+    import torch
+
+    from slimm.config import load_config
+    from slimm.model.slimm import SliMMForConditionalGeneration
+
+    with torch.device("meta"):
+        m = SliMMForConditionalGeneration(load_config(ckpt))
+    llm = [*m.model.layers.parameters(), *m.model.norm.parameters(), m.output_weight()]
+    return sum(p.numel() for p in llm) * FLOAT_BYTES[precision]
+
+
 def machine_line(threads: int) -> str:
     import numpy as np
 
@@ -740,9 +756,13 @@ def run(args: argparse.Namespace) -> int:
         if "decode" in row:
             if precision not in step_bytes:
                 src = art.path("onnx", precision)
-                if not src.exists():
+                if src.exists():
+                    step_bytes[precision] = decode_bytes(src)
+                elif precision in FLOAT_BYTES:  # no export needed: the checkpoint's shapes say it
+                    step_bytes[precision] = checkpoint_decode_bytes(art.path("ckpt"), precision)
+                else:
                     src = model_path(art, "onnx", precision, args.convert_timeout)[0]
-                step_bytes[precision] = decode_bytes(src) if src else 0
+                    step_bytes[precision] = decode_bytes(src) if src else 0
             row["decode_bytes_per_step"] = step_bytes[precision] or None
             row_bw = row["decode"].get("read_bandwidth_bytes_per_s") or bandwidth
             if row_bw and step_bytes[precision]:

@@ -130,6 +130,15 @@ def test_memory_goal_is_not_judged_where_the_weights_are_too_small_to_matter():
     assert "torch fp32 peak memory vs weight bytes" in judged
 
 
+def test_the_roofline_bytes_of_a_checkpoint_are_its_exports(demo_dir, exported):
+    """A torch-only run counts a decode step's weight bytes from the checkpoint's shapes, without an
+    export: the same count as part F's initializers (a few bytes of F's own constants apart)."""
+    from_export = bench.decode_bytes(exported("plain"))
+    from_ckpt = bench.checkpoint_decode_bytes(demo_dir("plain"), "fp32")
+    assert from_ckpt == pytest.approx(from_export, rel=1e-5)
+    assert bench.checkpoint_decode_bytes(demo_dir("plain"), "fp16") * 2 == from_ckpt
+
+
 def test_tiny_run_end_to_end(tmp_path):
     """Checkpoint, export, int8 copy and JAX conversion built into --work, every row measured in its
     own process, the demo model's accuracy per row; table, JSON and the report re-rendered from the JSON."""

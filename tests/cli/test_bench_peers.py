@@ -68,6 +68,8 @@ def test_a_peer_that_cannot_be_imported_is_a_row_with_its_reason(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     rows = {(r["backend"], r["precision"]): r for r in doc["results"]}
     assert rows[("torch", "fp32")]["status"] == "ok"
+    assert rows[("torch", "fp32")]["decode_bytes_per_step"] > 0  # its roofline, from the checkpoint
+    assert not list((tmp_path / "work").glob("onnx-*"))  # no export made for it
     for engine in ("onnxruntime-genai", "llama.cpp"):
         row = rows[(engine, "fp32")]
         assert row["status"] == "skipped"
