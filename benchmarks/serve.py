@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from benchmarks.bench import SIZES, Artefacts, default_work_dir, machine_line, model_path, thread_env
-from slimm.export.quantize import BLOCK_SIZE
+from benchmarks.measure import ONNX_EXPORTS
+from slimm.errors import InputError
+from slimm.export.quantize import BLOCK_SIZE, BLOCKED, check_block_size
 
 QUESTION = "Describe this image in detail."
 
@@ -37,11 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve", description=__doc__.split("\n\n")[0])
     p.add_argument("--size", default="0.5b", choices=SIZES, help="random-weight model size")
     p.add_argument("--variant", default="plain")
-    p.add_argument("--backend", default="onnx", help="slimm serve --backend")
+    p.add_argument(
+        "--backend",
+        default="onnx",
+        help="slimm serve --backend; onnx-fused / onnx-fused-kv8 serve slimm bench's fused export on onnx",
+    )
     p.add_argument(
         "--precision",
         default="int4",
         help="fp32 or an ONNX Runtime quantization (int4, int8, w8a8, int4+w8a8, int8+w8a8)",
+    )
+    p.add_argument(
+        "--block-size", type=int, default=BLOCK_SIZE, help="MatMulNBits block size of a quantized build"
     )
     p.add_argument("--clients", default="1,2,4,8,16", help="comma-separated concurrency levels")
     p.add_argument("--requests", type=int, default=2, help="requests each client sends, one after another")
@@ -56,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/serve-<cpu>")
     p.add_argument("--note", default="", help="a line about the conditions, written into the table")
     args = p.parse_args(argv)
+    try:
+        check_block_size(args.block_size)
+    except InputError as e:
+        p.error(str(e))
     args.clients = [int(x) for x in args.clients.split(",") if x.strip()]
     args.image_size = tuple(int(x) for x in args.image_size.lower().split("x"))
     args.second_turn_image = tuple(int(x) for x in args.second_turn_image.lower().split("x"))
@@ -103,7 +116,7 @@ class Server:
             "--model",
             str(model),
             "--backend",
-            args.backend,
+            "onnx" if args.backend in ONNX_EXPORTS else args.backend,
             "--port",
             str(self.port),
             "--max-batch",
@@ -357,12 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or Path(__file__).parent / "results" / f"serve-{cpu_tag()}"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.model is None:
-        args.block_size = BLOCK_SIZE
         art = Artefacts(args.work or default_work_dir(), args.variant, args.size, args)
         model, why = model_path(art, args.backend, args.precision, 3600)
         if model is None:
             raise SystemExit(f"could not build the model: {why}")
-        name = f"{args.size} {args.variant}, {args.backend} {args.precision} (random weights)"
+        block = f", block {args.block_size}" if args.precision in BLOCKED else ""
+        name = f"{args.size} {args.variant}, {args.backend} {args.precision}{block} (random weights)"
     else:
         model, name = args.model, f"{args.model.name}, {args.backend}"
     print(f"serving {model}", file=sys.stderr)
