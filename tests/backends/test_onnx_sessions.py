@@ -31,6 +31,8 @@ def test_one_session_per_part_with_the_given_options(exported, monkeypatch, wrap
         so = backend.sessions[part].get_session_options()
         assert str(so.graph_optimization_level).endswith("ORT_ENABLE_BASIC")
         assert so.intra_op_num_threads == 1
+        # activations from the process's one CPU arena, not an arena per part (share_cpu_arena)
+        assert so.get_session_config_entry("session.use_env_allocators") == "1"
         if wrapper:
             assert backend.wrapped[part].session is backend.sessions[part]
 
