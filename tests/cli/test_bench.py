@@ -195,3 +195,24 @@ def test_tiny_run_end_to_end(tmp_path):
     assert (out / "table.md").read_text().startswith("SliMM plain tiny")
     again = report.render(out / "results.json", tmp_path / "again")
     assert "| onnx | int8 |" in again and (tmp_path / "again" / "table.md").exists()
+
+
+def test_serve_benchmark_refuses_a_bad_block_size(capsys):
+    from benchmarks import serve
+
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--block-size", "48"])
+    assert e.value.code == 2
+    assert "block size 48 must be a power of two >= 16" in capsys.readouterr().err
+    assert serve.parse_args(["--backend", "onnx-fused", "--block-size", "128"]).block_size == 128
+
+
+def test_vision_gemms_prints_each_gemm_in_both_engines(capsys):
+    pytest.importorskip("onnxruntime")
+    from benchmarks import vision_gemms
+
+    vision_gemms.main(["--patches", "4", "--threads", "1"])
+    out = capsys.readouterr().out
+    for name, k, n in vision_gemms.SHAPES:
+        assert f"| {name} | 4 x {k} x {n} |" in out
+    assert "x 32 blocks:" in out
