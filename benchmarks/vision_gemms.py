@@ -8,23 +8,20 @@ the same threads for both: how much of the vision encode time the GEMMs alone ta
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+
+from benchmarks.measure import _phase, _timed
 
 # the four GEMMs of a Qwen2-VL vision block (675M tower): name, reduction K, outputs N
 SHAPES = (("qkv", 1280, 3840), ("proj", 1280, 1280), ("fc1", 1280, 5120), ("fc2", 5120, 1280))
 BLOCKS = 32
 
 
-def median_time(fn, repeats: int = 10) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
+def median_time(fn, *args, repeats: int = 10) -> float:
+    """Seconds of fn(*args): the median of `repeats` calls after a first one (benchmarks.measure's
+    steady state)."""
+    return _phase([_timed(fn, *args)[0] for _ in range(repeats + 1)])["median_s"]
 
 
 def ort_matmul(w: np.ndarray, m: int, threads: int):
@@ -66,9 +63,9 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
             xt = torch.from_numpy(x)
-            t_torch = median_time(lambda: linear(xt))  # noqa: B023 - called within this iteration
+            t_torch = median_time(linear, xt)
         session = ort_matmul(w, m, args.threads)
-        t_ort = median_time(lambda: session.run(None, {"x": x}))  # noqa: B023
+        t_ort = median_time(session.run, None, {"x": x})
         flops = 2 * m * k * n
         total["torch"] += t_torch
         total["ort"] += t_ort

@@ -78,8 +78,8 @@ def share_cpu_arena(ort) -> None:
     sessions made with `session.use_env_allocators` draw their activations from it instead of
     growing an arena each. An export is 6-7 sessions used one after another (vision encoder, then the
     decoder), so one arena sized for the largest of them is enough: on the 0.5b int4+w8a8 export the
-    measured peak went from 2.46 to 2.35 GB (1.56x to 1.49x its weights), at the same speed
-    (benchmarks/README.md, "Memory")."""
+    measured peak went from 2.46 to 2.36 GB (1.56x to 1.50x its weights), at the same speed
+    (benchmarks/README.md, "AMD EPYC, 2 vCPUs, this round")."""
     global _shared_arena_ready
     with _shared_arena:
         if _shared_arena_ready:
