@@ -486,7 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fused",
         action="store_true",
         help="write the decoder (SliMM_F) with ONNX Runtime's fused operators (GroupQueryAttention, "
-        "SkipSimplifiedLayerNormalization, RotaryEmbedding) for faster decoding; fp32 and every "
+        "SkipSimplifiedLayerNormalization, RotaryEmbedding) for faster decoding, and the vision "
+        "encoder's attention (SliMM_B) as ONNX's Attention operator (opset 23); fp32 and every "
         "quantized precision; runs on ONNX Runtime only (slimm convert refuses it)",
     )
     e.add_argument(

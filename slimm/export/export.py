@@ -36,6 +36,7 @@ from slimm.model.slimm import SliMMForConditionalGeneration
 from slimm.outdir import check_out_dir, staged
 
 DEFAULT_OPSET = 20
+ATTENTION_OPSET = 23  # a fused export's part B: ONNX's Attention operator (VisionTower.fuse_attention)
 PRECISIONS = FLOAT_PRECISIONS
 RUNTIME_FILES = (  # copied beside the parts: an export directory is self-contained
     "config.json",
@@ -407,6 +408,8 @@ def _export_parts(
         kv_int8 = fused and part == "F" and kv_cache == "int8"
         ins, outs = io_spec(cfg, part, "float32", "int8" if kv_int8 else None)
         path = out_dir / part_file(part)
+        if fused and part == "B":
+            model.visual.fuse_attention()  # ONNX's Attention operator, from opset 23 on
         if fused and part == "F":
             from slimm.export.fused import calibrate_kv_scales, fused_decoder
 
@@ -422,7 +425,7 @@ def _export_parts(
                     ins,
                     outs,
                     dynamic_shapes(part, ins, cfg.text.num_hidden_layers),
-                    opset,
+                    max(opset, ATTENTION_OPSET) if fused and part == "B" else opset,
                 )
         if precision == "fp16":
             _to_fp16_weights(path)

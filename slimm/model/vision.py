@@ -34,9 +34,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(cfg.in_channels, cfg.embed_dim, kernel_size=k, stride=k, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        x = x.view(-1, c.in_channels, c.temporal_patch_size, c.patch_size, c.patch_size)  # (N, C, T, P, P)
-        return self.proj(x.to(self.proj.weight.dtype)).view(-1, c.embed_dim)  # (N, embed)
+        # the kernel is the stride and each row one whole patch: the convolution is one GEMM, rows
+        # (N, C*T*P*P) by the flattened kernel (embed, C*T*P*P), which is how it runs and exports
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.flatten(1))  # (N, C*T*P*P) -> (N, embed)
 
 
 def vision_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -52,6 +53,7 @@ class VisionAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
+        self.fused = False  # VisionTower.fuse_attention
 
     def forward(self, x, cos, sin, mask: torch.Tensor | None, chunks: list[int] | None) -> torch.Tensor:
         N, _ = x.shape
@@ -67,6 +69,8 @@ class VisionAttention(nn.Module):
                 for qc, kc, vc in zip(q.split(chunks, 1), k.split(chunks, 1), v.split(chunks, 1), strict=True)
             ]
             out = torch.cat(outs, dim=1)
+        elif self.fused:  # the same mask, one operator (VisionTower.fuse_attention)
+            out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]
         else:  # block-diagonal mask (N, N), written out so that it exports as plain ONNX ops
             scores = (q @ k.transpose(-1, -2)) * self.head_dim**-0.5  # (H, N, N)
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
@@ -113,6 +117,14 @@ class VisionTower(nn.Module):
         quarter = self.cfg.head_dim // 2  # frequencies for one axis: head_dim/4 of them
         ar = torch.arange(0, quarter, 2, dtype=torch.float32, device=device)
         self.register_buffer("inv_freq", 1.0 / (10000.0 ** (ar / quarter)), persistent=False)
+
+    def fuse_attention(self) -> None:
+        """Write each block's masked attention as one scaled_dot_product_attention, which the ONNX
+        exporter turns into ONNX's Attention operator at opset 23 (ATTENTION_OPSET): one fused kernel
+        in ONNX Runtime instead of the two products, the scale, the mask's Where and the softmax over
+        heads x patches x patches scores (`slimm export --fused`, an ONNX Runtime-only part B)."""
+        for blk in self.blocks:
+            blk.attn.fused = True
 
     def rope(self, rotary_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """rotary_ids (N, 2) -> cos, sin (N, head_dim): row angles, then column angles, twice."""

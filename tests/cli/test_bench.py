@@ -216,3 +216,6 @@ def test_vision_gemms_prints_each_gemm_in_both_engines(capsys):
     for name, k, n in vision_gemms.SHAPES:
         assert f"| {name} | 4 x {k} x {n} |" in out
     assert "x 32 blocks:" in out
+    # the floor: 32 blocks of the four GEMMs and attention's two products (4 x 4 x 1280 flops each) at 4 patches
+    flops = 32 * (sum(2 * 4 * k * n for _, k, n in vision_gemms.SHAPES) + 4 * 16 * 1280)
+    assert f"the tower's products: {flops / 1e9:.0f} GFLOP" in out and "they alone take" in out

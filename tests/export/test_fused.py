@@ -1,5 +1,6 @@
 """slimm.export.fused: the fused part F (ONNX Runtime's contrib operators) against the exported F at
-the same precision, on the tiny demo checkpoints (plain and a DeepStack variant).
+the same precision, on the tiny demo checkpoints (plain and a DeepStack variant); and the fused part
+B (ONNX's Attention operator in each vision block) against the exported B.
 
 Tolerances (max |fused - unfused| / max |unfused| over the prefill and 32 greedy decode steps; the
 greedy tokens must be identical), measured on an AVX-512 VNNI Xeon:
@@ -11,6 +12,9 @@ greedy tokens must be identical), measured on an AVX-512 VNNI Xeon:
 | int4+w8a8 | 3.7e-7 / 0.017 (batch2) | 0.05 | w8a8's prefill, int4's decode steps; teacher-forced (below) |
 
 A broken fused graph (rotary, bias, cache offsets, DeepStack) gives errors of order 1 and other tokens.
+Greedy tokens must be identical except at a near tie, where the unfused export's top two logits are
+closer than the tolerance allows (w8a8 batch2: 0.003 apart at step 28 of 32, against a 0.017 prefill
+difference): the logits are then compared with both fed the unfused export's tokens.
 
 The int8 KV cache (`kv_cache="int8"`) is set against the same fused export with a float cache, over
 the same prefill and 32 greedy steps (identical tokens), measured on an AVX-512 VNNI EPYC:
@@ -26,7 +30,7 @@ import json
 
 import numpy as np
 import pytest
-from prompts import CASES, decoder_feed_shapes, make_inputs, rel_err
+from prompts import CASES, decoder_feed_shapes, make_inputs, patch_rows, rel_err
 
 pytest.importorskip("onnxruntime")
 
@@ -134,7 +138,19 @@ def test_fused_matches_unfused(fused, unfused, variant, precision, case):
     inputs = make_inputs(cfg, CASES[case])
     ref_logits, ref_tokens = greedy(unfused(variant, precision), inputs)
     logits, tokens = greedy(fused(variant, precision), inputs)
-    assert (tokens == ref_tokens).all(), f"{variant} {precision} {case}: greedy tokens differ"
+    differ = np.argwhere(tokens != ref_tokens)
+    if len(differ):
+        # only a near tie may flip: the reference's lead there within the tolerance's logit error
+        step, row = differ[0]
+        top = np.sort(ref_logits[step, row])[-2:]
+        lead = (top[1] - top[0]) / np.abs(ref_logits).max()
+        assert lead < TOLERANCE[precision], (
+            f"{variant} {precision} {case}: token {step} differs, lead {lead:.1e}"
+        )
+        print(
+            f"{variant} {precision} {case}: near tie at step {step} (lead {lead:.1e}); fed the reference's tokens"
+        )
+        logits, _ = greedy(fused(variant, precision), inputs, forced=ref_tokens)
     err = rel_err(logits, ref_logits)
     assert err < TOLERANCE[precision], f"{variant} {precision} {case}: max relative error {err:.2e}"
 
@@ -215,6 +231,36 @@ def test_fused_manifest_and_graph(fused, unfused):
     assert len(nodes[0]) < 20 * layers + 60 < len(nodes[1])
     weights = {i.name for i in onnx.load(str(d / "SliMM_F.onnx"), load_external_data=False).graph.initializer}
     assert not [n.name for n in nodes[0] if n.op_type == "MatMul" and n.input[1] in weights]
+
+
+@pytest.mark.parametrize("variant,grid", [("plain", (2, 4, 6)), ("efficient", (2, 4, 4)), ("v1", (1, 6, 4))])
+def test_fused_vision_encoder_matches_unfused(fused, unfused, variant, grid):
+    """Part B with ONNX's Attention operator: one per block, no softmax left, the same visual tokens
+    (and DeepStack slices) as the exported B (measured: equal, as ONNX Runtime's kernel runs the same products and
+    softmax; the limit allows another summation order). A video
+    of two frames: the block-diagonal mask reaches the fused operator (dropping it changes the output)."""
+    import onnx
+
+    from slimm.backends.onnx import OnnxBackend
+    from slimm.host.vision_index import vision_host_inputs
+
+    ref, got = OnnxBackend(unfused(variant), device="cpu"), OnnxBackend(fused(variant), device="cpu")
+    graph = onnx.load(str(fused(variant) / "SliMM_B.onnx"), load_external_data=False)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("Attention") == got.config.vision.depth and "Softmax" not in ops
+    assert {o.domain: o.version for o in graph.opset_import}[""] == 23
+    cfg = got.config
+    feeds = {"pixel_values": patch_rows(cfg, [grid])}
+    feeds.update(vision_host_inputs(cfg.deepstack_type, cfg.spatial_merge_size, np.array([grid])))
+    want, have = ref.run("B", feeds), got.run("B", feeds)
+    assert len(want) == len(have) == 1 + cfg.use_deepstack
+    for w, h in zip(want, have, strict=True):
+        err = rel_err(got.to_numpy(h), ref.to_numpy(w))
+        print(f"{variant} {grid}: max relative error {err:.1e}")
+        assert err < TOLERANCE["fp32"]
+    if grid[0] > 1:
+        one_frame = got.run("B", {**feeds, "frame_ids": np.zeros_like(feeds["frame_ids"])})
+        assert rel_err(got.to_numpy(one_frame[0]), got.to_numpy(have[0])) > 1e-2
 
 
 def test_fused_decode_step_shapes_never_change(fused):
