@@ -236,9 +236,9 @@ def test_fused_manifest_and_graph(fused, unfused):
 @pytest.mark.parametrize("variant,grid", [("plain", (2, 4, 6)), ("efficient", (2, 4, 4)), ("v1", (1, 6, 4))])
 def test_fused_vision_encoder_matches_unfused(fused, unfused, variant, grid):
     """Part B with ONNX's Attention operator: one per block, no softmax left, the same visual tokens
-    (and DeepStack slices) as the exported B (measured: equal, as ONNX Runtime's kernel runs the same products and
-    softmax; the limit allows another summation order). A video
-    of two frames: the block-diagonal mask reaches the fused operator (dropping it changes the output)."""
+    (and DeepStack slices) as the exported B (measured: equal, as ONNX Runtime's kernel runs the same
+    products and softmax; the limit allows another summation order). A video of two frames: the
+    block-diagonal mask reaches the fused operator (dropping it changes the output)."""
     import onnx
 
     from slimm.backends.onnx import OnnxBackend
